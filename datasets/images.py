@@ -1,0 +1,198 @@
+"""Image reading, model-input geometry and the torch Dataset shared by every data layout.
+
+Every path to a tensor goes through here, so training, evaluation and predict.py see
+identical pixels for the same file.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be decoded; the caller skips it and counts it."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted, any extension case; others are ignored."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grey images scaled to 8 bits (full range -> 0..255)."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        scaled = array.astype(np.float64) / 257.0
+    else:
+        scaled = array.astype(np.float64) * (255.0 if array.max(initial=0) <= 1.0 else 1.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode any common image file as 8-bit RGB, honouring EXIF orientation.
+
+    Grey, palette, RGBA, CMYK, 16-bit and float images are all converted; anything that
+    cannot be fully decoded (zero bytes, truncated, not an image) raises ImageReadError.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"{path}: cannot read image ({err})") from err
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """Ground-truth mask as a 0/255 'L' image of the given (width, height).
+
+    A pixel is a defect when it is >= 128, or > 0 in a mask whose maximum is 1 (0/1 masks).
+    A mask of another size than its image is resized to it (nearest) with a warning.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mask = opened
+            if mask.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                mask = _to_8bit(mask)
+            array = np.asarray(mask.convert("L"))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: cannot read mask ({err})") from err
+    binary = array > 0 if array.max(initial=0) <= 1 else array >= 128
+    mask = Image.fromarray((binary * 255).astype(np.uint8), mode="L")
+    if mask.size != size:
+        log.warning("mask %s is %sx%s but its image is %sx%s: resized (nearest)", path, *mask.size, *size)
+        mask = mask.resize(size, Image.NEAREST)
+    return mask
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model input geometry: short side resized to `resize`, centre crop `cropsize` (0 = no crop, square resize)."""
+
+    resize: int
+    cropsize: int
+
+    @property
+    def input_size(self) -> int:
+        return self.cropsize or self.resize
+
+    def spatial(self, interpolation: v2.InterpolationMode) -> v2.Compose:
+        if self.cropsize == 0:
+            return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])
+        return v2.Compose([
+            v2.Resize(self.resize, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(self.cropsize),
+        ])
+
+    def image_transform(self) -> v2.Compose:
+        return v2.Compose([
+            v2.ToImage(),
+            self.spatial(v2.InterpolationMode.BILINEAR),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def mask_transform(self) -> v2.Compose:
+        return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.NEAREST)])
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split: its file, its label (0 good, 1 defect), defect type and mask file."""
+
+    path: Path
+    label: int
+    defect: str
+    mask_path: Path | None = None
+
+
+def build_flips(horizontal: bool, vertical: bool, probability: float) -> list[v2.Transform]:
+    """Independent random flips for training-time augmentation."""
+    flips: list[v2.Transform] = []
+    if horizontal:
+        flips.append(v2.RandomHorizontalFlip(probability))
+    if vertical:
+        flips.append(v2.RandomVerticalFlip(probability))
+    return flips
+
+
+class ImageDataset(Dataset):
+    """Samples -> (image tensor, mask tensor, index); an unreadable image yields None.
+
+    The mask is an all-zero tensor for good images, and for defect images whose mask file is
+    missing (those are flagged by `Sample.mask_path is None`).
+    """
+
+    def __init__(self, samples: list[Sample], geometry: Geometry, augment: list[v2.Transform] | None = None):
+        self.samples = samples
+        self.geometry = geometry
+        self.image_transform = geometry.image_transform()
+        self.mask_transform = geometry.mask_transform()
+        self.augment = v2.Compose(augment) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            image = read_rgb(sample.path)
+            mask = read_mask(sample.mask_path, image.size) if sample.mask_path else None
+        except ImageReadError as err:
+            return None, str(err), index
+        tensor = self.image_transform(image)
+        if self.augment is not None:
+            tensor = self.augment(tensor)
+        size = self.geometry.input_size
+        if mask is None:
+            mask_tensor = torch.zeros((size, size), dtype=torch.bool)
+        else:
+            mask_tensor = self.mask_transform(mask)[0] > 0
+        return tensor, mask_tensor, index
+
+
+@dataclass
+class Batch:
+    """A collated batch: images (B,3,H,W), masks (B,H,W) bool, dataset indices, and the failures."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    indices: list[int]
+    failures: list[tuple[int, str]]
+
+
+def collate_skipping_failures(items) -> Batch:
+    """Stack the readable items; unreadable ones are reported, not fatal."""
+    good = [item for item in items if item[0] is not None]
+    failures = [(item[2], item[1]) for item in items if item[0] is None]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.bool), [], failures)
+    return Batch(
+        images=torch.stack([item[0] for item in good]),
+        masks=torch.stack([item[1] for item in good]),
+        indices=[item[2] for item in good],
+        failures=failures,
+    )

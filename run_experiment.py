@@ -1,0 +1,253 @@
+"""PaDiM anomaly detection and localization: train on good images, score and evaluate every class.
+
+Writes <base_results_dir>/<results_subdir>/master_results.csv (one row per class),
+experiment_log.log and a folder per class with its model file and plots.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from data.demo_data import make_demo_dataset
+from datasets.split import DataError, find_classes, is_class_dir
+from trainer import DATASET_LOADERS, run_class_processing
+from utils.backbones import BACKBONES, WeightsError, build_extractor
+from utils.model_io import ModelFileError, atomic_write
+try:
+    from utils.plotting import plot_class_results
+except ImportError:
+    plot_class_results = None
+
+log = logging.getLogger("padim")
+
+RESULT_COLUMNS = [
+    "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score",
+    "true_negatives", "false_positives", "false_negatives", "true_positives", "roc_auc_ci_low", "roc_auc_ci_high",
+    "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_test", "n_skipped",
+    "fit_seconds", "eval_seconds", "status",
+]
+DEMO_DATA_DIR = Path("demo_data")
+
+
+def _ratio(low_inclusive: bool, high: float, high_inclusive: bool):
+    """argparse type for a float in [0 or (0, high] or high)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        low_ok = value >= 0 if low_inclusive else value > 0
+        high_ok = value <= high if high_inclusive else value < high
+        if not (low_ok and high_ok):
+            bounds = f"{'[' if low_inclusive else '('}0, {high:g}{']' if high_inclusive else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    return parse
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_architecture", default="wide_resnet50_2", choices=sorted(BACKBONES),
+                        help="backbone; efficientnet_lite0 has ImageNet weights that work offline")
+    parser.add_argument("--weights", default="imagenet",
+                        help="'imagenet', 'none' (random init, for tests only) or a path to a state dict")
+    parser.add_argument("--dataset", default="bowtie", choices=sorted(DATASET_LOADERS), help="data layout")
+    parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
+    parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
+    parser.add_argument("--results_subdir", help="sub-folder of the results (default <arch>_resize-<R>_crop-<C>)")
+    parser.add_argument("--resize", type=_at_least(1), default=256, help="short side of the image is resized to this")
+    parser.add_argument("--cropsize", type=_at_least(0), default=256,
+                        help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")
+    parser.add_argument("--reduced_dim", type=_at_least(1), help="channels kept (default: the backbone's, e.g. 550)")
+    parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
+    parser.add_argument("--save_distribution", action="store_true",
+                        help="save the model file (needed by predict.py) and reuse it on reruns when it matches")
+    parser.add_argument("--batch_size", type=_at_least(1), default=32, help="images per forward pass")
+    parser.add_argument("--num_workers", type=_at_least(0), default=2, help="data loading processes")
+    parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
+    parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
+    parser.add_argument("--vertical_flip", action="store_true", help="with augmentations: vertical flips")
+    parser.add_argument("--augmentation_prob", type=_ratio(True, 1.0, True), default=0.5,
+                        help="probability of each flip, applied independently")
+    parser.add_argument("--test_class_name", help="train on --data_path's class, test on this class")
+    parser.add_argument("--test_class_path", type=Path, help="folder holding --test_class_name (default: --data_path)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
+    parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
+    parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
+    parser.add_argument("--test_sample_ratio", type=_ratio(True, 1.0, False), default=0.2,
+                        help="bowtie: share of train/good moved (seeded, disjoint) to the test normals")
+    parser.add_argument("--holdout_ratio", type=_ratio(True, 1.0, False), default=0.1,
+                        help="share of training normals held out of the fit to choose the operating threshold")
+    parser.add_argument("--threshold_quantile", type=_ratio(False, 1.0, True), default=0.99,
+                        help="operating threshold = this quantile of the held-out normal scores")
+    parser.add_argument("--max_visualizations", type=_at_least(-1), default=20,
+                        help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all")
+    parser.add_argument("--demo", action="store_true",
+                        help="build a small texture dataset (once, in ./demo_data) and run efficientnet_lite0 on it")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        args.dataset, args.model_architecture, args.data_path = "mvtec", "efficientnet_lite0", DEMO_DATA_DIR
+        args.cropsize = min(args.cropsize, 224)
+        args.results_subdir = args.results_subdir or "demo"
+    if args.data_path is None:
+        parser.error("--data_path is required (or --demo)")
+    if args.cropsize > args.resize:
+        parser.error(f"--cropsize {args.cropsize} is larger than --resize {args.resize}")
+    dims = BACKBONES[args.model_architecture].dims
+    if args.reduced_dim is not None and args.reduced_dim > dims:
+        parser.error(f"--reduced_dim {args.reduced_dim} exceeds the {dims} channels of {args.model_architecture}")
+    if args.augmentations_enabled and not (args.horizontal_flip or args.vertical_flip):
+        parser.error("--augmentations_enabled needs --horizontal_flip and/or --vertical_flip")
+    if args.test_class_path and not args.test_class_name:
+        parser.error("--test_class_path needs --test_class_name")
+    return args
+
+
+def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
+    """Backbone, statistics and Mahalanobis devices; a GPU request without CUDA falls back with a warning."""
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        log.warning("--device cuda but no CUDA device: using the CPU")
+    backbone = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
+
+    def gpu_if(flag: bool, name: str) -> torch.device:
+        if flag and not cuda:
+            log.warning("--%s but no CUDA device: using the CPU", name)
+        return torch.device("cuda" if flag and cuda else "cpu")
+
+    return {
+        "backbone": backbone,
+        "stats": gpu_if(args.stats_on_gpu, "stats_on_gpu"),
+        "mahalanobis": gpu_if(args.mahalanobis_on_gpu, "mahalanobis_on_gpu"),
+    }
+
+
+def ensure_demo_data(root: Path) -> None:
+    """Build the demo dataset once; built in a temporary folder and renamed, so never half there."""
+    if root.is_dir():
+        return
+    log.info("building the demo dataset in %s", root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo_data.", dir=root.parent))
+    try:
+        make_demo_dataset(staging)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
+    """(result folder name, training class, test class or None) for every class to run."""
+    if not args.data_path.is_dir():
+        raise DataError(f"--data_path {args.data_path} is not a folder")
+    classes = find_classes(args.data_path)
+    if args.test_class_name:
+        if len(classes) != 1:
+            names = ", ".join(c.name for c in classes) or "none"
+            raise DataError(f"--test_class_name needs --data_path to be one class folder; found classes: {names}")
+        search_root = args.test_class_path or args.data_path.parent
+        test_dir = search_root if is_class_dir(search_root) and search_root.name == args.test_class_name else search_root / args.test_class_name
+        if not is_class_dir(test_dir):
+            raise DataError(f"test class {test_dir} has no train/ and test/ folders")
+        return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
+    if not classes:
+        raise DataError(f"no class folder (with train/ and test/) in {args.data_path}")
+    return [(c.name, c, None) for c in classes]
+
+
+def prepare_output(args: argparse.Namespace) -> Path:
+    """Create the results folder and prove it is writable before any heavy work."""
+    subdir = args.results_subdir or f"{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
+    out_dir = args.base_results_dir / subdir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise DataError(f"results folder {out_dir} is not writable ({err.strerror})") from err
+    return out_dir
+
+
+def setup_logging(out_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console.setLevel(logging.WARNING)
+    root.addHandler(file_handler)
+    root.addHandler(console)
+
+
+def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
+    table = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo:
+        ensure_demo_data(args.data_path)
+    out_dir = prepare_output(args)
+    jobs = class_jobs(args)
+    setup_logging(out_dir)
+    log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
+    devices = resolve_devices(args)
+    extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
+    log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
+    plot = partial(plot_class_results, max_visualizations=args.max_visualizations) if plot_class_results else None
+    rows = []
+    for name, class_dir, test_dir in jobs:
+        log.info("class %s: training on %s%s", name, class_dir, f", testing on {test_dir}" if test_dir else "")
+        try:
+            row = run_class_processing(args, class_dir, test_dir, extractor, weights_id, out_dir / name, devices, plot)
+        except (DataError, ModelFileError, ValueError) as err:
+            log.error("class %s failed: %s", name, err)
+            row = {"status": f"failed: {err}"}
+        rows.append({"class_name": name, **row})
+        log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
+        table = write_results(rows, out_dir / "master_results.csv")
+    summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_skipped", "status"]]
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"results: {out_dir / 'master_results.csv'}")
+    log.info("summary:\n%s", summary.to_string(index=False))
+    return 0 if any(row.get("status") == "ok" for row in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (DataError, WeightsError, ModelFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished classes are in master_results.csv; rerun to complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The math against independent float64 references: numpy.cov, scipy's mahalanobis, sklearn, a hand AUPRO."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.metrics import roc_auc_score
+
+from utils import metrics
+from utils.anomaly_map import anomaly_maps, image_scores
+from utils.embedding import channel_index, embed
+from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
+
+
+def _features(n=40, d=6, h=3, w=4, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d))
+    x = rng.normal(size=(n, h, w, d)) @ mixing + 5.0  # correlated channels, far from zero
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_streaming_statistics_equal_numpy_cov(batch):
+    x = _features()
+    acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
+    for start in range(0, len(x), batch):
+        acc.update(torch.from_numpy(x[start:start + batch]))
+    mean, cov = acc.finalize()
+    flat = x.astype(np.float64).reshape(40, 6, 12)
+    for p in range(12):
+        expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
+        np.testing.assert_allclose(mean[p].numpy(), flat[:, :, p].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(cov[p].numpy(), expected_cov, rtol=1e-4, atol=1e-5)
+
+
+def test_single_image_covariance_is_epsilon_identity():
+    acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
+    acc.update(torch.from_numpy(_features(n=1)))
+    _, cov = acc.finalize()
+    np.testing.assert_allclose(cov.numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7)
+
+
+def test_batched_mahalanobis_equals_scipy_float64():
+    train, test = _features(n=60, seed=1), _features(n=5, seed=2)
+    acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
+    acc.update(torch.from_numpy(train))
+    mean, cov = acc.finalize()
+    covariance64 = cov.double().numpy().copy()
+    distances = mahalanobis(torch.from_numpy(test), mean, precision_factor_(cov)).numpy()
+    flat_train = train.astype(np.float64).reshape(60, 6, 12)
+    for b in range(5):
+        for p in range(12):
+            mu = flat_train[:, :, p].mean(0)
+            s = np.cov(flat_train[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
+            np.testing.assert_allclose(covariance64[p], s, rtol=1e-4, atol=1e-5)
+            expected = scipy_mahalanobis(test[b, :, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
+            assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
+
+
+def test_embedding_selects_channels_after_nearest_upsampling():
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
+    index = channel_index(12, 7, seed=5)
+    full = torch.cat([torch.nn.functional.interpolate(m, size=(8, 8), mode="nearest") for m in maps], dim=1)
+    torch.testing.assert_close(embed(maps, index), full[:, index])
+    assert torch.equal(index, channel_index(12, 7, seed=5))
+    assert not torch.equal(index, channel_index(12, 7, seed=6))
+
+
+def test_anomaly_map_is_upsampled_blurred_and_scored_by_max():
+    distances = torch.zeros(1, 4, 4)
+    distances[0, 1, 2] = 10.0
+    maps = anomaly_maps(distances, 32)
+    assert maps.shape == (1, 32, 32)
+    peak = np.unravel_index(maps[0].argmax().item(), (32, 32))
+    assert 8 <= peak[0] <= 15 and 16 <= peak[1] <= 23
+    assert image_scores(maps).item() == pytest.approx(maps.max().item())
+
+
+def test_aupro_hand_computed_tiny_case():
+    # One 1x4 image: pixels 0,1 are one defect region, 2,3 are good. Scores descending 0.9, 0.4, 0.6, 0.1.
+    masks = np.array([[[True, True, False, False]]])
+    maps = np.array([[[0.9, 0.4, 0.6, 0.1]]])
+    fpr, pro = metrics.pro_curve(masks, maps)
+    # thresholds 0.9, 0.6, 0.4, 0.1 -> (fpr, pro) = (0, .5), (.5, .5), (.5, 1), (1, 1)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1.0])
+    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1.0, 1.0])
+    # area on [0, 0.3]: pro 0.5 for fpr in (0, 0.3] -> 0.15, normalised by 0.3 -> 0.5
+    assert metrics.aupro(masks, maps) == pytest.approx(0.5)
+    assert metrics.aupro(masks, maps, fpr_limit=1.0) == pytest.approx((0.5 * 0.5 + 0.5 * 1.0) / 1.0)
+
+
+def test_aupro_averages_regions_not_pixels():
+    # Two regions (3 pixels and 1 pixel); only the small one detected at the top threshold.
+    masks = np.array([[[True, True, True, False, True, False, False, False]]])
+    maps = np.array([[[0.1, 0.1, 0.1, 0.2, 0.9, 0.3, 0.05, 0.05]]])
+    fpr, pro = metrics.pro_curve(masks, maps)
+    assert pro[1] == pytest.approx(0.5) and fpr[1] == 0
+
+
+def test_pixel_auroc_equals_sklearn():
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 16, 16)) < 0.2
+    maps = rng.random((3, 16, 16)) + masks * 0.3
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def test_undefined_metrics_are_none():
+    labels, scores = np.zeros(5, int), np.arange(5.0)
+    assert metrics.image_auroc(labels, scores) is None
+    assert metrics.bootstrap_auroc_ci(labels, scores) is None
+    assert metrics.f1_max(labels, scores) is None
+    assert metrics.aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4))) is None
+
+
+def test_operating_point_and_bootstrap_ci():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.8, 0.7, 0.9, 0.3])
+    point = metrics.operating_point(labels, scores, threshold=0.5)
+    assert (point.true_negatives, point.false_positives, point.false_negatives, point.true_positives) == (2, 1, 1, 2)
+    assert point.precision == pytest.approx(2 / 3) and point.recall == pytest.approx(2 / 3)
+    low, high = metrics.bootstrap_auroc_ci(labels, scores, resamples=300)
+    auroc = metrics.image_auroc(labels, scores)
+    assert low <= auroc <= high and 0 <= low < high <= 1

@@ -1,0 +1,281 @@
+"""run_class_processing(): data -> fit -> save -> score -> metrics -> plots for ONE class.
+
+An orchestrator: the math lives in utils/, the data in datasets/; this file only wires
+them together, times them and turns the outcome into one master_results.csv row.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import bowtie, mvtec
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset, Sample, build_flips, collate_skipping_failures
+from datasets.split import ClassSplit, DataError
+from utils import metrics
+from utils.backbones import FeatureExtractor
+from utils.embedding import channel_index
+from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, save_model, training_fingerprint
+from utils.padim import GaussianStats, Padim
+
+log = logging.getLogger(__name__)
+
+DATASET_LOADERS = {"mvtec": mvtec.load_class, "bowtie": bowtie.load_class}
+MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
+
+
+@dataclass
+class ClassEvaluation:
+    """Everything the metrics and plots need about one class's test set, computed once."""
+
+    name: str
+    samples: list[Sample]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    images: np.ndarray
+    threshold: float
+    has_ground_truth: bool
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=int)
+
+    @property
+    def with_mask(self) -> np.ndarray:
+        """Images that count in the pixel metrics: good ones, and defect ones that have a mask."""
+        return np.array([s.label == 0 or s.mask_path is not None for s in self.samples], dtype=bool)
+
+
+@dataclass
+class ScoredSet:
+    """Scores (and maps, masks, display images) of the readable samples of a set, in order."""
+
+    samples: list[Sample]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    images: np.ndarray
+    skipped: int
+
+
+def _loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace, augment=None) -> DataLoader:
+    return DataLoader(
+        ImageDataset(samples, geometry, augment),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=collate_skipping_failures,
+        generator=torch.Generator().manual_seed(args.seed),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _batches(loader: DataLoader, description: str, skipped: list[str]) -> Iterator[Batch]:
+    """Readable batches with a progress bar; each unreadable image is warned about once and recorded."""
+    with tqdm(total=len(loader.dataset), desc=description, unit="img", leave=False) as bar:
+        for batch in loader:
+            for _, reason in batch.failures:
+                log.warning("skipped %s", reason)
+                skipped.append(reason)
+            bar.update(len(batch.indices) + len(batch.failures))
+            if batch.indices:
+                yield batch
+
+
+def _display_images(images: torch.Tensor) -> np.ndarray:
+    """Normalised model inputs back to uint8 RGB (B, H, W, 3) for the visualizations."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (images.cpu() * std + mean).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def score_samples(model: Padim, samples: list[Sample], geometry: Geometry, args: argparse.Namespace,
+                  description: str, keep_maps: bool) -> ScoredSet:
+    """Anomaly maps and scores of every readable sample (maps, masks and images only when asked)."""
+    skipped: list[str] = []
+    kept, scores, maps, masks, images = [], [], [], [], []
+    for batch in _batches(_loader(samples, geometry, args), description, skipped):
+        batch_maps, batch_scores = model.anomaly_maps(batch.images)
+        kept.extend(samples[i] for i in batch.indices)
+        scores.append(batch_scores.numpy())
+        if keep_maps:
+            maps.append(batch_maps.numpy())
+            masks.append(batch.masks.numpy())
+            images.append(_display_images(batch.images))
+    size = geometry.input_size
+
+    def stacked(parts, shape, dtype):
+        return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
+
+    return ScoredSet(
+        samples=kept,
+        scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        maps=stacked(maps, (size, size), np.float32),
+        masks=stacked(masks, (size, size), bool),
+        images=stacked(images, (size, size, 3), np.uint8),
+        skipped=len(skipped),
+    )
+
+
+def _training_config(args: argparse.Namespace, index: torch.Tensor) -> dict:
+    """Settings that change the fitted statistics or the threshold; part of the model's identity."""
+    return {
+        "reduced_dim": int(index.numel()),
+        "channel_index": index.tolist(),
+        "seed": args.seed,
+        "holdout_ratio": args.holdout_ratio,
+        "threshold_quantile": args.threshold_quantile,
+        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob] if args.augmentations_enabled else None,
+    }
+
+
+def _cached_model(path: Path, identity: dict) -> dict | None:
+    """The saved model when it was made from the same backbone, settings and training images."""
+    if not path.is_file():
+        return None
+    try:
+        content = load_model(path)
+    except ModelFileError as err:
+        log.warning("cached model not used, refitting: %s", err)
+        return None
+    changed = [key for key in MODEL_IDENTITY_KEYS if content[key] != identity[key]]
+    if changed:
+        log.warning("cached model %s differs in %s: refitting", path, ", ".join(changed))
+        return None
+    log.info("reusing cached model %s", path)
+    return content
+
+
+def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace) -> tuple[float, dict, int]:
+    """Operating threshold from held-out good images; from the fit images only when there are none."""
+    source, samples = "held-out normal training images", split.holdout
+    if not samples:
+        source, samples = "training images (too few to hold any out; biased low)", split.fit
+        log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
+    scored = score_samples(model, samples, geometry, args, "threshold", keep_maps=False)
+    if scored.scores.size == 0:
+        raise DataError("no readable image to set the threshold")
+    value = metrics.threshold_from_normals(scored.scores, args.threshold_quantile)
+    provenance = {"source": source, "quantile": args.threshold_quantile, "n_images": int(scored.scores.size)}
+    return value, provenance, scored.skipped
+
+
+def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geometry, args: argparse.Namespace,
+                identity: dict, model_path: Path) -> tuple[float, dict, int]:
+    """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
+    cached = _cached_model(model_path, identity) if args.save_distribution else None
+    if cached is not None:
+        model.use(GaussianStats(cached["mean"], cached["precision_factor"], tuple(cached["grid"]), cached["n_train"]))
+        return cached["threshold"], cached["threshold_provenance"], 0
+    augment = build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob) if args.augmentations_enabled else None
+    skipped: list[str] = []
+    torch.manual_seed(args.seed)
+    batches = _batches(_loader(split.fit, geometry, args, augment), "fit", skipped)
+    stats = model.fit(batch.images for batch in batches)
+    threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args)
+    if args.save_distribution:
+        save_model(model_path, {
+            **identity,
+            "channel_index": model.index,
+            "normalization_mean": list(IMAGENET_MEAN),
+            "normalization_std": list(IMAGENET_STD),
+            "mean": stats.mean.cpu(),
+            "precision_factor": stats.factor.cpu(),
+            "grid": list(stats.grid),
+            "n_train": stats.count,
+            "threshold": threshold,
+            "threshold_provenance": provenance,
+            "class_name": split.name,
+        })
+        log.info("saved model %s", model_path)
+    return threshold, provenance, len(skipped) + threshold_skipped
+
+
+def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: bool) -> ClassEvaluation:
+    """All metrics of one class; an undefined one is None and the reason is logged."""
+    result = ClassEvaluation(name, scored.samples, scored.scores, scored.maps, scored.masks, scored.images,
+                             threshold, has_ground_truth)
+    labels, scores = result.labels, result.scores
+    summary = {
+        "roc_auc": metrics.image_auroc(labels, scores),
+        "pr_auc": metrics.average_precision(labels, scores),
+    }
+    if summary["roc_auc"] is None:
+        log.warning("%s: image AUROC/AP undefined: the test set has only %s images", name,
+                    "good" if labels.sum() == 0 else "defect")
+    ci = metrics.bootstrap_auroc_ci(labels, scores, seed=0)
+    summary["roc_auc_ci_low"], summary["roc_auc_ci_high"] = ci if ci else (None, None)
+    point = metrics.operating_point(labels, scores, threshold)
+    summary.update({
+        "optimal_threshold": threshold, "precision": point.precision, "recall": point.recall, "f1_score": point.f1,
+        "true_negatives": point.true_negatives, "false_positives": point.false_positives,
+        "false_negatives": point.false_negatives, "true_positives": point.true_positives,
+    })
+    best = metrics.f1_max(labels, scores)
+    summary["f1_max"] = best[0] if best else None
+    summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
+    if has_ground_truth:
+        selected = result.with_mask
+        summary["pixel_roc_auc"] = metrics.pixel_auroc(result.masks[selected], result.maps[selected])
+        summary["pixel_aupro"] = metrics.aupro(result.masks[selected], result.maps[selected])
+        if summary["pixel_aupro"] is None:
+            log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
+    else:
+        log.info("%s: no ground_truth folder, pixel metrics not computed", name)
+    result.summary = summary
+    return result
+
+
+def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_dir: Path | None,
+                         extractor: FeatureExtractor, weights_id: str, out_dir: Path,
+                         devices: dict[str, torch.device], plot=None) -> dict:
+    """Process one class end to end and return its master_results row (raises DataError for a bad class)."""
+    load_class = DATASET_LOADERS[args.dataset]
+    split = load_class(class_dir, holdout_ratio=args.holdout_ratio, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
+    has_ground_truth = split.has_ground_truth
+    if test_class_dir is not None:
+        other = load_class(test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
+        split.test, has_ground_truth = other.test, other.has_ground_truth
+    geometry = Geometry(args.resize, args.cropsize)
+    index = channel_index(extractor.spec.dims, args.reduced_dim or extractor.spec.default_reduced_dim, args.seed)
+    model = Padim(extractor, index, geometry.input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
+    identity = {
+        "backbone": extractor.spec.name, "weights_id": weights_id, "layers": list(extractor.spec.layers),
+        "resize": args.resize, "cropsize": args.cropsize,
+        "fingerprint": training_fingerprint(split.fit + split.holdout, class_dir),
+        "training_config": _training_config(args, index),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    threshold, provenance, fit_skipped = fit_or_load(model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME)
+    fit_seconds = time.perf_counter() - start
+    log.info("%s: threshold %.4f from %s (quantile %.3f of %d images)", split.name, threshold,
+             provenance["source"], provenance["quantile"], provenance["n_images"])
+
+    start = time.perf_counter()
+    scored = score_samples(model, split.test, geometry, args, "score", keep_maps=True)
+    if scored.scores.size == 0:
+        raise DataError("no readable test image")
+    result = evaluate(scored, threshold, split.name, has_ground_truth)
+    eval_seconds = time.perf_counter() - start
+    if plot is not None:
+        plot(result, out_dir)
+    return {
+        **result.summary,
+        "n_train": model.stats.count,
+        "n_test": int(scored.scores.size),
+        "n_skipped": fit_skipped + scored.skipped,
+        "fit_seconds": round(fit_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "status": "ok",
+    }

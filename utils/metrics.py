@@ -1,0 +1,149 @@
+"""Detection and localization metrics as plain functions on arrays.
+
+Image level: AUROC (+ stratified bootstrap CI), average precision, F1-max (test-optimised),
+and the confusion at an operating threshold chosen from held-out normal images only.
+Pixel level: AUROC and AUPRO up to a false-positive rate of 0.3, as in the MVTec AD evaluation.
+A metric that is undefined for the data returns None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
+
+AUPRO_FPR_LIMIT = 0.3
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return np.unique(labels).size == 2
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(roc_auc_score(labels, scores)) if _both_classes(labels) else None
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    return float(average_precision_score(labels, scores)) if _both_classes(labels) else None
+
+
+def bootstrap_auroc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile CI of the AUROC, resampling good and defect images separately (so every
+    resample has both classes and the class balance of the test set)."""
+    if not _both_classes(labels):
+        return None
+    rng = np.random.default_rng(seed)
+    negatives, positives = scores[labels == 0], scores[labels == 1]
+    resample_labels = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
+    aurocs = np.empty(resamples)
+    for i in range(resamples):
+        resampled = np.r_[rng.choice(negatives, negatives.size), rng.choice(positives, positives.size)]
+        aurocs[i] = roc_auc_score(resample_labels, resampled)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(aurocs, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None:
+    """(best F1 over all thresholds, that threshold): optimised on the test labels, report it as such."""
+    if not _both_classes(labels):
+        return None
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
+    best = int(np.argmax(f1[:-1]))
+    return float(f1[best]), float(thresholds[best])
+
+
+def threshold_from_normals(normal_scores: np.ndarray, quantile: float) -> float:
+    """Operating threshold from scores of good images the model never saw in training."""
+    return float(np.quantile(normal_scores, quantile))
+
+
+@dataclass
+class OperatingPoint:
+    """Confusion counts and rates of calling `score > threshold` anomalous."""
+
+    threshold: float
+    true_negatives: int
+    false_positives: int
+    false_negatives: int
+    true_positives: int
+
+    @property
+    def precision(self) -> float | None:
+        called = self.true_positives + self.false_positives
+        return self.true_positives / called if called else None
+
+    @property
+    def recall(self) -> float | None:
+        actual = self.true_positives + self.false_negatives
+        return self.true_positives / actual if actual else None
+
+    @property
+    def f1(self) -> float | None:
+        denominator = 2 * self.true_positives + self.false_positives + self.false_negatives
+        return 2 * self.true_positives / denominator if denominator else None
+
+
+def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) -> OperatingPoint:
+    predicted = (scores > threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    return OperatingPoint(threshold, int(tn), int(fp), int(fn), int(tp))
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
+    """AUROC over all pixels of all given images (masks bool, maps float, same shape)."""
+    flat_masks = masks.reshape(-1)
+    if not flat_masks.any() or flat_masks.all():
+        return None
+    return float(roc_auc_score(flat_masks, maps.reshape(-1)))
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, PRO) at every distinct threshold, descending: exact, one sort over all pixels.
+
+    PRO = mean over all ground-truth regions (8-connected components, each image separately)
+    of the share of the region above the threshold; FPR over the defect-free pixels.
+    """
+    structure = np.ones((3, 3), dtype=bool)
+    region_ids = np.zeros(masks.shape, dtype=np.int64)
+    regions = 0
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask, structure=structure)
+        region_ids[i] = np.where(labelled > 0, labelled + regions, 0)
+        regions += count
+    normal = ~masks
+    normal_count = int(normal.sum())
+    if regions == 0 or normal_count == 0:
+        return None
+    flat_ids = region_ids.reshape(-1)
+    region_sizes = np.bincount(flat_ids, minlength=regions + 1).astype(np.float64)
+    pro_weight = np.where(flat_ids > 0, 1.0 / (region_sizes[flat_ids] * regions), 0.0)
+    fpr_weight = normal.reshape(-1) / normal_count
+    flat_scores = maps.reshape(-1)
+    order = np.argsort(-flat_scores, kind="stable")
+    sorted_scores = flat_scores[order]
+    fpr = np.cumsum(fpr_weight[order])
+    pro = np.cumsum(pro_weight[order])
+    last_of_each_threshold = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    return np.r_[0.0, fpr[last_of_each_threshold]], np.r_[0.0, pro[last_of_each_threshold]]
+
+
+def area_under_limited_curve(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
+    """Trapezoid area of y(x) for x in [0, x_limit], interpolating y at x_limit; x ascending."""
+    y_at_limit = np.interp(x_limit, x, y)
+    inside = x < x_limit
+    xs = np.r_[x[inside], x_limit]
+    ys = np.r_[y[inside], y_at_limit]
+    return float(np.trapezoid(ys, xs))
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | None:
+    """Area under the PRO curve up to `fpr_limit`, divided by `fpr_limit` (1.0 = perfect)."""
+    curve = pro_curve(masks, maps)
+    if curve is None:
+        return None
+    fpr, pro = curve
+    return area_under_limited_curve(fpr, pro, fpr_limit) / fpr_limit

@@ -1,0 +1,83 @@
+"""The model file: tensors and plain metadata only, written atomically, loaded without pickle code.
+
+Everything predict.py needs to score an image lives here, so it never needs the training data.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from datasets.images import Sample
+
+MODEL_FORMAT = "padim-suite-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_FILENAME = "padim_model.pt"
+REQUIRED_KEYS = {
+    "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
+    "normalization_mean", "normalization_std", "mean", "precision_factor", "grid", "n_train",
+    "threshold", "threshold_provenance", "fingerprint", "training_config", "class_name",
+}
+
+
+class ModelFileError(Exception):
+    """A model file that is missing, damaged, of another format, or unsafe to load."""
+
+
+def training_fingerprint(samples: list[Sample], root: Path) -> str:
+    """sha256 over the fit images' relative paths and bytes: a cached model is reused only for the same set."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(str(sample.path.relative_to(root)).encode())
+        digest.update(hashlib.sha256(sample.path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename onto `path`: an interrupted run never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(path: Path, content: dict) -> None:
+    content = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **content}
+    missing = REQUIRED_KEYS - content.keys()
+    if missing:
+        raise ValueError(f"model content lacks {sorted(missing)}")
+    atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+def load_model(path: Path) -> dict:
+    """Load and validate a model file; never unpickles anything but tensors and plain data."""
+    if path.is_dir():
+        path = path / MODEL_FILENAME
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelFileError(f"{path}: refused, it holds objects other than tensors and plain data (it could run code)") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({str(err).splitlines()[0]})") from err
+    if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: not a PaDiM suite model file")
+    if content.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {content.get('format_version')}, this tool reads {MODEL_FORMAT_VERSION}; retrain it"
+        )
+    missing = REQUIRED_KEYS - content.keys()
+    if missing:
+        raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
+    return content
