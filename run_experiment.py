@@ -187,19 +187,24 @@ def prepare_output(args: argparse.Namespace) -> Path:
     return out_dir
 
 
+LOG_HANDLER_NAMES = ("padim-log-file", "padim-console")
+
+
 def setup_logging(out_dir: Path) -> None:
-    log.setLevel(logging.INFO)
+    """Everything to experiment_log.log, warnings and errors to the console; replaces an earlier run's handlers."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if h.get_name() in LOG_HANDLER_NAMES]:
         root.removeHandler(handler)
+        handler.close()
     file_handler = logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     console.setLevel(logging.WARNING)
-    root.addHandler(file_handler)
-    root.addHandler(console)
+    for name, handler in zip(LOG_HANDLER_NAMES, (file_handler, console)):
+        handler.set_name(name)
+        root.addHandler(handler)
 
 
 def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
