@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from functools import partial
@@ -209,6 +210,8 @@ def setup_logging(out_dir: Path) -> None:
 
 def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    numeric = RESULT_COLUMNS[1:-1]
+    table[numeric] = table[numeric].apply(pd.to_numeric)
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     return table
 
@@ -244,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     try:
         return run(args)
     except (DataError, WeightsError, ModelFileError) as err:

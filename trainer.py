@@ -274,7 +274,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
         **result.summary,
         "n_train": model.stats.count,
         "n_test": int(scored.scores.size),
-        "n_skipped": fit_skipped + scored.skipped,
+        "n_skipped": fit_skipped + scored.skipped + len(split.ignored_files),
         "fit_seconds": round(fit_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "status": "ok",

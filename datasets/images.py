@@ -34,6 +34,13 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def non_image_files(folder: Path) -> list[Path]:
+    """Files in `folder` that list_images passes over: reported to the user, never read."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and float grey images scaled to 8 bits (full range -> 0..255)."""
     array = np.asarray(image)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.images import Sample, list_images
+from datasets.images import Sample, list_images, non_image_files
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class ClassSplit:
     holdout: list[Sample]
     test: list[Sample]
     has_ground_truth: bool
+    ignored_files: list[Path]
 
 
 def is_class_dir(path: Path) -> bool:
@@ -73,6 +74,15 @@ def test_samples(class_dir: Path) -> tuple[list[Sample], bool]:
     return samples, has_ground_truth
 
 
+def ignored_files(class_dir: Path) -> list[Path]:
+    """Non-image files among the class's image folders, each warned about once."""
+    folders = [class_dir / "train" / "good", *sorted(d for d in (class_dir / "test").iterdir() if d.is_dir())]
+    ignored = [path for folder in folders for path in non_image_files(folder)]
+    for path in ignored:
+        log.warning("skipped %s: not an image file (extensions: png, jpg, jpeg, bmp, tif, tiff)", path)
+    return ignored
+
+
 def build_split(class_dir: Path, *, test_share_of_train: float, holdout_ratio: float, seed: int) -> ClassSplit:
     """Seeded, disjoint split: train/good -> (test normals, hold-out normals, fit images)."""
     train_good = list_images(class_dir / "train" / "good")
@@ -83,6 +93,7 @@ def build_split(class_dir: Path, *, test_share_of_train: float, holdout_ratio: f
     if not fit:
         fit, holdout = holdout, []
     test, has_ground_truth = test_samples(class_dir)
+    ignored = ignored_files(class_dir)
     test = [Sample(p, 0, "good") for p in moved_to_test] + test
     if not test:
         raise DataError(f"no test images in {class_dir / 'test'}")
@@ -92,4 +103,5 @@ def build_split(class_dir: Path, *, test_share_of_train: float, holdout_ratio: f
         holdout=[Sample(p, 0, "good") for p in holdout],
         test=test,
         has_ground_truth=has_ground_truth,
+        ignored_files=ignored,
     )
