@@ -69,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="bowtie", choices=sorted(DATASET_LOADERS), help="data layout")
     parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
     parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
-    parser.add_argument("--results_subdir", help="sub-folder of the results (default <arch>_resize-<R>_crop-<C>)")
+    parser.add_argument("--results_subdir", help="sub-folder of the results (None: <arch>_resize-<R>_crop-<C>)")
     parser.add_argument("--resize", type=_at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=_at_least(0), default=256,
                         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")
-    parser.add_argument("--reduced_dim", type=_at_least(1), help="channels kept (default: the backbone's, e.g. 550)")
+    parser.add_argument("--reduced_dim", type=_at_least(1), help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2)")
     parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
     parser.add_argument("--save_distribution", action="store_true",
                         help="save the model file (needed by predict.py) and reuse it on reruns when it matches")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augmentation_prob", type=_ratio(True, 1.0, True), default=0.5,
                         help="probability of each flip, applied independently")
     parser.add_argument("--test_class_name", help="train on --data_path's class, test on this class")
-    parser.add_argument("--test_class_path", type=Path, help="folder holding --test_class_name (default: --data_path)")
+    parser.add_argument("--test_class_path", type=Path, help="folder that holds the test class (None: the folder that holds --data_path)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")

@@ -45,6 +45,7 @@ class ClassEvaluation:
     threshold: float
     has_ground_truth: bool
     summary: dict = field(default_factory=dict)
+    pixel_curves: metrics.PixelCurves | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -226,10 +227,11 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
     if has_ground_truth:
         selected = result.with_mask
-        summary["pixel_roc_auc"] = metrics.pixel_auroc(result.masks[selected], result.maps[selected])
-        summary["pixel_aupro"] = metrics.aupro(result.masks[selected], result.maps[selected])
-        if summary["pixel_aupro"] is None:
+        result.pixel_curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
+        if result.pixel_curves is None:
             log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
+        else:
+            summary["pixel_roc_auc"], summary["pixel_aupro"] = metrics.pixel_metrics(result.pixel_curves)
     else:
         log.info("%s: no ground_truth folder, pixel metrics not computed", name)
     result.summary = summary

@@ -82,28 +82,35 @@ def test_aupro_hand_computed_tiny_case():
     # One 1x4 image: pixels 0,1 are one defect region, 2,3 are good. Scores descending 0.9, 0.4, 0.6, 0.1.
     masks = np.array([[[True, True, False, False]]])
     maps = np.array([[[0.9, 0.4, 0.6, 0.1]]])
-    fpr, pro = metrics.pro_curve(masks, maps)
+    curves = metrics.pixel_curves(masks, maps)
+    fpr, pro = curves.fpr, curves.pro
     # thresholds 0.9, 0.6, 0.4, 0.1 -> (fpr, pro) = (0, .5), (.5, .5), (.5, 1), (1, 1)
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1.0])
     np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1.0, 1.0])
     # area on [0, 0.3]: pro 0.5 for fpr in (0, 0.3] -> 0.15, normalised by 0.3 -> 0.5
-    assert metrics.aupro(masks, maps) == pytest.approx(0.5)
-    assert metrics.aupro(masks, maps, fpr_limit=1.0) == pytest.approx((0.5 * 0.5 + 0.5 * 1.0) / 1.0)
+    np.testing.assert_allclose(curves.tpr, [0, 0.5, 0.5, 1.0, 1.0])
+    assert metrics.pixel_metrics(curves)[1] == pytest.approx(0.5)
+    assert metrics.pixel_metrics(curves, fpr_limit=1.0) == pytest.approx((0.75, 0.5 * 0.5 + 0.5 * 1.0))
 
 
 def test_aupro_averages_regions_not_pixels():
     # Two regions (3 pixels and 1 pixel); only the small one detected at the top threshold.
     masks = np.array([[[True, True, True, False, True, False, False, False]]])
     maps = np.array([[[0.1, 0.1, 0.1, 0.2, 0.9, 0.3, 0.05, 0.05]]])
-    fpr, pro = metrics.pro_curve(masks, maps)
+    curves = metrics.pixel_curves(masks, maps)
+    fpr, pro = curves.fpr, curves.pro
     assert pro[1] == pytest.approx(0.5) and fpr[1] == 0
 
 
-def test_pixel_auroc_equals_sklearn():
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_pixel_auroc_equals_sklearn_with_and_without_ties(decimals):
     rng = np.random.default_rng(0)
     masks = rng.random((3, 16, 16)) < 0.2
     maps = rng.random((3, 16, 16)) + masks * 0.3
-    assert metrics.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    if decimals is not None:
+        maps = maps.round(decimals)
+    auroc, _ = metrics.pixel_metrics(metrics.pixel_curves(masks, maps))
+    assert auroc == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
 
 
 def test_undefined_metrics_are_none():
@@ -111,7 +118,7 @@ def test_undefined_metrics_are_none():
     assert metrics.image_auroc(labels, scores) is None
     assert metrics.bootstrap_auroc_ci(labels, scores) is None
     assert metrics.f1_max(labels, scores) is None
-    assert metrics.aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4))) is None
+    assert metrics.pixel_curves(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4))) is None
 
 
 def test_operating_point_and_bootstrap_ci():
@@ -123,3 +130,13 @@ def test_operating_point_and_bootstrap_ci():
     low, high = metrics.bootstrap_auroc_ci(labels, scores, resamples=300)
     auroc = metrics.image_auroc(labels, scores)
     assert low <= auroc <= high and 0 <= low < high <= 1
+
+
+def test_separable_blur_equals_scipy_gaussian_filter():
+    from scipy.ndimage import gaussian_filter
+
+    from utils.anomaly_map import gaussian_blur
+
+    image = np.random.default_rng(0).random((40, 50))
+    blurred = gaussian_blur(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=4, mode="mirror", truncate=4.0), atol=1e-10)

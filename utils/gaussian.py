@@ -12,8 +12,8 @@ FACTOR_CHUNK_ELEMENTS = 2**25
 
 
 def positions_first(embedding: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (P, B, D), the layout batched per-position math wants."""
-    return embedding.flatten(2).permute(2, 0, 1)
+    """(B, D, H, W) -> (P, B, D), contiguous: batched matmul on a strided view is 10-40x slower."""
+    return embedding.flatten(2).permute(2, 0, 1).contiguous()
 
 
 class GaussianAccumulator:

@@ -93,20 +93,17 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
     return OperatingPoint(threshold, int(tn), int(fp), int(fn), int(tp))
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
-    """AUROC over all pixels of all given images (masks bool, maps float, same shape)."""
-    flat_masks = masks.reshape(-1)
-    if not flat_masks.any() or flat_masks.all():
-        return None
-    return float(roc_auc_score(flat_masks, maps.reshape(-1)))
+@dataclass
+class PixelCurves:
+    """ROC (fpr, tpr) and PRO curve over all pixels, one point per distinct score, descending."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    pro: np.ndarray
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(FPR, PRO) at every distinct threshold, descending: exact, one sort over all pixels.
-
-    PRO = mean over all ground-truth regions (8-connected components, each image separately)
-    of the share of the region above the threshold; FPR over the defect-free pixels.
-    """
+def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Ground-truth regions: 8-connected components of each image's mask, numbered 1.. across all images."""
     structure = np.ones((3, 3), dtype=bool)
     region_ids = np.zeros(masks.shape, dtype=np.int64)
     regions = 0
@@ -114,21 +111,40 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         labelled, count = ndimage.label(mask, structure=structure)
         region_ids[i] = np.where(labelled > 0, labelled + regions, 0)
         regions += count
-    normal = ~masks
-    normal_count = int(normal.sum())
-    if regions == 0 or normal_count == 0:
+    return region_ids, regions
+
+
+def pixel_curves(masks: np.ndarray, maps: np.ndarray) -> PixelCurves | None:
+    """Exact pixel ROC and PRO curves from ONE sort of all pixel scores (None without both classes).
+
+    PRO = mean over all ground-truth regions of the share of the region above the threshold;
+    FPR over the defect-free pixels (as in the MVTec AD evaluation). Sharing the sort makes
+    both metrics for ~600 images at 224 px a few seconds instead of a sort each.
+    """
+    flat_masks = masks.reshape(-1)
+    positives = int(flat_masks.sum())
+    negatives = flat_masks.size - positives
+    if positives == 0 or negatives == 0:
         return None
-    flat_ids = region_ids.reshape(-1)
-    region_sizes = np.bincount(flat_ids, minlength=regions + 1).astype(np.float64)
-    pro_weight = np.where(flat_ids > 0, 1.0 / (region_sizes[flat_ids] * regions), 0.0)
-    fpr_weight = normal.reshape(-1) / normal_count
+    region_ids, regions = _label_regions(masks)
+    region_weight = 1.0 / (np.bincount(region_ids.reshape(-1), minlength=regions + 1) * regions)
+    region_weight[0] = 0.0
     flat_scores = maps.reshape(-1)
-    order = np.argsort(-flat_scores, kind="stable")
+    order = np.argsort(flat_scores)[::-1]
     sorted_scores = flat_scores[order]
-    fpr = np.cumsum(fpr_weight[order])
-    pro = np.cumsum(pro_weight[order])
-    last_of_each_threshold = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
-    return np.r_[0.0, fpr[last_of_each_threshold]], np.r_[0.0, pro[last_of_each_threshold]]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    sorted_ids = region_ids.reshape(-1)[order]
+    in_defect = sorted_ids > 0
+    tpr = np.cumsum(in_defect, dtype=np.int64)[last_of_each_score] / positives
+    fpr = np.cumsum(~in_defect, dtype=np.int64)[last_of_each_score] / negatives
+    pro = np.cumsum(region_weight[sorted_ids])[last_of_each_score]
+    return PixelCurves(np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[0.0, pro])
+
+
+def pixel_metrics(curves: PixelCurves, fpr_limit: float = AUPRO_FPR_LIMIT) -> tuple[float, float]:
+    """(pixel AUROC, AUPRO up to `fpr_limit` divided by `fpr_limit`)."""
+    auroc = float(np.trapezoid(curves.tpr, curves.fpr))
+    return auroc, area_under_limited_curve(curves.fpr, curves.pro, fpr_limit) / fpr_limit
 
 
 def area_under_limited_curve(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
@@ -138,12 +154,3 @@ def area_under_limited_curve(x: np.ndarray, y: np.ndarray, x_limit: float) -> fl
     xs = np.r_[x[inside], x_limit]
     ys = np.r_[y[inside], y_at_limit]
     return float(np.trapezoid(ys, xs))
-
-
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float | None:
-    """Area under the PRO curve up to `fpr_limit`, divided by `fpr_limit` (1.0 = perfect)."""
-    curve = pro_curve(masks, maps)
-    if curve is None:
-        return None
-    fpr, pro = curve
-    return area_under_limited_curve(fpr, pro, fpr_limit) / fpr_limit
