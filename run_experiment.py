@@ -22,10 +22,7 @@ from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
 from utils.model_io import ModelFileError, atomic_write
-try:
-    from utils.plotting import plot_class_results
-except ImportError:
-    plot_class_results = None
+from utils.plotting import plot_class_results
 
 log = logging.getLogger("padim")
 
@@ -226,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     devices = resolve_devices(args)
     extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
     log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
-    plot = partial(plot_class_results, max_visualizations=args.max_visualizations) if plot_class_results else None
+    plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
     rows = []
     for name, class_dir, test_dir in jobs:
         log.info("class %s: training on %s%s", name, class_dir, f", testing on {test_dir}" if test_dir else "")

@@ -227,11 +227,12 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
     if has_ground_truth:
         selected = result.with_mask
-        result.pixel_curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
-        if result.pixel_curves is None:
+        curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
+        if curves is None:
             log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
         else:
-            summary["pixel_roc_auc"], summary["pixel_aupro"] = metrics.pixel_metrics(result.pixel_curves)
+            summary["pixel_roc_auc"], summary["pixel_aupro"] = metrics.pixel_metrics(curves)
+            result.pixel_curves = curves.thinned()
     else:
         log.info("%s: no ground_truth folder, pixel metrics not computed", name)
     result.summary = summary

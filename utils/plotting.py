@@ -1,0 +1,485 @@
+"""Figures of one class's test results: curves, score distributions, confusion, mean maps, overlays.
+
+Plotting reads a ClassEvaluation and draws it; it never scores images and takes every number
+it prints (AUROC, AP, AUPRO, confusion counts) from `result.summary`. Image-level curve points
+come from sklearn; the pixel ROC and PRO curves are `result.pixel_curves`, made once by
+trainer.evaluate(). Figures are `matplotlib.figure.Figure` objects, never pyplot ones:
+nothing is registered in pyplot's global figure list, so nothing is left open, and seaborn's
+style is applied through an rc context that ends with `plot_class_results`.
+
+Every heat map of a class (per-image figures and mean maps) shares one colour scale, from the
+lowest to the highest value of all the class's maps, so colours compare across images.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+import seaborn as sns
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from skimage.segmentation import find_boundaries
+from sklearn.metrics import precision_recall_curve, roc_curve
+from tqdm import tqdm
+
+from utils import metrics
+from utils.model_io import atomic_write
+
+if TYPE_CHECKING:
+    from datasets.images import Sample
+    from trainer import ClassEvaluation
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+HEAT_CMAP = "inferno"
+OVERLAY_ALPHA = 0.5
+OUTLINE_RGB = (0, 255, 255)
+PIXEL_SAMPLE_LIMIT = 200_000
+PIXEL_SAMPLE_SEED = 0
+CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
+CATEGORY_MEANING = MappingProxyType({
+    "TN": "good, called good",
+    "FP": "good, called defect",
+    "FN": "defect, called good",
+    "TP": "defect, called defect",
+})
+IMAGE_FIGURE_SIZE = (10.0, 3.6)
+PNG_OPTIONS = MappingProxyType({"compress_level": 1})
+UNSAFE_FILENAME_CHARACTERS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The one heat-map colour range of a class, so the same colour means the same distance everywhere."""
+
+    vmin: float
+    vmax: float
+
+    @property
+    def label(self) -> str:
+        return f"Mahalanobis distance, class scale [{self.vmin:.2f}, {self.vmax:.2f}]"
+
+
+@dataclass(frozen=True)
+class PixelSample:
+    """A seeded sample of map values and how many values it was drawn from, for honest legends."""
+
+    values: np.ndarray
+    total: int
+    description: str
+    colour: str
+
+    @property
+    def label(self) -> str:
+        if self.values.size == self.total:
+            return f"{self.description}: all {self.total:,} pixels"
+        return f"{self.description}: {self.values.size:,} of {self.total:,} pixels (seeded sample)"
+
+
+def class_colour_scale(maps: np.ndarray) -> ColourScale:
+    """Lowest to highest value of all maps: no pixel is clipped; a constant map set gets a unit range."""
+    vmin, vmax = float(maps.min()), float(maps.max())
+    return ColourScale(vmin, vmax if vmax > vmin else vmin + 1.0)
+
+
+def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Test-set indices of TN, FP, FN, TP with metrics.operating_point's rule: `score > threshold` is a defect."""
+    called_defect = scores > threshold
+    is_defect = labels == 1
+    return {
+        "TN": np.flatnonzero(~is_defect & ~called_defect),
+        "FP": np.flatnonzero(~is_defect & called_defect),
+        "FN": np.flatnonzero(is_defect & ~called_defect),
+        "TP": np.flatnonzero(is_defect & called_defect),
+    }
+
+
+def summary_counts(summary: dict) -> np.ndarray:
+    """The confusion counts the metrics reported, as [[TN, FP], [FN, TP]] (rows true, columns called)."""
+    return np.array([[summary["true_negatives"], summary["false_positives"]],
+                     [summary["false_negatives"], summary["true_positives"]]], dtype=int)
+
+
+def select_for_visualization(indices: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> np.ndarray:
+    """The `limit` images of a category furthest from the threshold (-1 all, 0 none), ties in test order.
+
+    That is the most confident correct calls (lowest-scoring TN, highest-scoring TP) and the
+    worst errors (highest-scoring FP, lowest-scoring FN): the cases worth looking at first.
+    """
+    order = indices[np.argsort(-np.abs(scores[indices] - threshold), kind="stable")]
+    return order if limit < 0 else order[:limit]
+
+
+def visualization_name(sample: Sample) -> str:
+    """`<defect>_<stem>.png` with path separators and characters Windows rejects replaced by `_`."""
+    return UNSAFE_FILENAME_CHARACTERS.sub("_", f"{sample.defect}_{sample.path.stem}") + ".png"
+
+
+def _unique_names(samples: list[Sample], indices: np.ndarray) -> list[str]:
+    """File names for one category; a repeated name (same stem in test/good and train/good) gets `_<index>`."""
+    names: list[str] = []
+    for index in indices:
+        name = visualization_name(samples[index])
+        if name in names:
+            name = f"{name[:-4]}_{index}.png"
+        names.append(name)
+    return names
+
+
+def _save(figure: Figure, path: Path) -> None:
+    """Write a PNG atomically, as every output of the suite, so a crash never leaves half an image.
+
+    zlib level 1: encoding is most of the time of a per-image figure; level 1 is ~3x faster
+    than PIL's default for files ~20% larger."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, pil_kwargs=dict(PNG_OPTIONS)))
+
+
+def _note(ax, text: str) -> None:
+    """An empty panel that says why it is empty, instead of a silently missing plot."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _operating_rates(summary: dict) -> tuple[float, float] | None:
+    """(FPR, TPR) at the operating threshold from the reported counts; None without both classes."""
+    (tn, fp), (fn, tp) = summary_counts(summary)
+    if tn + fp == 0 or tp + fn == 0:
+        return None
+    return fp / (tn + fp), tp / (tp + fn)
+
+
+def _image_roc_panel(ax, result: ClassEvaluation) -> None:
+    labels, summary = result.labels, result.summary
+    ax.set_title("image level")
+    if summary.get("roc_auc") is None:
+        _note(ax, "image ROC undefined:\nthe test set has only one kind of image")
+        return
+    fpr, tpr, _ = roc_curve(labels, result.scores)
+    label = f"AUROC {summary['roc_auc']:.3f}"
+    if summary.get("roc_auc_ci_low") is not None:
+        label += f" (95% CI {summary['roc_auc_ci_low']:.3f}-{summary['roc_auc_ci_high']:.3f})"
+    ax.plot(fpr, tpr, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
+    point = _operating_rates(summary)
+    if point is not None:
+        ax.plot(*point, "o", color="crimson", label=f"operating threshold {result.threshold:.3g}")
+    ax.set_xlabel("false positive rate (good images called defect)")
+    ax.set_ylabel("true positive rate (defect images found)")
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def _pixel_roc_panel(ax, curves: metrics.PixelCurves, auroc: float) -> None:
+    ax.plot(curves.fpr, curves.tpr, label=f"pixel AUROC {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_title("pixel level (good images + defect images with a mask)")
+    ax.set_xlabel("false positive rate (good pixels)")
+    ax.set_ylabel("true positive rate (defect pixels)")
+    ax.legend(loc="lower right", fontsize="small")
+
+
+def roc_figure(result: ClassEvaluation) -> Figure:
+    """Image ROC, and the pixel ROC (from result.pixel_curves) beside it when the class has one."""
+    with_pixels = result.pixel_curves is not None
+    figure = Figure(figsize=(5.0 * (1 + with_pixels), 4.6), dpi=DPI)
+    axes = figure.subplots(1, 1 + with_pixels, squeeze=False)[0]
+    _image_roc_panel(axes[0], result)
+    if with_pixels:
+        _pixel_roc_panel(axes[1], result.pixel_curves, result.summary["pixel_roc_auc"])
+    figure.suptitle(f"{result.name}: ROC")
+    figure.tight_layout()
+    return figure
+
+
+def pr_figure(result: ClassEvaluation) -> Figure:
+    """Image-level precision-recall with AP, chance level and the operating point."""
+    figure = Figure(figsize=(5.0, 4.6), dpi=DPI)
+    ax = figure.subplots()
+    summary = result.summary
+    ax.set_title(f"{result.name}: precision-recall (image level)")
+    if summary.get("pr_auc") is None:
+        _note(ax, "precision-recall undefined:\nthe test set has only one kind of image")
+        return figure
+    precision, recall, _ = precision_recall_curve(result.labels, result.scores)
+    ax.plot(recall, precision, drawstyle="steps-post", label=f"AP {summary['pr_auc']:.3f}")
+    ax.axhline(result.labels.mean(), color="grey", linestyle=":", linewidth=1, label="chance (defect share)")
+    if summary.get("precision") is not None and summary.get("recall") is not None:
+        ax.plot(summary["recall"], summary["precision"], "o", color="crimson",
+                label=f"operating threshold {result.threshold:.3g}")
+    ax.set_xlabel("recall (defect images found)")
+    ax.set_ylabel("precision (called defects that are defects)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def pro_figure(name: str, curves: metrics.PixelCurves, aupro: float) -> Figure:
+    """PRO curve with the part that AUPRO integrates (FPR up to the limit) shaded."""
+    fpr, pro = curves.fpr, curves.pro
+    limit = metrics.AUPRO_FPR_LIMIT
+    figure = Figure(figsize=(5.0, 4.6), dpi=DPI)
+    ax = figure.subplots()
+    ax.plot(fpr, pro, label=f"PRO, AUPRO (FPR <= {limit}) {aupro:.3f}")
+    inside = fpr <= limit
+    ax.fill_between(fpr[inside], pro[inside], alpha=0.2)
+    ax.axvline(limit, color="crimson", linestyle="--", linewidth=1, label=f"FPR limit {limit}")
+    ax.set_xlabel("false positive rate (good pixels)")
+    ax.set_ylabel("per-region overlap (mean over defect regions)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{name}: per-region overlap")
+    ax.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def _threshold_line(ax, threshold: float, labelled: bool) -> None:
+    ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1.2)
+    if labelled:
+        ax.text(threshold, 1.0, f" threshold {threshold:.3g}", color="crimson", fontsize="small",
+                transform=ax.get_xaxis_transform(), ha="left", va="bottom")
+
+
+def score_distribution_figure(result: ClassEvaluation) -> Figure:
+    """Image scores of good vs defect (histogram) and per defect type (one dot per image), with the threshold."""
+    kinds = np.where(result.labels == 1, "defect", "good")
+    types = np.array([s.defect if s.label == 1 else "good" for s in result.samples])
+    type_order = [t for t in ["good", *sorted(set(types) - {"good"})] if t in types]
+    figure = Figure(figsize=(8.0, 3.2 + 0.35 * len(type_order)), dpi=DPI)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.2, 0.4 + 0.15 * len(type_order)])
+    sns.histplot(x=result.scores, hue=kinds, hue_order=[k for k in ("good", "defect") if k in kinds],
+                 palette={"good": "tab:blue", "defect": "tab:orange"}, element="step", ax=top)
+    top.set_ylabel("images")
+    top.set_title(f"{result.name}: image scores (max of the anomaly map)", pad=14)
+    sns.stripplot(x=result.scores, y=types, order=type_order, hue=types, hue_order=type_order,
+                  orient="h", size=3.5, jitter=0.25, legend=False, ax=bottom)
+    bottom.set_xlabel("image score (Mahalanobis distance)")
+    _threshold_line(top, result.threshold, labelled=True)
+    _threshold_line(bottom, result.threshold, labelled=False)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: str) -> Figure:
+    """The reported confusion counts at the operating threshold, labelled TN/FP/FN/TP."""
+    figure = Figure(figsize=(4.6, 4.2), dpi=DPI)
+    ax = figure.subplots()
+    annotations = np.array([[f"TN\n{counts[0, 0]}", f"FP\n{counts[0, 1]}"],
+                            [f"FN\n{counts[1, 0]}", f"TP\n{counts[1, 1]}"]])
+    sns.heatmap(counts, annot=annotations, fmt="", cmap="Blues", cbar=False, square=True, linewidths=1,
+                xticklabels=["good", "defect"], yticklabels=["good", "defect"], annot_kws={"fontsize": 13}, ax=ax)
+    ax.set_xlabel(f"called (score > {threshold:.3g} = defect)")
+    ax.set_ylabel("true")
+    rates = [f"{shown} {summary[key]:.3f}" for key, shown in (("precision", "precision"), ("recall", "recall"),
+                                                             ("f1_score", "F1")) if summary.get(key) is not None]
+    ax.set_title(f"{name}: operating threshold\n{', '.join(rates)}", fontsize="medium")
+    figure.tight_layout()
+    return figure
+
+
+def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], scale: ColourScale, name: str) -> Figure:
+    """Mean anomaly map per category, laid out as the confusion matrix ([[TN, FP], [FN, TP]]), on the
+    class colour scale."""
+    figure = Figure(figsize=(7.4, 6.6), dpi=DPI)
+    axes = figure.subplots(2, 2)
+    figure.subplots_adjust(left=0.03, right=0.84, top=0.88, bottom=0.03, wspace=0.08, hspace=0.22)
+    shown = None
+    for ax, category in zip(axes.ravel(), CATEGORIES):
+        indices = categories[category]
+        ax.set_title(f"{category} ({CATEGORY_MEANING[category]})\nn={indices.size}", fontsize="medium")
+        if indices.size == 0:
+            _note(ax, "no images in this category")
+            ax.set_box_aspect(maps.shape[1] / maps.shape[2])
+            continue
+        shown = ax.imshow(maps[indices].mean(axis=0), cmap=HEAT_CMAP, vmin=scale.vmin, vmax=scale.vmax)
+        ax.axis("off")
+    if shown is not None:
+        figure.colorbar(shown, cax=figure.add_axes((0.87, 0.1, 0.025, 0.7)), label=scale.label)
+    figure.suptitle(f"{name}: mean anomaly map per outcome")
+    return figure
+
+
+def _pixel_sample(maps: np.ndarray, images: np.ndarray, inside: np.ndarray | None, rng: np.random.Generator,
+                  description: str, colour: str) -> PixelSample:
+    """Up to PIXEL_SAMPLE_LIMIT values of `maps[images]` (only where `inside`, when given), drawn without
+    copying the maps, so a 600-image class samples in milliseconds."""
+    flat = maps.reshape(len(maps), -1)
+    per_image = flat.shape[1]
+    if inside is None:
+        total = images.size * per_image
+        positions = rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False) if total > PIXEL_SAMPLE_LIMIT else np.arange(total)
+    else:
+        eligible = np.flatnonzero(inside[images])
+        total = eligible.size
+        positions = eligible[rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False)] if total > PIXEL_SAMPLE_LIMIT else eligible
+    positions = np.sort(positions)
+    return PixelSample(flat[images[positions // per_image], positions % per_image], int(total), description, colour)
+
+
+def pixel_samples(result: ClassEvaluation) -> tuple[PixelSample, PixelSample]:
+    """Map values of good images, and of defect images: inside the masks when the class has any
+    defect pixels in its masks, else all pixels of the defect images (said in the label)."""
+    rng = np.random.default_rng(PIXEL_SAMPLE_SEED)
+    labels = result.labels
+    normal = _pixel_sample(result.maps, np.flatnonzero(labels == 0), None, rng, "good images", "tab:blue")
+    masked = np.flatnonzero((labels == 1) & result.with_mask)
+    if result.has_ground_truth and result.masks[masked].any():
+        abnormal = _pixel_sample(result.maps, masked, result.masks, rng, "defect images, inside the masks", "tab:orange")
+    else:
+        abnormal = _pixel_sample(result.maps, np.flatnonzero(labels == 1), None, rng, "defect images, all pixels",
+                                 "tab:orange")
+    return normal, abnormal
+
+
+def pixel_distribution_figure(samples: list[PixelSample], scale: ColourScale, threshold: float, title: str) -> Figure:
+    """Density of map values on fixed bins over the class scale, so the three pixel figures line up."""
+    figure = Figure(figsize=(8.0, 4.8), dpi=DPI)
+    ax = figure.subplots()
+    bins = np.linspace(scale.vmin, scale.vmax, 101)
+    drawn = [sample for sample in samples if sample.values.size]
+    for sample in drawn:
+        sns.histplot(x=sample.values, bins=bins, stat="density", element="step", alpha=0.35,
+                     color=sample.colour, label=sample.label, ax=ax)
+    if not drawn:
+        _note(ax, "no pixels of this kind in the test set")
+    else:
+        ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1.2,
+                   label=f"image threshold {threshold:.3g} (an image is a defect when any pixel is above)")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+        ax.set_xlabel("pixel anomaly value (Mahalanobis distance)")
+        ax.set_ylabel("density")
+    ax.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+class ImageFigure:
+    """One per-image figure (input + outline, heat map, overlay + outline) redrawn for every image.
+
+    Axes and colour bar are built once, and the overlay and outline are blended in numpy so each
+    panel is a single nearest-neighbour RGB image: 80 figures take seconds, not a minute.
+    """
+
+    def __init__(self, size: tuple[int, int], scale: ColourScale, threshold: float):
+        self.figure = Figure(figsize=IMAGE_FIGURE_SIZE, dpi=DPI)
+        self.figure.subplots_adjust(left=0.01, right=0.88, top=0.82, bottom=0.02, wspace=0.05)
+        axes = self.figure.subplots(1, 3)
+        self.colour_map = matplotlib.colormaps[HEAT_CMAP]
+        self.norm = Normalize(scale.vmin, scale.vmax)
+        blank = np.zeros((*size, 3), np.uint8)
+        self.input_panel = axes[0].imshow(blank, interpolation="nearest")
+        self.heat_panel = axes[1].imshow(np.zeros(size, np.float32), cmap=self.colour_map, norm=self.norm,
+                                         interpolation="nearest")
+        self.overlay_panel = axes[2].imshow(blank, interpolation="nearest")
+        self.panel_titles = [ax.set_title("") for ax in axes]
+        for ax in axes:
+            ax.axis("off")
+        colour_bar = self.figure.colorbar(self.heat_panel, cax=self.figure.add_axes((0.9, 0.08, 0.015, 0.68)))
+        colour_bar.set_label(f"{scale.label}\ngreen line: threshold {threshold:.3g}", fontsize="small")
+        colour_bar.ax.axhline(threshold, color="lime", linewidth=2)
+        self.title = self.figure.suptitle("")
+
+    def draw(self, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, title: str) -> Figure:
+        """Put one image in the figure; `mask` None = no ground truth file for it."""
+        coloured = self.colour_map(self.norm(heat), bytes=True)[..., :3]
+        overlay = (OVERLAY_ALPHA * coloured + (1 - OVERLAY_ALPHA) * image).astype(np.uint8)
+        shown = image
+        if mask is not None and mask.any():
+            outline = find_boundaries(mask, mode="outer")
+            shown = image.copy()
+            shown[outline] = overlay[outline] = OUTLINE_RGB
+        self.input_panel.set_data(shown)
+        self.heat_panel.set_data(heat)
+        self.overlay_panel.set_data(overlay)
+        truth = "" if mask is None else (" + ground truth (cyan)" if mask.any() else " (mask empty at model input)")
+        for panel, text in zip(self.panel_titles, (f"input{truth}", "anomaly map", f"overlay{truth}")):
+            panel.set_text(text)
+        self.title.set_text(title)
+        return self.figure
+
+
+def _image_title(result: ClassEvaluation, index: int, category: str) -> str:
+    sample, score = result.samples[index], float(result.scores[index])
+    relation = ">" if score > result.threshold else "<="
+    return (f"{category} ({CATEGORY_MEANING[category]}): {sample.defect}/{sample.path.name}\n"
+            f"score {score:.3f} {relation} threshold {result.threshold:.3f}")
+
+
+def _clear_stale_visualizations(folder: Path) -> None:
+    """Remove per-image PNGs of an earlier run in this folder: with another threshold they would sit
+    in the wrong category."""
+    for category in CATEGORIES:
+        for old in (folder / category).glob("*.png"):
+            old.unlink()
+
+
+def write_visualizations(result: ClassEvaluation, categories: dict[str, np.ndarray], scale: ColourScale,
+                         folder: Path, max_visualizations: int) -> None:
+    """visualizations/<category>/<defect>_<stem>.png for up to `max_visualizations` images per category."""
+    _clear_stale_visualizations(folder)
+    jobs = []
+    for category in CATEGORIES:
+        chosen = select_for_visualization(categories[category], result.scores, result.threshold, max_visualizations)
+        jobs += [(category, index, name) for index, name in zip(chosen, _unique_names(result.samples, chosen))]
+    if not jobs:
+        return
+    for category in {category for category, _, _ in jobs}:
+        (folder / category).mkdir(parents=True, exist_ok=True)
+    drawer = ImageFigure(result.maps.shape[1:], scale, result.threshold)
+    for category, index, name in tqdm(jobs, desc=f"{result.name} figures", unit="fig", leave=False):
+        mask = result.masks[index] if result.samples[index].mask_path is not None else None
+        figure = drawer.draw(result.images[index], result.maps[index], mask, _image_title(result, index, category))
+        _save(figure, folder / category / name)
+
+
+def _warn_on_count_mismatch(name: str, counts: np.ndarray, categories: dict[str, np.ndarray]) -> None:
+    """The confusion matrix shows the reported counts; the mean maps and folders use the categories.
+    They agree unless the summary came from another threshold, which must not pass silently."""
+    sizes = np.array([categories[c].size for c in CATEGORIES]).reshape(2, 2)
+    if not np.array_equal(sizes, counts):
+        log.warning("%s: summary confusion counts %s differ from the threshold's categories %s",
+                    name, counts.tolist(), sizes.tolist())
+
+
+def _write_curves(result: ClassEvaluation, out_dir: Path) -> None:
+    """roc_curve.png and pr_curve.png always; the pixel ROC panel and pro_curve.png only when
+    evaluate() made pixel curves (masks with defect and good pixels), so no masks = no pro_curve.png."""
+    _save(roc_figure(result), out_dir / "roc_curve.png")
+    _save(pr_figure(result), out_dir / "pr_curve.png")
+    if result.pixel_curves is not None:
+        _save(pro_figure(result.name, result.pixel_curves, result.summary["pixel_aupro"]), out_dir / "pro_curve.png")
+
+
+def _style() -> dict:
+    """Seaborn's whitegrid look as rc parameters, applied only while this module draws."""
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.8)}
+
+
+def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualizations: int = 20) -> None:
+    """Write every figure of one class into `out_dir` (file list in the README's plots section)."""
+    out_dir = Path(out_dir)
+    categories = confusion_categories(result.labels, result.scores, result.threshold)
+    counts = summary_counts(result.summary)
+    _warn_on_count_mismatch(result.name, counts, categories)
+    scale = class_colour_scale(result.maps)
+    with matplotlib.rc_context(_style()):
+        _write_curves(result, out_dir)
+        _save(score_distribution_figure(result), out_dir / "score_distribution.png")
+        _save(confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png")
+        _save(mean_maps_figure(result.maps, categories, scale, result.name), out_dir / "mean_anomaly_maps.png")
+        normal, abnormal = pixel_samples(result)
+        for suffix, samples, title in (("normal", [normal], "pixel anomaly values of good images"),
+                                       ("abnormal", [abnormal], "pixel anomaly values of defect images"),
+                                       ("comparative", [normal, abnormal], "pixel anomaly values, good vs defect")):
+            figure = pixel_distribution_figure(samples, scale, result.threshold, f"{result.name}: {title}")
+            _save(figure, out_dir / f"patch_score_distribution_{suffix}.png")
+        write_visualizations(result, categories, scale, out_dir / "visualizations", max_visualizations)
+    log.info("%s: plots written to %s", result.name, out_dir)
