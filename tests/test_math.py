@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from utils import metrics
 from utils.anomaly_map import anomaly_maps, image_scores
 from utils.embedding import channel_index, embed
+from utils.grid import resample_centred, stride_ratio
 from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
 
 
@@ -58,23 +59,32 @@ def test_batched_mahalanobis_equals_scipy_float64():
             assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
 
 
-def test_embedding_selects_channels_after_nearest_upsampling():
+def test_embedding_selects_channels_after_centred_resampling():
     torch.manual_seed(0)
     maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
     index = channel_index(12, 7, seed=5)
-    full = torch.cat([torch.nn.functional.interpolate(m, size=(8, 8), mode="nearest") for m in maps], dim=1)
+    full = torch.cat([maps[0], resample_centred(maps[1], (8, 8), 2), resample_centred(maps[2], (8, 8), 4)], dim=1)
     torch.testing.assert_close(embed(maps, index), full[:, index])
     assert torch.equal(index, channel_index(12, 7, seed=5))
     assert not torch.equal(index, channel_index(12, 7, seed=6))
 
 
-def test_anomaly_map_is_upsampled_blurred_and_scored_by_max():
-    distances = torch.zeros(1, 4, 4)
-    distances[0, 1, 2] = 10.0
+def test_centred_resampling_puts_each_cell_on_its_centre():
+    """Cell j of a stride-4 grid sits on fine index 4j; in between, values are linear; past the end, the border."""
+    coarse = torch.tensor([[0.0, 4.0, 8.0, 20.0]]).expand(4, 4)[None, None]
+    fine = resample_centred(coarse, (16, 16), 4)[0, 0]
+    expected_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 14, 17, 20, 20, 20, 20], dtype=torch.float32)
+    torch.testing.assert_close(fine[0], expected_row)
+    torch.testing.assert_close(fine[:, 9], torch.full((16,), 11.0))
+    assert stride_ratio(224, 56) == 4 and stride_ratio(250, 63) == 4 and stride_ratio(56, 7) == 8
+
+
+def test_anomaly_map_peak_stays_on_its_patch():
+    distances = torch.zeros(1, 8, 8)
+    distances[0, 2, 5] = 10.0
     maps = anomaly_maps(distances, 32)
     assert maps.shape == (1, 32, 32)
-    peak = np.unravel_index(maps[0].argmax().item(), (32, 32))
-    assert 8 <= peak[0] <= 15 and 16 <= peak[1] <= 23
+    assert np.unravel_index(maps[0].argmax().item(), (32, 32)) == (8, 20)
     assert image_scores(maps).item() == pytest.approx(maps.max().item())
 
 

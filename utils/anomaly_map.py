@@ -3,18 +3,79 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
+
+from utils.grid import resample_centred, stride_ratio
 
 BLUR_SIGMA = 4.0
-BLUR_KERNEL = 2 * int(4 * BLUR_SIGMA + 0.5) + 1
+BLUR_RADIUS = int(4 * BLUR_SIGMA + 0.5)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA, radius: int = BLUR_RADIUS) -> torch.Tensor:
+    """(B, 1, H, W) blurred by a separable Gaussian (truncated at 4 sigma, mirrored borders).
+
+    Two 1-D passes instead of one 33x33 kernel: about 10x faster on the CPU, same result
+    as scipy.ndimage.gaussian_filter(mode="mirror", truncate=4).
+    """
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
 def anomaly_maps(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) distances -> (B, size, size): bilinear (align_corners=False), then Gaussian blur sigma 4."""
-    upsampled = F.interpolate(distances.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
-    return gaussian_blur(upsampled, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])[:, 0]
+    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.grid), Gaussian blur sigma 4."""
+    ratio = stride_ratio(size, distances.shape[-1])
+    upsampled = resample_centred(distances.unsqueeze(1), (size, size), ratio)
+    return gaussian_blur(upsampled)[:, 0]
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """Image score = maximum of its map, in raw Mahalanobis units."""
     return maps.flatten(1).amax(dim=1)
+
+
+def input_geometry(height: int, width: int, resize: int, cropsize: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left): where the model input lies in the resized image.
+
+    Mirrors datasets.images.Geometry (torchvision Resize of the short side, then CenterCrop),
+    so a map at the model input can be drawn back onto the image it came from.
+    """
+    if cropsize == 0:
+        return resize, resize, 0, 0
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    return new_height, new_width, int(round((new_height - cropsize) / 2.0)), int(round((new_width - cropsize) / 2.0))
+
+
+def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> torch.Tensor:
+    """(length, size) bilinear weights from `size` map pixels to the `length` original pixels of one axis.
+
+    Original pixel centre c lies at c * scale - offset in map pixels (scale: resized / original
+    length, offset: crop start). Rows of pixels outside the map are zero; at the map's edges
+    the nearest pixel is repeated. One matrix per axis turns the projection into two matmuls.
+    """
+    position = (torch.arange(length, dtype=torch.float64) + 0.5) * scale - offset
+    inside = (position >= 0) & (position < size)
+    source = (position - 0.5).clamp(0, size - 1)
+    low = source.floor().long()
+    weight = (source - low).unsqueeze(1)
+    matrix = torch.zeros(length, size, dtype=torch.float64)
+    matrix.scatter_add_(1, low.unsqueeze(1), 1 - weight)
+    matrix.scatter_add_(1, (low + 1).clamp(max=size - 1).unsqueeze(1), weight)
+    return matrix * inside.unsqueeze(1)
+
+
+def to_original_resolution(amap: torch.Tensor, height: int, width: int, resize: int, cropsize: int) -> torch.Tensor:
+    """(S, S) map at the model input -> (height, width) map of the original image.
+
+    Bilinear between pixel centres inside the box the model saw; 0 outside it (the centre
+    crop cut those pixels away, so they were never scored).
+    """
+    new_height, new_width, top, left = input_geometry(height, width, resize, cropsize)
+    size = amap.shape[-1]
+    rows = interpolation_matrix(height, new_height / height, top, size).to(amap.dtype)
+    columns = interpolation_matrix(width, new_width / width, left, size).to(amap.dtype)
+    return rows @ amap @ columns.T

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from utils.grid import resample_centred, stride_ratio
 
 
 def channel_index(total_dims: int, reduced_dim: int, seed: int) -> torch.Tensor:
@@ -14,8 +15,10 @@ def channel_index(total_dims: int, reduced_dim: int, seed: int) -> torch.Tensor:
 
 
 def embed(feature_maps: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) float32: the chosen channels of every map, deeper maps upsampled (nearest).
+    """(B, D, H, W) float32: the chosen channels of every map, deeper maps resampled onto the first grid.
 
+    Deeper maps are sampled at the centres of the first grid's cells (utils.grid), not
+    nearest-upsampled, so every channel of a patch describes the same spot of the image.
     Selecting before up-sampling gives the same result as concatenating everything first
     (the index is sorted) without materialising the unused channels at full resolution.
     """
@@ -29,6 +32,6 @@ def embed(feature_maps: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor
             continue
         part = feature_map.index_select(1, local.to(feature_map.device)).float()
         if part.shape[-2:] != grid:
-            part = F.interpolate(part, size=grid, mode="nearest")
+            part = resample_centred(part, grid, stride_ratio(grid[0], part.shape[-2]))
         parts.append(part)
     return torch.cat(parts, dim=1).contiguous()
