@@ -186,8 +186,7 @@ def test_rerun_with_a_lower_limit_removes_stale_figures(result, tmp_path):
 
 def test_mean_map_titles_carry_the_reported_counts(result):
     categories = plotting.confusion_categories(result.labels, result.scores, result.threshold)
-    scale = plotting.class_colour_scale(result.maps)
-    figure = plotting.mean_maps_figure(result.maps, categories, scale, result.name)
+    figure = plotting.mean_maps_figure(result.maps, categories, result.name)
     titles = {ax.get_title().split(" ")[0]: ax.get_title() for ax in figure.axes if ax.get_title()}
     summary = result.summary
     reported = {"TN": summary["true_negatives"], "FP": summary["false_positives"],
@@ -199,7 +198,7 @@ def test_mean_map_titles_carry_the_reported_counts(result):
 def test_an_empty_category_gets_a_panel_that_says_so(result):
     categories = {c: np.array([], dtype=int) if c == "FN" else i
                   for c, i in plotting.confusion_categories(result.labels, result.scores, result.threshold).items()}
-    figure = plotting.mean_maps_figure(result.maps, categories, plotting.class_colour_scale(result.maps), "x")
+    figure = plotting.mean_maps_figure(result.maps, categories, "x")
     panel = next(ax for ax in figure.axes if ax.get_title().startswith("FN"))
     assert panel.get_title().endswith("n=0")
     assert [t.get_text() for t in panel.texts] == ["no images in this category"]

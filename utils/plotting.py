@@ -285,9 +285,15 @@ def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: 
     return figure
 
 
-def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], scale: ColourScale, name: str) -> Figure:
-    """Mean anomaly map per category, laid out as the confusion matrix ([[TN, FP], [FN, TP]]), on the
-    class colour scale."""
+def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: str) -> Figure:
+    """Mean anomaly map per category, laid out as the confusion matrix ([[TN, FP], [FN, TP]]).
+
+    The four panels share one scale, the range of the mean maps: averaging pulls every mean
+    far below the class's per-image peaks, and on the class scale they were near-uniform dark.
+    """
+    means = {c: maps[categories[c]].mean(axis=0) for c in CATEGORIES if categories[c].size}
+    values = np.stack(list(means.values())) if means else np.zeros(1)
+    scale = class_colour_scale(values)
     figure = Figure(figsize=(7.4, 6.6), dpi=DPI)
     axes = figure.subplots(2, 2)
     figure.subplots_adjust(left=0.03, right=0.84, top=0.88, bottom=0.03, wspace=0.08, hspace=0.22)
@@ -299,10 +305,11 @@ def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], scale:
             _note(ax, "no images in this category")
             ax.set_box_aspect(maps.shape[1] / maps.shape[2])
             continue
-        shown = ax.imshow(maps[indices].mean(axis=0), cmap=HEAT_CMAP, vmin=scale.vmin, vmax=scale.vmax)
+        shown = ax.imshow(means[category], cmap=HEAT_CMAP, vmin=scale.vmin, vmax=scale.vmax)
         ax.axis("off")
     if shown is not None:
-        figure.colorbar(shown, cax=figure.add_axes((0.87, 0.1, 0.025, 0.7)), label=scale.label)
+        label = f"mean Mahalanobis distance, shared scale [{scale.vmin:.2f}, {scale.vmax:.2f}]"
+        figure.colorbar(shown, cax=figure.add_axes((0.87, 0.1, 0.025, 0.7)), label=label)
     figure.suptitle(f"{name}: mean anomaly map per outcome")
     return figure
 
@@ -474,7 +481,7 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualization
         _write_curves(result, out_dir)
         _save(score_distribution_figure(result), out_dir / "score_distribution.png")
         _save(confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png")
-        _save(mean_maps_figure(result.maps, categories, scale, result.name), out_dir / "mean_anomaly_maps.png")
+        _save(mean_maps_figure(result.maps, categories, result.name), out_dir / "mean_anomaly_maps.png")
         normal, abnormal = pixel_samples(result)
         for suffix, samples, title in (("normal", [normal], "pixel anomaly values of good images"),
                                        ("abnormal", [abnormal], "pixel anomaly values of defect images"),
