@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -23,12 +24,13 @@ from datasets.split import ClassSplit, DataError
 from utils import metrics
 from utils.backbones import FeatureExtractor
 from utils.embedding import channel_index
-from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, save_model, training_fingerprint
+from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, save_model, training_fingerprint
 from utils.padim import GaussianStats, Padim
 
 log = logging.getLogger(__name__)
 
 DATASET_LOADERS = {"mvtec": mvtec.load_class, "bowtie": bowtie.load_class}
+SCORES_FILENAME = "scores.csv"
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
 
 
@@ -239,6 +241,18 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     return result
 
 
+def write_scores(result: ClassEvaluation, path: Path) -> None:
+    """Per-image scores and calls, the numbers behind every metric and the ones predict.py reproduces."""
+    table = pd.DataFrame({
+        "path": [str(s.path) for s in result.samples],
+        "defect": [s.defect for s in result.samples],
+        "label": result.labels,
+        "score": result.scores,
+        "is_anomalous": result.scores > result.threshold,
+    })
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
+
+
 def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_dir: Path | None,
                          extractor: FeatureExtractor, weights_id: str, out_dir: Path,
                          devices: dict[str, torch.device], plot=None) -> dict:
@@ -271,6 +285,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
         raise DataError("no readable test image")
     result = evaluate(scored, threshold, split.name, has_ground_truth)
     eval_seconds = time.perf_counter() - start
+    write_scores(result, out_dir / SCORES_FILENAME)
     if plot is not None:
         plot(result, out_dir)
     return {

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import run_experiment
 from datasets import bowtie
@@ -41,6 +42,12 @@ def test_run_writes_one_row_per_class_with_every_metric(tmp_path, texture_root):
     assert (counts == table.n_test).all() and (table.n_test == 14).all()
     # 24 train/good, 10% (2) held out for the threshold
     assert (table.n_train == 22).all()
+    for row in table.itertuples():
+        scores = pd.read_csv(tmp_path / "results" / "r" / row.class_name / "scores.csv")
+        assert len(scores) == row.n_test and scores.label.sum() == row.true_positives + row.false_negatives
+        assert scores.is_anomalous.sum() == row.true_positives + row.false_positives
+        assert ((scores.score > row.optimal_threshold) == scores.is_anomalous).all()
+        assert roc_auc_score(scores.label, scores.score) == pytest.approx(row.roc_auc, abs=1e-6)
     log_text = (tmp_path / "results" / "r" / "experiment_log.log").read_text()
     assert "threshold" in log_text and "configuration" in log_text
 

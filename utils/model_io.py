@@ -8,6 +8,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from datasets.images import Sample
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: centre-aligned resampling (utils.grid); statistics of version 1 mean something else
 MODEL_FILENAME = "padim_model.pt"
 REQUIRED_KEYS = {
     "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
@@ -66,7 +67,9 @@ def load_model(path: Path) -> dict:
     if not path.is_file():
         raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ModelFileError(f"{path}: refused, it holds objects other than tensors and plain data (it could run code)") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:

@@ -1,0 +1,274 @@
+"""predict.py: the scores run_experiment computed, outputs at the original resolution, clear refusals."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import predict
+import run_experiment
+from datasets.images import Geometry
+from utils.anomaly_map import input_geometry, to_original_resolution
+from utils.backbones import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FLAGS = ["--dataset", "mvtec", "--model_architecture", "resnet18", "--weights", "none", "--resize", "64",
+               "--cropsize", "56", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+               "--save_distribution", "--results_subdir", "r", "--max_visualizations", "0"]
+PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
+
+
+@dataclass(frozen=True)
+class Trained:
+    model_dir: Path
+    scores: dict[Path, float]
+    threshold: float
+
+
+class MarkerPayload:
+    """Unpickled by plain pickle, this creates `path`: the file a safe loader must never let appear."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.fixture(scope="module")
+def trained(texture_root: Path, tmp_path_factory) -> Trained:
+    """Train brick once; run_experiment's scores.csv holds the per-image test scores it computed."""
+    results = tmp_path_factory.mktemp("predict_results")
+    code = run_experiment.main(TRAIN_FLAGS + ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)])
+    assert code == 0
+    scores = pd.read_csv(results / "r" / "brick" / "scores.csv")
+    captured = {Path(path): float(score) for path, score in zip(scores.path, scores.score)}
+    model_dir = results / "r" / "brick"
+    content = torch.load(model_dir / "padim_model.pt", weights_only=True)
+    return Trained(model_dir, captured, content["threshold"])
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    with (out_dir / "predictions.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """predict.py as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_projection_tiny_case_by_hand():
+    """4x8 image, resize 2, crop 2: resized 2x4, crop left 1, so only original columns 2..5 are covered."""
+    assert input_geometry(4, 8, 2, 2) == (2, 4, 0, 1)
+    projected = to_original_resolution(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 4, 8, 2, 2)
+    inside = torch.tensor([[1.0, 1.25, 1.75, 2.0], [1.5, 1.75, 2.25, 2.5], [2.5, 2.75, 3.25, 3.5], [3.0, 3.25, 3.75, 4.0]])
+    expected = torch.zeros(4, 8)
+    expected[:, 2:6] = inside
+    torch.testing.assert_close(projected, expected)
+    stretched = to_original_resolution(torch.full((2, 2), 7.0), 3, 5, 2, 0)
+    torch.testing.assert_close(stretched, torch.full((3, 5), 7.0))
+
+
+@pytest.mark.parametrize("height, width, resize, cropsize", [(30, 50, 20, 16), (50, 30, 20, 16), (37, 91, 25, 17), (33, 71, 16, 0)])
+def test_projection_inverts_torchvision_geometry(height, width, resize, cropsize):
+    """A coordinate ramp sent through the real Resize + CenterCrop comes back to the same coordinates."""
+    ramp = torch.arange(width, dtype=torch.float32).add(0.5).expand(height, width)[None]
+    forward = Geometry(resize, cropsize).spatial(v2.InterpolationMode.BILINEAR)(ramp)[0]
+    back = to_original_resolution(forward, height, width, resize, cropsize)
+    assert back.shape == (height, width)
+    inside = back != 0
+    assert float((back - ramp[0])[inside].abs().median()) < 0.05
+    new_height, new_width, top, left = input_geometry(height, width, resize, cropsize)
+    crop = cropsize or resize
+    centres = np.arange(width) + 0.5
+    expected_columns = (centres * new_width / width >= left) & (centres * new_width / width < left + crop)
+    assert np.array_equal(inside.any(dim=0).numpy(), expected_columns)
+
+
+def test_scores_equal_run_experiment(trained: Trained, texture_root: Path, tmp_path: Path):
+    test_dir = texture_root / "brick" / "test"
+    out = tmp_path / "out"
+    result = run_cli("--model", str(trained.model_dir), "--input", str(test_dir / "*" / "*.png"),
+                     "--input", str(test_dir / "good"), "--output", str(out), *PREDICT_FLAGS)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert [Path(row["path"]) for row in rows] == sorted(trained.scores)
+    for row in rows:
+        score = float(row["score"])
+        assert abs(score - trained.scores[Path(row["path"])]) < 1e-4
+        assert float(row["threshold"]) == pytest.approx(trained.threshold)
+        assert row["is_anomalous"] == str(score > trained.threshold) and row["error"] == ""
+    names = [row["output_name"] for row in rows]
+    assert len(set(names)) == len(rows) and {"000.png", "000_1.png", "000_2.png"} <= set(names)
+    for name in names:
+        assert Image.open(out / "heatmaps" / name).size == (64, 64)
+        assert Image.open(out / "overlays" / name).size == (64, 64)
+    assert not (out / "masks").exists()
+
+
+def test_non_square_image_outputs_at_original_size(trained: Trained, texture_root: Path, tmp_path: Path, capsys):
+    """90x50 image, resize 64 crop 56: the model saw rows 3..46 and columns 23..66 only (worked out by hand)."""
+    source = Image.open(texture_root / "brick" / "test" / "scratch" / "001.png")
+    image_dir = tmp_path / "wide"
+    image_dir.mkdir()
+    source.resize((90, 50), Image.BILINEAR).save(image_dir / "wide.png")
+    out = tmp_path / "out"
+    code = predict.main(["--model", str(trained.model_dir / "padim_model.pt"), "--input", str(image_dir),
+                         "--output", str(out), "--threshold", "1.0", "--save_masks", *PREDICT_FLAGS])
+    assert code == 0, capsys.readouterr().err
+    [row] = read_rows(out)
+    assert row["threshold"] == "1" and row["is_anomalous"] == "True"
+    mask = np.asarray(Image.open(out / "masks" / "wide.png"))
+    heat = np.asarray(Image.open(out / "heatmaps" / "wide.png"))
+    assert mask.shape == (50, 90) and heat.shape == (50, 90, 3)
+    assert Image.open(out / "overlays" / "wide.png").size == (90, 50)
+    box = np.zeros((50, 90), dtype=bool)
+    box[3:47, 23:67] = True
+    assert set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask == 255, box) and int(row["anomalous_area_px"]) == box.sum()
+    assert (heat[~box] == predict.colour_table()[0]).all()
+
+
+def test_unreadable_images_are_listed_and_the_rest_scored(trained: Trained, texture_root: Path, tmp_path: Path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("000.png", "001.png"):
+        shutil.copy(texture_root / "brick" / "test" / "good" / name, folder / name)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image\n")
+    (folder / "half.png").write_bytes((folder / "000.png").read_bytes()[:200])
+    out = tmp_path / "out"
+    assert predict.main(["--model", str(trained.model_dir), "--input", str(folder), "--output", str(out), *PREDICT_FLAGS]) == 0
+    rows = {Path(row["path"]).name: row for row in read_rows(out)}
+    assert set(rows) == {"000.png", "001.png", "empty.png", "notes.jpg", "half.png"}
+    for name in ("empty.png", "notes.jpg", "half.png"):
+        assert rows[name]["error"] and rows[name]["score"] == "" and rows[name]["output_name"] == ""
+    for name in ("000.png", "001.png"):
+        expected = trained.scores[texture_root / "brick" / "test" / "good" / name]
+        assert rows[name]["error"] == "" and abs(float(rows[name]["score"]) - expected) < 1e-4
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["000.png", "001.png"]
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "empty.png").write_bytes(b"")
+    capsys.readouterr()
+    assert predict.main(["--model", str(trained.model_dir), "--input", str(only_bad), "--output", str(tmp_path / "o2"), *PREDICT_FLAGS]) == 1
+    assert "error: no image could be read" in capsys.readouterr().err
+    assert read_rows(tmp_path / "o2")[0]["error"]
+
+
+def _real_content(trained: Trained) -> dict:
+    return torch.load(trained.model_dir / "padim_model.pt", weights_only=True)
+
+
+def _broken_model(kind: str, trained: Trained, folder: Path, marker: Path) -> Path:
+    """A model file (or folder) broken in the way `kind` names."""
+    path = folder / "padim_model.pt"
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "missing":
+        return folder / "nothing_here"
+    if kind == "several_classes":
+        return trained.model_dir.parent
+    if kind == "truncated":
+        data = (trained.model_dir / "padim_model.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "old_format":
+        torch.save({"format": "padim-suite-model", "format_version": 0}, path)
+    elif kind == "not_a_dict":
+        torch.save([1, 2, 3], path)
+    elif kind == "unknown_backbone":
+        torch.save({**_real_content(trained), "backbone": "vgg99"}, path)
+    elif kind == "malicious_torch":
+        torch.save({"format": "padim-suite-model", "payload": MarkerPayload(marker)}, path)
+    elif kind == "malicious_pickle":
+        path.write_bytes(pickle.dumps(MarkerPayload(marker)))
+    return folder
+
+
+BROKEN = {
+    "missing": "no model file",
+    "several_classes": "but its class folders do (brick)",
+    "truncated": "truncated or damaged",
+    "old_format": "format version 0",
+    "not_a_dict": "not a PaDiM suite model file",
+    "unknown_backbone": "'vgg99' is unknown",
+    "malicious_torch": "refused",
+    "malicious_pickle": "refused",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_model_is_one_clear_line(kind: str, trained: Trained, texture_root: Path, tmp_path: Path, capsys):
+    marker = tmp_path / "pwned"
+    model = _broken_model(kind, trained, tmp_path / "model", marker)
+    capsys.readouterr()
+    code = predict.main(["--model", str(model), "--input", str(texture_root / "brick" / "test" / "good"),
+                         "--output", str(tmp_path / "out"), *PREDICT_FLAGS])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("error: ") and BROKEN[kind] in err and "\n" not in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_malicious_model_from_the_command_line(trained: Trained, texture_root: Path, tmp_path: Path):
+    """The payload is live (plain pickle runs it); predict.py refuses it and it never runs."""
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(MarkerPayload(probe))).close()
+    assert probe.exists()
+    marker = tmp_path / "pwned"
+    model = _broken_model("malicious_torch", trained, tmp_path / "model", marker)
+    result = run_cli("--model", str(model), "--input", str(texture_root / "brick" / "test" / "good"),
+                     "--output", str(tmp_path / "out"), *PREDICT_FLAGS)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_weights_file_must_be_the_training_one(trained: Trained, texture_root: Path, tmp_path: Path, capsys):
+    model, _ = load_backbone("resnet18", "none", seed=7)
+    weights = tmp_path / "backbone.pt"
+    torch.save(model.state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.save({**_real_content(trained), "weights_id": f"file:backbone.pt:{digest}"}, model_dir / "padim_model.pt")
+    other = tmp_path / "other.pt"
+    other.write_bytes(weights.read_bytes() + b"\0")
+    common = ["--model", str(model_dir), "--input", str(texture_root / "brick" / "test" / "good" / "000.png"), *PREDICT_FLAGS]
+
+    def run(*extra: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = predict.main(common + ["--output", str(tmp_path / f"out{len(extra)}"), *extra])
+        return code, capsys.readouterr().err
+
+    assert run() == (1, f"error: the model was trained with the weights file backbone.pt (sha256 {digest}...): "
+                        "pass that file with --weights PATH\n")
+    code, err = run("--weights", str(other))
+    assert code == 1 and "is not the file the model was trained with" in err
+    code, err = run("--weights", str(weights))
+    assert code == 0, err
+    code, err = run("--weights", str(weights), "--threshold", "5")
+    assert code == 0, err
+
+    capsys.readouterr()
+    assert predict.main(["--model", str(trained.model_dir), "--input", str(texture_root / "brick" / "test" / "good"),
+                         "--output", str(tmp_path / "o"), "--weights", str(weights), *PREDICT_FLAGS]) == 1
+    assert "--weights is only for models trained with a weights file" in capsys.readouterr().err
+
+
+def test_no_input_image_is_an_error(trained: Trained, tmp_path: Path, capsys):
+    code = predict.main(["--model", str(trained.model_dir), "--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "o")])
+    assert code == 1 and "error: no image found in --input" in capsys.readouterr().err
