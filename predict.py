@@ -28,6 +28,7 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
                              ImageReadError, Sample, collate_skipping_failures, list_images, read_rgb)
 from utils.anomaly_map import to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor
+from utils.cli import at_least, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
 from utils.padim import GaussianStats, Padim
 
@@ -52,24 +53,6 @@ class LoadedModel:
     threshold: float
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite threshold > 0 (the heat map scale is a multiple of it)."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _at_least(minimum: int):
-    """argparse type: an integer >= minimum."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its help; defaults shown by --help."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "('**' recurses); repeat the flag for more")
     parser.add_argument("--output", type=Path, default=Path("./predictions"),
                         help="folder for predictions.csv, heatmaps/, overlays/ and masks/")
-    parser.add_argument("--batch_size", type=_at_least(1), default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=_at_least(0), default=0, help="image decoding processes")
+    parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
+    parser.add_argument("--num_workers", type=at_least(0), default=0, help="image decoding processes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the backbone and the distances run (auto: CUDA when available)")
-    parser.add_argument("--threshold", type=_positive_float,
+    parser.add_argument("--threshold", type=positive_float,
                         help="anomaly threshold, overriding the model's (held-out normal quantile)")
     parser.add_argument("--save_masks", action="store_true",
                         help="also write masks/<stem>.png: 0/255 pixels above the threshold")
@@ -403,14 +386,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        return run(args)
-    except (PredictError, ModelFileError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: predictions.csv was not written", file=sys.stderr)
-        return 130
+    return run_main(run, args, (PredictError, ModelFileError, WeightsError), "predictions.csv was not written")
 
 
 if __name__ == "__main__":

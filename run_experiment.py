@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import signal
 import sys
 import tempfile
 from functools import partial
@@ -21,6 +20,7 @@ from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
+from utils.cli import at_least, run_main, unit_interval
 from utils.model_io import ModelFileError, atomic_write
 from utils.plotting import plot_class_results
 
@@ -35,28 +35,6 @@ RESULT_COLUMNS = [
 DEMO_DATA_DIR = Path("demo_data")
 
 
-def _ratio(low_inclusive: bool, high: float, high_inclusive: bool):
-    """argparse type for a float in [0 or (0, high] or high)."""
-    def parse(text: str) -> float:
-        value = float(text)
-        low_ok = value >= 0 if low_inclusive else value > 0
-        high_ok = value <= high if high_inclusive else value < high
-        if not (low_ok and high_ok):
-            bounds = f"{'[' if low_inclusive else '('}0, {high:g}{']' if high_inclusive else ')'}"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-    return parse
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_architecture", default="wide_resnet50_2", choices=sorted(BACKBONES),
@@ -67,32 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
     parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
     parser.add_argument("--results_subdir", help="sub-folder of the results (None: <arch>_resize-<R>_crop-<C>)")
-    parser.add_argument("--resize", type=_at_least(1), default=256, help="short side of the image is resized to this")
-    parser.add_argument("--cropsize", type=_at_least(0), default=256,
+    parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
+    parser.add_argument("--cropsize", type=at_least(0), default=256,
                         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")
-    parser.add_argument("--reduced_dim", type=_at_least(1), help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2)")
+    parser.add_argument("--reduced_dim", type=at_least(1), help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2)")
     parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
     parser.add_argument("--save_distribution", action="store_true",
                         help="save the model file (needed by predict.py) and reuse it on reruns when it matches")
-    parser.add_argument("--batch_size", type=_at_least(1), default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=_at_least(0), default=2, help="data loading processes")
+    parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
+    parser.add_argument("--num_workers", type=at_least(0), default=2, help="data loading processes")
     parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
     parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
     parser.add_argument("--vertical_flip", action="store_true", help="with augmentations: vertical flips")
-    parser.add_argument("--augmentation_prob", type=_ratio(True, 1.0, True), default=0.5,
+    parser.add_argument("--augmentation_prob", type=unit_interval(True, True), default=0.5,
                         help="probability of each flip, applied independently")
     parser.add_argument("--test_class_name", help="train on --data_path's class, test on this class")
     parser.add_argument("--test_class_path", type=Path, help="folder that holds the test class (None: the folder that holds --data_path)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
-    parser.add_argument("--test_sample_ratio", type=_ratio(True, 1.0, False), default=0.2,
+    parser.add_argument("--test_sample_ratio", type=unit_interval(True, False), default=0.2,
                         help="bowtie: share of train/good moved (seeded, disjoint) to the test normals")
-    parser.add_argument("--holdout_ratio", type=_ratio(True, 1.0, False), default=0.1,
+    parser.add_argument("--holdout_ratio", type=unit_interval(True, False), default=0.1,
                         help="share of training normals held out of the fit to choose the operating threshold")
-    parser.add_argument("--threshold_quantile", type=_ratio(False, 1.0, True), default=0.99,
+    parser.add_argument("--threshold_quantile", type=unit_interval(False, True), default=0.99,
                         help="operating threshold = this quantile of the held-out normal scores")
-    parser.add_argument("--max_visualizations", type=_at_least(-1), default=20,
+    parser.add_argument("--max_visualizations", type=at_least(-1), default=20,
                         help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all")
     parser.add_argument("--demo", action="store_true",
                         help="build a small texture dataset (once, in ./demo_data) and run efficientnet_lite0 on it")
@@ -244,15 +222,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    try:
-        return run(args)
-    except (DataError, WeightsError, ModelFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished classes are in master_results.csv; rerun to complete", file=sys.stderr)
-        return 130
+    return run_main(run, args, (DataError, WeightsError, ModelFileError),
+                    "finished classes are in master_results.csv; rerun to complete")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
 """Messy folders, odd images, bad flags, hostile model files, interrupts: clear errors, nothing lost."""
 from __future__ import annotations
 
-import os
 import pickle
-import resource
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

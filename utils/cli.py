@@ -1,0 +1,56 @@
+"""What the command-line tools share: argparse value types (a bad value is exit 2) and the
+way a run ends (a user error is one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130
+after the atomic writes have cleaned up)."""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+from typing import Callable
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer >= minimum."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def unit_interval(low_inclusive: bool, high_inclusive: bool) -> Callable[[str], float]:
+    """A float in [0, 1], (0, 1], [0, 1) or (0, 1) as chosen."""
+    bounds = f"{'[' if low_inclusive else '('}0, 1{']' if high_inclusive else ')'}"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        low_ok = value >= 0 if low_inclusive else value > 0
+        high_ok = value <= 1 if high_inclusive else value < 1
+        if not (low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+             user_errors: tuple[type[Exception], ...], interrupted: str) -> int:
+    """Call `run(args)`; user errors become one line on stderr, an interrupt a note of what was kept."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return run(args)
+    except user_errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
