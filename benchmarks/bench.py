@@ -1,0 +1,357 @@
+"""Speed and memory of the PaDiM pipeline against its lower bound, the backbone's forward pass.
+
+The only cost PaDiM cannot avoid is running the backbone over every image; statistics,
+inversion, Mahalanobis distances, up-sampling and blur are overhead on top of it. For each
+backbone and class this prints one row: the forward-only time over the train and test
+images (same DataLoader, same batch size), the time of the pipeline users run (fit with its
+threshold, then scoring; no metrics, no plots), their ratio, the metrics and plot times, and
+the peak resident memory of the fit with a few and with all training images, each measured
+in a fresh process next to that process's baseline after the model is loaded.
+
+Every step calls the project's own code (trainer, utils.padim, build_extractor), so the
+numbers are those of `run_experiment.py`, not of a copy.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import run_experiment  # noqa: E402
+import trainer  # noqa: E402
+from datasets.images import Geometry  # noqa: E402
+from datasets.split import ClassSplit, DataError  # noqa: E402
+from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
+from utils.embedding import channel_index  # noqa: E402
+from utils.padim import Padim  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
+DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+QUICK_BACKBONES = ("efficientnet_lite0", "resnet18")
+QUICK_IMAGES = 64
+MEMORY_SMALL_FIT = 100
+OFFLINE_PRETRAINED = {"efficientnet_lite0"}
+TARGET_RATIO = 1.3
+TARGET_MEMORY_GROWTH = 1.10
+TARGET_WIDE_PEAK_MIB = 6 * 1024
+TARGET_METRICS_S = 15.0
+
+log = logging.getLogger("padim.bench")
+
+
+def _positive(text: str) -> int:
+    """argparse type: an image count of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data_path", type=Path, default=DEFAULT_DATA,
+                        help="MVTec-layout class folder, or a folder of classes (one row per backbone and class)")
+    parser.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES),
+                        help=f"backbones to measure (default: {' '.join(DEFAULT_BACKBONES)}; with --quick: "
+                             f"{' '.join(QUICK_BACKBONES)}); only efficientnet_lite0 loads ImageNet weights, the "
+                             "others run with random weights, which cost the same")
+    parser.add_argument("--batch_size", type=_positive, default=32, help="images per forward pass")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader processes")
+    parser.add_argument("--resize", type=_positive, default=256, help="short side of the image is resized to this")
+    parser.add_argument("--cropsize", type=int, default=224, help="centre crop; 0 = no crop (resize x resize)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a quick subset: {QUICK_IMAGES} train / {QUICK_IMAGES} test images, "
+                             f"{' and '.join(QUICK_BACKBONES)} unless --backbones/--max_* say otherwise")
+    parser.add_argument("--max_train", type=_positive,
+                        help="at most this many training images per class (fit and hold-out shares kept), spread evenly")
+    parser.add_argument("--max_test", type=_positive,
+                        help="at most this many test images per class, spread evenly so every defect type stays")
+    parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory fits (two extra fits per row)")
+    parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags, with --quick filling in only what was not given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cropsize < 0 or args.cropsize > args.resize:
+        parser.error(f"--cropsize must be in 0..--resize ({args.resize}), got {args.cropsize}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.quick:
+        args.max_train = args.max_train or QUICK_IMAGES
+        args.max_test = args.max_test or QUICK_IMAGES
+    args.backbones = args.backbones or list(QUICK_BACKBONES if args.quick else DEFAULT_BACKBONES)
+    return args
+
+
+def pipeline_args(args: argparse.Namespace, backbone: str) -> argparse.Namespace:
+    """The namespace `run_experiment.py` would build for this run: every other setting at the users' default."""
+    weights = "imagenet" if backbone in OFFLINE_PRETRAINED else "none"
+    return run_experiment.parse_args([
+        "--dataset", "mvtec", "--data_path", str(args.data_path), "--model_architecture", backbone,
+        "--weights", weights, "--resize", str(args.resize), "--cropsize", str(args.cropsize),
+        "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
+    ])
+
+
+def evenly(items: list, count: int | None) -> list:
+    """At most `count` items spread evenly over the (sorted) list, so a subset keeps every defect type."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+def limit_train(split: ClassSplit, count: int | None) -> ClassSplit:
+    """At most `count` training images, fit and hold-out in their usual proportion (the threshold keeps its source)."""
+    total = len(split.fit) + len(split.holdout)
+    if count is None or count >= total:
+        return split
+    holdout = round(count * len(split.holdout) / total)
+    return replace(split, fit=evenly(split.fit, count - holdout), holdout=evenly(split.holdout, holdout))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def synchronize(device: torch.device) -> None:
+    """CUDA runs asynchronously: wait for it, so a timer stops when the work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def new_model(extractor, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> Padim:
+    """A Padim built as run_class_processing builds it (same channel index, input size, devices)."""
+    index = channel_index(extractor.spec.dims, pargs.reduced_dim or extractor.spec.default_reduced_dim, pargs.seed)
+    return Padim(extractor, index, Geometry(pargs.resize, pargs.cropsize).input_size,
+                 devices["backbone"], devices["stats"], devices["mahalanobis"])
+
+
+def fit(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
+    """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out threshold."""
+    threshold, _, _ = trainer.fit_or_load(model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs,
+                                          identity={}, model_path=Path())
+    return threshold
+
+
+def warm_file_cache(split: ClassSplit) -> None:
+    """Read every file once, so neither timing pays for a cold disk cache that the other one then enjoys."""
+    for sample in split.fit + split.holdout + split.test:
+        sample.path.read_bytes()
+        if sample.mask_path is not None:
+            sample.mask_path.read_bytes()
+
+
+def warm_up(extractor, split: ClassSplit, pargs: argparse.Namespace, device: torch.device) -> None:
+    """One untimed forward per batch size the loaders will yield (full batches and each set's remainder).
+
+    oneDNN builds its kernels for each new input shape (0.1-0.5 s each): without this, the
+    first timing would pay for every shape and the second would get them free.
+    """
+    geometry = Geometry(pargs.resize, pargs.cropsize)
+    first = next(iter(trainer._loader(split.fit, geometry, pargs))).images
+    sizes = {min(len(samples), pargs.batch_size) for samples in (split.fit, split.holdout, split.test) if samples}
+    sizes |= {len(samples) % pargs.batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
+    for size in sorted(sizes):
+        images = first.repeat(-(-size // len(first)), 1, 1, 1)[:size]
+        extractor(images.to(device).contiguous(memory_format=torch.channels_last))
+    synchronize(device)
+
+
+def forward_only(extractor, split: ClassSplit, pargs: argparse.Namespace, device: torch.device) -> float:
+    """Seconds of the lower bound: the fit, hold-out and test loaders of the pipeline, the extractor alone."""
+    geometry = Geometry(pargs.resize, pargs.cropsize)
+    skipped: list[str] = []
+    start = time.perf_counter()
+    for samples in (split.fit, split.holdout, split.test):
+        for batch in trainer._batches(trainer._loader(samples, geometry, pargs), "forward", skipped):
+            extractor(batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def plot_function():
+    """utils.plotting.plot_class_results, or None while that module does not exist yet."""
+    try:
+        return importlib.import_module("utils.plotting").plot_class_results
+    except ImportError as err:
+        log.warning("plot timing skipped: %s", err)
+        return None
+
+
+def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> dict:
+    """Seconds of fit, scoring, metrics and plots, each through the project's own functions."""
+    geometry = Geometry(pargs.resize, pargs.cropsize)
+    model = new_model(extractor, pargs, devices)
+    start = time.perf_counter()
+    threshold = fit(model, split, pargs)
+    fitted = time.perf_counter()
+    scored = trainer.score_samples(model, split.test, geometry, pargs, "score", keep_maps=True)
+    scoring_done = time.perf_counter()
+    result = trainer.evaluate(scored, threshold, split.name, split.has_ground_truth)
+    metrics_done = time.perf_counter()
+    plot = plot_function()
+    plots_s = float("nan")
+    if plot is not None:
+        with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
+            plots_start = time.perf_counter()
+            plot(result, Path(out_dir), max_visualizations=pargs.max_visualizations)
+            plots_s = time.perf_counter() - plots_start
+    return {
+        "fit_s": fitted - start,
+        "score_s": scoring_done - fitted,
+        "metrics_s": metrics_done - scoring_done,
+        "plots_s": plots_s,
+    }
+
+
+def fit_peak_rss(pargs: argparse.Namespace, split: ClassSplit) -> tuple[float, float]:
+    """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
+    devices = run_experiment.resolve_devices(pargs)
+    extractor, _ = build_extractor(pargs.model_architecture, pargs.weights, devices["backbone"], pargs.seed)
+    model = new_model(extractor, pargs, devices)
+    baseline = peak_rss_mib()
+    fit(model, split, pargs)
+    return baseline, peak_rss_mib()
+
+
+def in_fresh_process(function, *arguments):
+    """Run `function` in a new process forked from a small forkserver.
+
+    ru_maxrss is a high-water mark that survives exec: a child started with spawn or
+    subprocess reports at least the parent's peak, so after the timings it would read several
+    GiB whatever the fit used. Forkserver children start from a small process instead.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([function.__module__])  # children start with torch imported, as users' runs do
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *arguments).result()
+
+
+def memory_columns(pargs: argparse.Namespace, split: ClassSplit) -> dict:
+    """Peak RSS of the fit with MEMORY_SMALL_FIT (at most half the set) and with all training images."""
+    total = len(split.fit) + len(split.holdout)
+    small = min(MEMORY_SMALL_FIT, max(1, total // 2))
+    baseline, small_peak = in_fresh_process(fit_peak_rss, pargs, limit_train(split, small))
+    _, full_peak = in_fresh_process(fit_peak_rss, pargs, split)
+    return {
+        "rss_base_mib": baseline,
+        "mem_n_small": small,
+        "rss_small_mib": small_peak,
+        "rss_all_mib": full_peak,
+        "all_vs_small": full_peak / small_peak,
+    }
+
+
+def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[ClassSplit]:
+    """The split of every class under --data_path, limited by --max_train/--max_test.
+
+    Read once, before any model is loaded: a bad folder fails at once, and every backbone
+    sees the same images (the split depends only on settings that are the same for all).
+    """
+    splits = []
+    for _, class_dir, _ in run_experiment.class_jobs(pargs):
+        split = trainer.DATASET_LOADERS[pargs.dataset](class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed,
+                                                       test_sample_ratio=pargs.test_sample_ratio)
+        splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
+    return splits
+
+
+def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[ClassSplit]) -> list[dict]:
+    """One row per class for this backbone."""
+    pargs = pipeline_args(args, backbone)
+    devices = run_experiment.resolve_devices(pargs)
+    extractor, _ = build_extractor(backbone, pargs.weights, devices["backbone"], pargs.seed)
+    rows = []
+    for split in splits:
+        n_train, n_test = len(split.fit) + len(split.holdout), len(split.test)
+        log.info("%s / %s: %d train, %d test images", backbone, split.name, n_train, n_test)
+        warm_file_cache(split)
+        warm_up(extractor, split, pargs, devices["backbone"])
+        forward_s = forward_only(extractor, split, pargs, devices["backbone"])
+        times = timed_pipeline(extractor, split, pargs, devices)
+        pipeline_s = times["fit_s"] + times["score_s"]
+        row = {
+            "backbone": backbone, "class_name": split.name, "weights": pargs.weights, "device": devices["backbone"].type,
+            "n_train": n_train, "n_test": n_test,
+            "forward_s": forward_s, "pipeline_s": pipeline_s, "ratio": pipeline_s / forward_s,
+            "fit_s": times["fit_s"], "score_s": times["score_s"],
+            "fit_img_s": n_train / times["fit_s"], "score_img_s": n_test / times["score_s"],
+            "metrics_s": times["metrics_s"], "plots_s": times["plots_s"],
+        }
+        if not args.skip_memory:
+            row.update(memory_columns(pargs, split))
+        rows.append(row)
+    return rows
+
+
+def target_report(table: pd.DataFrame) -> list[str]:
+    """One line per target of the issue that this table can judge (PASS/FAIL, with the figure)."""
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    lines = []
+    for row in table.itertuples(index=False):
+        where = f"{row.backbone}/{row.class_name}"
+        lines.append(f"{verdict(row.ratio <= TARGET_RATIO)} {where}: pipeline / forward {row.ratio:.3f} (target <= {TARGET_RATIO})")
+        if row.n_test >= 500:
+            lines.append(f"{verdict(row.metrics_s < TARGET_METRICS_S)} {where}: metrics of {row.n_test} test images "
+                         f"{row.metrics_s:.1f} s (target < {TARGET_METRICS_S:g} s)")
+        if "all_vs_small" in table.columns:
+            lines.append(f"{verdict(row.all_vs_small <= TARGET_MEMORY_GROWTH)} {where}: fit peak with {row.n_train} "
+                         f"images / with {row.mem_n_small} = {row.all_vs_small:.2f} (target <= {TARGET_MEMORY_GROWTH})")
+            if row.backbone == "wide_resnet50_2":
+                lines.append(f"{verdict(row.rss_all_mib < TARGET_WIDE_PEAK_MIB)} {where}: fit peak "
+                             f"{row.rss_all_mib / 1024:.2f} GiB (target < {TARGET_WIDE_PEAK_MIB / 1024:g} GiB)")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every backbone, print the table and the target verdicts, write the CSV if asked."""
+    splits = class_splits(args, pipeline_args(args, args.backbones[0]))
+    rows = []
+    for backbone in args.backbones:
+        rows.extend(benchmark_backbone(args, backbone, splits))
+    table = pd.DataFrame(rows)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.num_workers} workers, resize {args.resize} / crop {args.cropsize}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("\n".join(target_report(table)))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.output, index=False, float_format="%.4g")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return run(args)
+    except (DataError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Smoke test of benchmarks/bench.py on a tiny synthetic class: one consistent row, the CSV, the verdicts."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from benchmarks import bench
+
+
+def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
+    """Every column the README explains is there and adds up; the memory fits ran in fresh processes."""
+    output = tmp_path / "bench.csv"
+    code = bench.main([
+        "--data_path", str(texture_root / "brick"), "--backbones", "efficientnet_lite0",
+        "--resize", "64", "--cropsize", "56", "--batch_size", "8", "--num_workers", "0", "--output", str(output),
+    ])
+    assert code == 0
+    table = pd.read_csv(output)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row.backbone, row.class_name, row.weights) == ("efficientnet_lite0", "brick", "imagenet")
+    assert (row.n_train, row.n_test) == (24, 14)
+    assert row.forward_s > 0 and row.fit_s > 0 and row.score_s > 0 and row.metrics_s > 0
+    # the CSV keeps 4 significant digits, hence the tolerance
+    assert math.isclose(row.pipeline_s, row.fit_s + row.score_s, rel_tol=1e-2)
+    assert math.isclose(row.ratio, row.pipeline_s / row.forward_s, rel_tol=1e-2)
+    assert math.isclose(row.score_img_s, row.n_test / row.score_s, rel_tol=1e-2)
+    assert row.mem_n_small == 12
+    assert 0 < row.rss_base_mib <= row.rss_small_mib
+    assert row.rss_base_mib <= row.rss_all_mib
+    printed = capsys.readouterr().out
+    assert "efficientnet_lite0" in printed and "pipeline / forward" in printed and "with 12" in printed
+
+
+def test_fresh_process_does_not_inherit_our_peak():
+    """ru_maxrss survives exec: a spawned child would report at least this process's peak, here +1 GiB."""
+    ballast = bytearray(2**30)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page so it is resident
+    child_peak = bench.in_fresh_process(bench.peak_rss_mib)
+    assert child_peak < bench.peak_rss_mib() - 900
+    del ballast
+
+
+def test_quick_fills_in_only_what_was_not_given():
+    """--quick is a subset by default, and an explicit flag still wins."""
+    quick = bench.parse_args(["--quick"])
+    assert (quick.max_train, quick.max_test, quick.backbones) == (64, 64, list(bench.QUICK_BACKBONES))
+    chosen = bench.parse_args(["--quick", "--max_train", "10", "--backbones", "resnet18"])
+    assert (chosen.max_train, chosen.max_test, chosen.backbones) == (10, 64, ["resnet18"])
+    assert bench.parse_args([]).backbones == list(bench.DEFAULT_BACKBONES)
+
+
+def test_subsets_keep_every_defect_type_and_the_holdout_share(texture_root):
+    """--max_test spreads over the sorted test list; --max_train keeps fit and hold-out in proportion."""
+    args = bench.parse_args(["--data_path", str(texture_root / "gravel"), "--max_train", "10", "--max_test", "4"])
+    split, = bench.class_splits(args, bench.pipeline_args(args, "resnet18"))
+    assert split.has_ground_truth
+    assert len(split.fit) + len(split.holdout) == 10 and len(split.holdout) == 1
+    assert len(split.test) == 4 and {s.label for s in split.test} == {0, 1}
+    assert len({s.path for s in split.test}) == 4
+
+
+def test_missing_folder_is_one_line_and_an_exit_code(tmp_path, capsys):
+    assert bench.main(["--data_path", str(tmp_path / "nowhere"), "--skip_memory"]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--cropsize", "300"], ["--max_train", "0"], ["--backbones", "vgg"]])
+def test_bad_flags_are_refused(flags):
+    with pytest.raises(SystemExit):
+        bench.parse_args(flags)
