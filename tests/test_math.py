@@ -8,7 +8,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
 from utils import metrics
-from utils.anomaly_map import anomaly_maps, image_scores
+from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, embed
 from utils.grid import resample_centred, stride_ratio
 from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
@@ -82,7 +82,7 @@ def test_centred_resampling_puts_each_cell_on_its_centre():
 def test_anomaly_map_peak_stays_on_its_patch():
     distances = torch.zeros(1, 8, 8)
     distances[0, 2, 5] = 10.0
-    maps = anomaly_maps(distances, 32)
+    maps = smooth_upsample(distances, 32)
     assert maps.shape == (1, 32, 32)
     assert np.unravel_index(maps[0].argmax().item(), (32, 32)) == (8, 20)
     assert image_scores(maps).item() == pytest.approx(maps.max().item())
@@ -150,3 +150,10 @@ def test_separable_blur_equals_scipy_gaussian_filter():
     image = np.random.default_rng(0).random((40, 50))
     blurred = gaussian_blur(torch.from_numpy(image)[None, None])[0, 0].numpy()
     np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=4, mode="mirror", truncate=4.0), atol=1e-10)
+
+
+@pytest.mark.parametrize("grid, size", [((8, 8), 32), ((56, 56), 224), ((63, 63), 250)])
+def test_map_operator_equals_the_direct_definition(grid, size):
+    distances = torch.rand(3, *grid) * 10
+    operator = MapOperator.build(grid, size, torch.device("cpu"))
+    torch.testing.assert_close(operator(distances), smooth_upsample(distances, size), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """run_experiment.py end to end on small synthetic folders (random-init backbones, as tests may)."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ import run_experiment
 from datasets import bowtie
 from datasets.split import DataError
 from run_experiment import RESULT_COLUMNS
-from utils.backbones import WeightsError, build_extractor, load_backbone
+from utils.backbones import BACKBONES, FeatureExtractor, WeightsError, build_extractor, load_backbone
 from utils.model_io import MODEL_FILENAME, load_model
 
 FAST = ["--model_architecture", "resnet18", "--weights", "none", "--resize", "64", "--cropsize", "56",
@@ -168,3 +169,24 @@ def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
 def test_data_error_for_folder_without_classes(tmp_path):
     with pytest.raises(DataError, match="no class folder"):
         run_experiment.class_jobs(run_experiment.parse_args([*FAST, "--data_path", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "wide_resnet50_2", "efficientnet_b5"])
+def test_batchnorm_folding_keeps_every_hooked_map(name):
+    model, _ = load_backbone(name, "none", seed=1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, as trained weights have
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    spec = BACKBONES[name]
+    unfused = spec.trunk(copy.deepcopy(model), spec.layers[-1]).eval()
+    captured = {}
+    for layer in spec.layers:
+        unfused.get_submodule(layer).register_forward_hook(lambda m, i, out, layer=layer: captured.update({layer: out}))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        unfused(images)
+    fused = FeatureExtractor(spec, model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    for layer, got in zip(spec.layers, fused(images)):
+        torch.testing.assert_close(got, captured[layer], rtol=1e-4, atol=1e-4)

@@ -1,6 +1,8 @@
 """Patch distances -> smoothed anomaly maps at the model input size -> image scores."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -14,8 +16,10 @@ def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA, radius: int =
     """(B, 1, H, W) blurred by a separable Gaussian (truncated at 4 sigma, mirrored borders).
 
     Two 1-D passes instead of one 33x33 kernel: about 10x faster on the CPU, same result
-    as scipy.ndimage.gaussian_filter(mode="mirror", truncate=4).
+    as scipy.ndimage.gaussian_filter(mode="mirror", truncate=4). Maps smaller than the kernel
+    (inputs under 17 px) get it truncated to what mirroring allows.
     """
+    radius = min(radius, *(side - 1 for side in images.shape[-2:]))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
@@ -24,11 +28,41 @@ def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA, radius: int =
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
-def anomaly_maps(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.grid), Gaussian blur sigma 4."""
+def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.grid), Gaussian blur sigma 4.
+
+    The definition of an anomaly map; MapOperator computes the same thing faster.
+    """
     ratio = stride_ratio(size, distances.shape[-1])
     upsampled = resample_centred(distances.unsqueeze(1), (size, size), ratio)
     return gaussian_blur(upsampled)[:, 0]
+
+
+@dataclass(frozen=True)
+class MapOperator:
+    """smooth_upsample as two matrices: it is linear and separable, so maps = rows @ d @ cols^T.
+
+    Built once per grid by sending unit impulses through smooth_upsample itself; two small
+    matmuls per batch instead of a grid_sample and two convolutions (about 8x faster).
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    @classmethod
+    def build(cls, grid: tuple[int, int], size: int, device: torch.device) -> MapOperator:
+        height, width = grid
+        row_impulses = torch.zeros(height, height, width, device=device)
+        row_impulses[torch.arange(height), torch.arange(height), :] = 1.0
+        col_impulses = torch.zeros(width, height, width, device=device)
+        col_impulses[torch.arange(width), :, torch.arange(width)] = 1.0
+        rows = smooth_upsample(row_impulses, size)[:, :, 0].T.contiguous()
+        cols = smooth_upsample(col_impulses, size)[:, 0, :].T.contiguous()
+        return cls(rows, cols)
+
+    def __call__(self, distances: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) distances -> (B, size, size) anomaly maps."""
+        return self.rows @ distances @ self.cols.T
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

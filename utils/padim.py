@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from utils.anomaly_map import anomaly_maps, image_scores
+from utils.anomaly_map import MapOperator, image_scores
 from utils.backbones import FeatureExtractor
 from utils.embedding import embed
 from utils.gaussian import GaussianAccumulator, mahalanobis, precision_factor_
@@ -37,6 +37,7 @@ class Padim:
         self.stats_device = stats_device
         self.mahalanobis_device = mahalanobis_device
         self.stats: GaussianStats | None = None
+        self.map_operator: MapOperator | None = None
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -61,9 +62,10 @@ class Padim:
         """Adopt fitted (or loaded) statistics, placed where the Mahalanobis distances are computed."""
         device = self.mahalanobis_device
         self.stats = GaussianStats(stats.mean.to(device), stats.factor.to(device), stats.grid, stats.count)
+        self.map_operator = MapOperator.build(stats.grid, self.input_size, device)
 
     def anomaly_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, S, S), scores (B,)) on the CPU, S = model input size."""
         distances = mahalanobis(self.embedding(images), self.stats.mean, self.stats.factor)
-        maps = anomaly_maps(distances, self.input_size).cpu()
+        maps = self.map_operator(distances).cpu()
         return maps, image_scores(maps)
