@@ -93,9 +93,17 @@ def _single_cpu_thread(device: torch.device):
 
 
 def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (B, H, W) Mahalanobis distance of every patch to its position's Gaussian."""
-    batch, _, height, width = embedding.shape
-    centred = positions_first(embedding.to(mean.device, torch.float32)) - mean.unsqueeze(1)
-    whitened = torch.bmm(centred, factor.transpose(1, 2))
-    distances = whitened.square_().sum(dim=2).sqrt_()
+    """(B, D, H, W) -> (B, H, W) Mahalanobis distance of every patch to its position's Gaussian.
+
+    Computed over chunks of positions, so the temporaries stay small whatever the batch size.
+    """
+    batch, dims, height, width = embedding.shape
+    patches = positions_first(embedding.to(mean.device, torch.float32))
+    distances = torch.empty(patches.shape[:2], dtype=torch.float32, device=mean.device)
+    chunk = max(1, FACTOR_CHUNK_ELEMENTS // (batch * dims))
+    for start in range(0, patches.shape[0], chunk):
+        stop = start + chunk
+        centred = patches[start:stop] - mean[start:stop].unsqueeze(1)
+        whitened = torch.bmm(centred, factor[start:stop].transpose(1, 2))
+        distances[start:stop] = whitened.square_().sum(dim=2).sqrt_()
     return distances.transpose(0, 1).reshape(batch, height, width)
