@@ -32,13 +32,13 @@ class GaussianAccumulator:
         self.outer = torch.zeros(positions, dims, dims, dtype=torch.float32, device=device)
 
     def update(self, embedding: torch.Tensor) -> None:
-        x = positions_first(embedding.to(self.outer.device, torch.float32))
+        x = positions_first(embedding.to(self.outer.device, torch.float32))  # a fresh copy: safe to centre in place
         if self.shift is None:
             self.shift = x.mean(dim=1, keepdim=True)
-        centred = x - self.shift
+        centred = x.sub_(self.shift)
         self.sum += centred.sum(dim=1, dtype=torch.float64)
         self.outer.baddbmm_(centred.transpose(1, 2), centred)
-        self.count += x.shape[1]
+        self.count += centred.shape[1]
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (P, D), covariance (P, D, D)): unbiased, plus epsilon * I; the buffer is reused in place."""
