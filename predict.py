@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images, read_rgb)
-from utils.anomaly_map import to_original_resolution
+from utils.anomaly_map import HEAT_COLORMAP, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor
 from utils.cli import at_least, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
@@ -37,7 +37,6 @@ log = logging.getLogger("padim.predict")
 CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "error", "output_name")
 HEAT_SCALE_TOP = 2.0
 OVERLAY_ALPHA = 0.5
-COLORMAP = "inferno"  # the colour map of run_experiment's plots (utils.plotting.HEAT_CMAP), whose import is slow
 
 
 class PredictError(Exception):
@@ -266,7 +265,7 @@ def collate_with_originals(items) -> tuple[Batch, list[np.ndarray]]:
 
 def colour_table() -> np.ndarray:
     """(256, 3) uint8 colours of the heat map scale, 0 .. HEAT_SCALE_TOP x threshold."""
-    return np.round(colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+    return np.round(colormaps[HEAT_COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def heat_colours(amap: np.ndarray, top: float, table: np.ndarray) -> np.ndarray:

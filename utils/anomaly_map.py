@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from utils.grid import resample_centred, stride_ratio
 
+HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
 BLUR_SIGMA = 4.0
 BLUR_RADIUS = int(4 * BLUR_SIGMA + 0.5)
 

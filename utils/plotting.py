@@ -29,6 +29,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
 from utils import metrics
+from utils.anomaly_map import HEAT_COLORMAP
 from utils.model_io import atomic_write
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DPI = 100
-HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.5
 OUTLINE_RGB = (0, 255, 255)
 PIXEL_SAMPLE_LIMIT = 200_000
@@ -305,7 +305,7 @@ def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: 
             _note(ax, "no images in this category")
             ax.set_box_aspect(maps.shape[1] / maps.shape[2])
             continue
-        shown = ax.imshow(means[category], cmap=HEAT_CMAP, vmin=scale.vmin, vmax=scale.vmax)
+        shown = ax.imshow(means[category], cmap=HEAT_COLORMAP, vmin=scale.vmin, vmax=scale.vmax)
         ax.axis("off")
     if shown is not None:
         label = f"mean Mahalanobis distance, shared scale [{scale.vmin:.2f}, {scale.vmax:.2f}]"
@@ -379,7 +379,7 @@ class ImageFigure:
         self.figure = Figure(figsize=IMAGE_FIGURE_SIZE, dpi=DPI)
         self.figure.subplots_adjust(left=0.01, right=0.88, top=0.82, bottom=0.02, wspace=0.05)
         axes = self.figure.subplots(1, 3)
-        self.colour_map = matplotlib.colormaps[HEAT_CMAP]
+        self.colour_map = matplotlib.colormaps[HEAT_COLORMAP]
         self.norm = Normalize(scale.vmin, scale.vmax)
         blank = np.zeros((*size, 3), np.uint8)
         self.input_panel = axes[0].imshow(blank, interpolation="nearest")
