@@ -12,7 +12,6 @@ import hashlib
 import logging
 import math
 import sys
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
-                             ImageReadError, Sample, collate_skipping_failures, list_images, read_rgb)
+                             ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor
-from utils.cli import at_least, positive_float, run_main
+from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
 from utils.padim import GaussianStats, Padim
 
@@ -78,14 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging() -> None:
     """INFO and above on stderr, next to the progress bar."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """Same rule as run_experiment: a CUDA request without CUDA falls back to the CPU with a warning."""
-    cuda = torch.cuda.is_available()
-    if name == "cuda" and not cuda:
-        log.warning("--device cuda but no CUDA device: using the CPU")
-    return torch.device("cuda" if cuda and name != "cpu" else "cpu")
 
 
 def model_file(path: Path) -> Path:
@@ -229,17 +220,13 @@ def output_names(paths: list[Path]) -> list[str]:
 
 def prepare_output(out_dir: Path, save_masks: bool) -> None:
     """Create the output folders and prove they are writable before loading the backbone."""
-    try:
-        for sub in ("heatmaps", "overlays") + (("masks",) if save_masks else ()):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise PredictError(f"output folder {out_dir} is not writable ({err.strerror})") from err
+    for folder in (out_dir, out_dir / "heatmaps", out_dir / "overlays") + ((out_dir / "masks",) if save_masks else ()):
+        prove_writable(folder, "output folder", PredictError)
 
 
 class WithOriginal(Dataset):
-    """ImageDataset items plus the decoded original pixels, which the original-resolution outputs need."""
+    """ImageDataset items plus the original pixels they were made from (decoded once), which the
+    original-resolution outputs need."""
 
     def __init__(self, dataset: ImageDataset):
         self.dataset = dataset
@@ -248,14 +235,11 @@ class WithOriginal(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        tensor, mask, position = self.dataset[index]
-        if tensor is None:
-            return tensor, mask, position, None
         try:
-            original = np.asarray(read_rgb(self.dataset.samples[index].path))
+            image, mask = self.dataset.decode(index)
         except ImageReadError as err:
-            return None, str(err), position, None
-        return tensor, mask, position, original
+            return None, str(err), index, None
+        return (*self.dataset.to_item(image, mask, index), np.asarray(image))
 
 
 def collate_with_originals(items) -> tuple[Batch, list[np.ndarray]]:
@@ -363,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     content, model_path, weights = read_model(args.model, args.weights)
     paths = collect_inputs(args.input)
     prepare_output(args.output, args.save_masks)
-    model = build(content, model_path, weights, resolve_device(args.device))
+    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"))
     threshold = args.threshold if args.threshold is not None else model.threshold
     if args.threshold is not None:
         log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)

@@ -20,7 +20,7 @@ from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
-from utils.cli import at_least, run_main, unit_interval
+from utils.cli import at_least, pick_device, prove_writable, run_main, unit_interval
 from utils.model_io import ModelFileError, atomic_write
 from utils.plotting import plot_class_results
 
@@ -100,20 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
     """Backbone, statistics and Mahalanobis devices; a GPU request without CUDA falls back with a warning."""
-    cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        log.warning("--device cuda but no CUDA device: using the CPU")
-    backbone = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
-
-    def gpu_if(flag: bool, name: str) -> torch.device:
-        if flag and not cuda:
-            log.warning("--%s but no CUDA device: using the CPU", name)
-        return torch.device("cuda" if flag and cuda else "cpu")
-
     return {
-        "backbone": backbone,
-        "stats": gpu_if(args.stats_on_gpu, "stats_on_gpu"),
-        "mahalanobis": gpu_if(args.mahalanobis_on_gpu, "mahalanobis_on_gpu"),
+        "backbone": pick_device(args.device, "--device cuda"),
+        "stats": pick_device("cuda" if args.stats_on_gpu else "cpu", "--stats_on_gpu"),
+        "mahalanobis": pick_device("cuda" if args.mahalanobis_on_gpu else "cpu", "--mahalanobis_on_gpu"),
     }
 
 
@@ -154,12 +144,7 @@ def prepare_output(args: argparse.Namespace) -> Path:
     """Create the results folder and prove it is writable before any heavy work."""
     subdir = args.results_subdir or f"{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
     out_dir = args.base_results_dir / subdir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise DataError(f"results folder {out_dir} is not writable ({err.strerror})") from err
+    prove_writable(out_dir, "results folder", DataError)
     return out_dir
 
 

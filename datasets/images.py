@@ -164,12 +164,20 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        sample = self.samples[index]
         try:
-            image = read_rgb(sample.path)
-            mask = read_mask(sample.mask_path, image.size) if sample.mask_path else None
+            image, mask = self.decode(index)
         except ImageReadError as err:
             return None, str(err), index
+        return self.to_item(image, mask, index)
+
+    def decode(self, index: int) -> tuple[Image.Image, Image.Image | None]:
+        """The sample's RGB image and binary mask (None without a mask file); raises ImageReadError."""
+        sample = self.samples[index]
+        image = read_rgb(sample.path)
+        return image, read_mask(sample.mask_path, image.size) if sample.mask_path else None
+
+    def to_item(self, image: Image.Image, mask: Image.Image | None, index: int):
+        """Decoded pixels -> (model input tensor, bool mask tensor at the input size, index)."""
         tensor = self.image_transform(image)
         if self.augment is not None:
             tensor = self.augment(tensor)

@@ -4,10 +4,17 @@ after the atomic writes have cleaned up)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -54,3 +61,22 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
+
+
+def pick_device(wanted: str, flag: str) -> torch.device:
+    """`wanted` is "auto" (CUDA when present), "cpu" or "cuda"; CUDA asked for but absent falls back
+    to the CPU with a warning naming the flag."""
+    cuda = torch.cuda.is_available()
+    if wanted == "cuda" and not cuda:
+        log.warning("%s but no CUDA device: using the CPU", flag)
+    return torch.device("cuda" if cuda and wanted != "cpu" else "cpu")
+
+
+def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
+    """Create `folder` and write a probe file in it, so an unwritable output fails before any heavy work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise error(f"{what} {folder} is not writable ({err.strerror})") from err

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 COVARIANCE_EPSILON = 0.01
-FACTOR_CHUNK_ELEMENTS = 2**22
+CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the factorisation and of Mahalanobis
 SINGLE_THREAD_BELOW_DIMS = 256
 
 
@@ -66,7 +66,7 @@ def precision_factor_(covariance: torch.Tensor) -> torch.Tensor:
     back in the caller's float32 buffer.
     """
     positions, dims, _ = covariance.shape
-    chunk = max(1, FACTOR_CHUNK_ELEMENTS // (dims * dims))
+    chunk = max(1, CHUNK_ELEMENTS // (dims * dims))
     identity = torch.eye(dims, dtype=torch.float64, device=covariance.device)
     with _single_cpu_thread(covariance.device, dims):
         for start in range(0, positions, chunk):
@@ -102,7 +102,7 @@ def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, factor: torch.Tenso
     batch, dims, height, width = embedding.shape
     patches = positions_first(embedding.to(mean.device, torch.float32))
     distances = torch.empty(patches.shape[:2], dtype=torch.float32, device=mean.device)
-    chunk = max(1, FACTOR_CHUNK_ELEMENTS // (batch * dims))
+    chunk = max(1, CHUNK_ELEMENTS // (batch * dims))
     for start in range(0, patches.shape[0], chunk):
         stop = start + chunk
         centred = patches[start:stop] - mean[start:stop].unsqueeze(1)
