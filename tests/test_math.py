@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from utils import metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
-from utils.embedding import channel_index, embed
+from utils.embedding import channel_index, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
 from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
 
@@ -18,17 +18,22 @@ def _features(n=40, d=6, h=3, w=4, seed=0):
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(d, d))
     x = rng.normal(size=(n, h, w, d)) @ mixing + 5.0  # correlated channels, far from zero
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32)
+    return x.astype(np.float32)  # (N, H, W, D): the embedding layout
 
 
-@pytest.mark.parametrize("batch", [1, 7, 40])
-def test_streaming_statistics_equal_numpy_cov(batch):
+def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
+    """A (N, H, W, D) array as bands of `rows` grid rows, the way the pipeline hands batches over."""
+    return [(top, torch.from_numpy(x[:, top:top + rows])) for top in range(0, x.shape[1], rows)]
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 3), (7, 1), (40, 2)])
+def test_streaming_statistics_equal_numpy_cov(batch, rows):
     x = _features()
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     for start in range(0, len(x), batch):
-        acc.update(torch.from_numpy(x[start:start + batch]))
+        acc.update(_bands(x[start:start + batch], rows))
     mean, cov = acc.finalize()
-    flat = x.astype(np.float64).reshape(40, 6, 12)
+    flat = x.astype(np.float64).reshape(40, 12, 6).transpose(0, 2, 1)
     for p in range(12):
         expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
         np.testing.assert_allclose(mean[p].numpy(), flat[:, :, p].mean(0), rtol=1e-5)
@@ -37,7 +42,7 @@ def test_streaming_statistics_equal_numpy_cov(batch):
 
 def test_single_image_covariance_is_epsilon_identity():
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    acc.update(torch.from_numpy(_features(n=1)))
+    acc.update(_bands(_features(n=1), 3))
     _, cov = acc.finalize()
     np.testing.assert_allclose(cov.numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7)
 
@@ -45,37 +50,72 @@ def test_single_image_covariance_is_epsilon_identity():
 def test_batched_mahalanobis_equals_scipy_float64():
     train, test = _features(n=60, seed=1), _features(n=5, seed=2)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    acc.update(torch.from_numpy(train))
+    acc.update(_bands(train, 3))
     mean, cov = acc.finalize()
     covariance64 = cov.double().numpy().copy()
     distances = mahalanobis(torch.from_numpy(test), mean, precision_factor_(cov)).numpy()
-    flat_train = train.astype(np.float64).reshape(60, 6, 12)
+    flat_train = train.astype(np.float64).reshape(60, 12, 6).transpose(0, 2, 1)
     for b in range(5):
         for p in range(12):
             mu = flat_train[:, :, p].mean(0)
             s = np.cov(flat_train[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
             np.testing.assert_allclose(covariance64[p], s, rtol=1e-4, atol=1e-5)
-            expected = scipy_mahalanobis(test[b, :, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
+            expected = scipy_mahalanobis(test[b, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
             assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
+
+
+def test_factor_of_a_non_positive_definite_covariance_is_an_error():
+    covariance = torch.eye(300).repeat(100, 1, 1)  # 3 chunks of at most 46 matrices, shared by the worker threads
+    covariance[77, 2, 2] = -1.0
+    with pytest.raises(ValueError, match="not positive definite"):
+        precision_factor_(covariance)
+
+
+def test_bands_change_nothing_in_fit_or_maps():
+    """Band by band (2 grid rows at a time) gives the same statistics and maps as the whole grid at once."""
+    from utils.backbones import build_extractor
+    from utils.padim import Padim
+
+    extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
+    torch.manual_seed(0)
+    train, test = torch.randn(3, 6, 3, 64, 64).unbind(0), torch.randn(5, 3, 64, 64)
+    results = []
+    for band_elements in (None, 2 * 6 * 16 * 100):
+        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, band_elements=band_elements)
+        stats = model.fit(iter(train))
+        results.append((stats.mean, stats.factor, *model.anomaly_maps(test)))
+    for whole, banded in zip(*results):  # summation order differs: float32 rounding, relative to each tensor's scale
+        torch.testing.assert_close(banded, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
+    with pytest.raises(ValueError, match="covered 4 of 12"):
+        GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")).update(_bands(_features(), 1)[:1])
 
 
 def test_embedding_selects_channels_after_centred_resampling():
     torch.manual_seed(0)
     maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
     index = channel_index(12, 7, seed=5)
-    full = torch.cat([maps[0], resample_centred(maps[1], (8, 8), 2), resample_centred(maps[2], (8, 8), 4)], dim=1)
-    torch.testing.assert_close(embed(maps, index), full[:, index])
+    last = [m.permute(0, 2, 3, 1) for m in maps]
+    full = torch.cat([last[0], resample_centred(last[1], (8, 8), 2), resample_centred(last[2], (8, 8), 4)], dim=-1)
+    channels_last = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+    every_channel, all_of_the_first_map = torch.arange(12), torch.tensor([0, 1, 2, 3, 5, 9])
+    for inputs, chosen, rows in ((maps, index, None), (channels_last, index, None), (channels_last, index, 1),
+                                 (maps, index, 3), (channels_last, every_channel, 2), (maps, all_of_the_first_map, 3)):
+        bands = list(embedding_blocks(inputs, chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
+        assert [top for top, _ in bands] == list(range(0, 8, rows or 8))
+        torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), full[..., chosen])
     assert torch.equal(index, channel_index(12, 7, seed=5))
     assert not torch.equal(index, channel_index(12, 7, seed=6))
 
 
 def test_centred_resampling_puts_each_cell_on_its_centre():
     """Cell j of a stride-4 grid sits on fine index 4j; in between, values are linear; past the end, the border."""
-    coarse = torch.tensor([[0.0, 4.0, 8.0, 20.0]]).expand(4, 4)[None, None]
-    fine = resample_centred(coarse, (16, 16), 4)[0, 0]
+    coarse = torch.tensor([[0.0, 4.0, 8.0, 20.0]]).expand(4, 4)[None, :, :, None]
+    fine = resample_centred(coarse, (16, 16), 4)[0, :, :, 0]
     expected_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 14, 17, 20, 20, 20, 20], dtype=torch.float32)
     torch.testing.assert_close(fine[0], expected_row)
     torch.testing.assert_close(fine[:, 9], torch.full((16,), 11.0))
+    down_the_rows = resample_centred(coarse.transpose(1, 2)[:, :3], (12, 16), 4)[0, :, :, 0]  # 3 x 4 cells
+    torch.testing.assert_close(down_the_rows[:, 5], expected_row[:12].clamp(max=8.0))
     assert stride_ratio(224, 56) == 4 and stride_ratio(250, 63) == 4 and stride_ratio(56, 7) == 8
 
 

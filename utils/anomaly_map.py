@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.grid import resample_centred, stride_ratio
+from utils.grid import linear_weights, resample_centred, stride_ratio
 
 HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
 BLUR_SIGMA = 4.0
@@ -35,8 +35,8 @@ def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
     The definition of an anomaly map; MapOperator computes the same thing faster.
     """
     ratio = stride_ratio(size, distances.shape[-1])
-    upsampled = resample_centred(distances.unsqueeze(1), (size, size), ratio)
-    return gaussian_blur(upsampled)[:, 0]
+    upsampled = resample_centred(distances.unsqueeze(-1), (size, size), ratio)
+    return gaussian_blur(upsampled.permute(0, 3, 1, 2))[:, 0]
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,7 @@ def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> t
     """
     position = (torch.arange(length, dtype=torch.float64) + 0.5) * scale - offset
     inside = (position >= 0) & (position < size)
-    source = (position - 0.5).clamp(0, size - 1)
-    low = source.floor().long()
-    weight = (source - low).unsqueeze(1)
-    matrix = torch.zeros(length, size, dtype=torch.float64)
-    matrix.scatter_add_(1, low.unsqueeze(1), 1 - weight)
-    matrix.scatter_add_(1, (low + 1).clamp(max=size - 1).unsqueeze(1), weight)
-    return matrix * inside.unsqueeze(1)
+    return linear_weights(position - 0.5, size) * inside.unsqueeze(1)
 
 
 def to_original_resolution(amap: torch.Tensor, height: int, width: int, resize: int, cropsize: int) -> torch.Tensor:

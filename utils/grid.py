@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def stride_ratio(fine: int, coarse: int) -> int:
@@ -20,17 +19,41 @@ def stride_ratio(fine: int, coarse: int) -> int:
     return 2 ** round(math.log2(fine / coarse))
 
 
-def resample_centred(maps: torch.Tensor, size: tuple[int, int], ratio: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C, *size): output index i takes the bilinear value at source position i / ratio.
+def linear_weights(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) matrix: row i holds the linear-interpolation weights of source position positions[i].
 
-    Positions past the last source cell take the border value.
+    Positions are in source-sample units (sample k at k), clamped to [0, size - 1], so past
+    either end the border sample is repeated. One matrix per axis turns separable bilinear
+    resampling into two matmuls.
     """
-    height, width = maps.shape[-2:]
+    source = positions.clamp(0, size - 1)
+    low = source.floor().long().clamp(max=size - 1)
+    weight = (source - low).unsqueeze(1)
+    matrix = torch.zeros(len(positions), size, dtype=positions.dtype, device=positions.device)
+    matrix.scatter_add_(1, low.unsqueeze(1), 1 - weight)
+    matrix.scatter_add_(1, (low + 1).clamp(max=size - 1).unsqueeze(1), weight)
+    return matrix
 
-    def normalised(count: int, source: int) -> torch.Tensor:
-        positions = torch.arange(count, dtype=maps.dtype, device=maps.device) / ratio
-        return 2 * positions / max(source - 1, 1) - 1
 
-    rows, cols = torch.meshgrid(normalised(size[0], height), normalised(size[1], width), indexing="ij")
-    grid = torch.stack((cols, rows), dim=-1).expand(maps.shape[0], -1, -1, -1)
-    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)
+def centred_weights(count: int, source: int, ratio: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(count, source) weights of one axis: output index i takes the linear value at source position i / ratio."""
+    positions = torch.arange(count, dtype=torch.float64, device=device) / ratio
+    return linear_weights(positions, source).to(dtype)
+
+
+def resample_centred(maps: torch.Tensor, size: tuple[int, int], ratio: int, rows: slice = slice(None)) -> torch.Tensor:
+    """(B, h, w, C) -> (B, *size, C), channels last: output index i takes the bilinear value at source position i / ratio.
+
+    Channels last, because that is how the backbones' features lie in memory (channels_last)
+    and how the Gaussian reads patches (a row of C features per patch): no transposed copy.
+    Positions past the last source cell take the border value. `rows` asks for a band of
+    output rows only; it reads just the source rows that band needs.
+    """
+    batch, height, width, channels = maps.shape
+    top, bottom, _ = rows.indices(size[0])
+    first = min(top // ratio, height - 1)
+    last = min(height, (bottom - 1) // ratio + 2)
+    along_width = torch.matmul(centred_weights(size[1], width, ratio, maps.dtype, maps.device), maps[:, first:last])
+    weights = centred_weights(size[0], height, ratio, maps.dtype, maps.device)[top:bottom, first:last]
+    band = weights @ along_width.reshape(batch, last - first, size[1] * channels)
+    return band.view(batch, bottom - top, size[1], channels)
