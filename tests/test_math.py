@@ -11,7 +11,7 @@ from utils import metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
-from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
+from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, lower_triangular_inverse, mahalanobis, precision_factor_
 
 
 def _features(n=40, d=6, h=3, w=4, seed=0):
@@ -62,6 +62,15 @@ def test_batched_mahalanobis_equals_scipy_float64():
             np.testing.assert_allclose(covariance64[p], s, rtol=1e-4, atol=1e-5)
             expected = scipy_mahalanobis(test[b, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
             assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
+
+
+@pytest.mark.parametrize("dims", [5, 32, 33, 100, 150])
+def test_lower_triangular_inverse_equals_float64_inverse(dims):
+    rng = np.random.default_rng(dims)
+    lower = np.tril(rng.normal(size=(3, dims, dims)), -1) * 0.3 + np.eye(dims) * rng.uniform(1, 3, size=(3, 1, dims))
+    inverse = lower_triangular_inverse(torch.from_numpy(lower).float()).double().numpy()
+    np.testing.assert_allclose(inverse, np.linalg.inv(lower), atol=1e-5 * np.abs(np.linalg.inv(lower)).max())
+    assert not np.triu(inverse, 1).any()
 
 
 def test_factor_of_a_non_positive_definite_covariance_is_an_error():

@@ -70,21 +70,23 @@ class GaussianAccumulator:
 def precision_factor_(covariance: torch.Tensor) -> torch.Tensor:
     """W_p = L_p^-1 for every S_p = L_p L_p^T, so that d^2 = |W_p (x - mu_p)|^2; S's buffer is reused.
 
-    Factorised in float64 chunk by chunk (accuracy where it matters, memory bounded), stored
-    back in the caller's float32 buffer as W_p^T and returned as its transposed view (P, D, D)
+    Cholesky in float64 chunk by chunk (accuracy where it matters, memory bounded; the
+    covariances reach condition numbers of 1e5), the triangular inverse in float32: L's
+    condition number is only the square root of S's, and on magnetic_tile covariances
+    (Lite0, and wide_resnet50_2 with fewer images than dimensions) the distances differ from
+    an all-float64 inverse by at most 8e-7 relative, as little as storing that inverse in
+    float32 already costs (4e-7). Stored back in the caller's float32 buffer as W_p^T and returned as its transposed view (P, D, D)
     that reads as W_p: Mahalanobis multiplies by W_p^T, which is 20% faster contiguous, and
     no second (P, D, D) tensor is ever made. On the CPU the chunks go to one worker thread
     per core, each running its LAPACK calls single-threaded (see _chunk_workers).
     """
     positions, dims, _ = covariance.shape
     chunk = max(1, CHUNK_ELEMENTS // (dims * dims))
-    identity = torch.eye(dims, dtype=torch.float64, device=covariance.device)
-
     def factorise(start: int) -> None:
         lower, info = torch.linalg.cholesky_ex(covariance[start:start + chunk].double())
         if int(info.max()) > 0:
             raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
-        covariance[start:start + chunk] = torch.linalg.solve_triangular(lower, identity, upper=False).transpose(1, 2)
+        covariance[start:start + chunk] = lower_triangular_inverse(lower.float()).transpose(1, 2)
 
     starts = range(0, positions, chunk)
     if covariance.device.type != "cpu":
@@ -94,6 +96,27 @@ def precision_factor_(covariance: torch.Tensor) -> torch.Tensor:
         with _chunk_workers() as workers, ThreadPoolExecutor(workers) as pool:
             list(pool.map(factorise, starts))
     return covariance.transpose(1, 2)
+
+
+def lower_triangular_inverse(lower: torch.Tensor, smallest: int = 32) -> torch.Tensor:
+    """Batched L^-1 of lower-triangular (..., n, n) matrices, by halves.
+
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]: almost all of the work is
+    batched matmul, which runs near the CPU's peak, where a triangular solve against the
+    identity does three times the arithmetic at a lower rate (550 dims: 2x faster).
+    """
+    n = lower.shape[-1]
+    if n <= smallest:
+        identity = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, identity, upper=False)
+    half = n // 2
+    top = lower_triangular_inverse(lower[..., :half, :half], smallest)
+    bottom = lower_triangular_inverse(lower[..., half:, half:], smallest)
+    inverse = torch.zeros_like(lower)
+    inverse[..., :half, :half] = top
+    inverse[..., half:, half:] = bottom
+    inverse[..., half:, :half] = -(bottom @ (lower[..., half:, :half] @ top))
+    return inverse
 
 
 @contextmanager
