@@ -30,6 +30,7 @@ def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
 def test_streaming_statistics_equal_numpy_cov(batch, rows):
     x = _features()
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
+    acc.outer.fill_(float("nan"))  # the buffer starts uninitialised: the first batch must overwrite, not add
     for start in range(0, len(x), batch):
         acc.update(_bands(x[start:start + batch], rows))
     mean, cov = acc.finalize()
