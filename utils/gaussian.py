@@ -77,13 +77,16 @@ def precision_factor_(covariance: torch.Tensor) -> torch.Tensor:
     condition number is only the square root of S's, and on magnetic_tile covariances
     (Lite0, and wide_resnet50_2 with fewer images than dimensions) the distances differ from
     an all-float64 inverse by at most 8e-7 relative, as little as storing that inverse in
-    float32 already costs (4e-7). Stored back in the caller's float32 buffer as W_p^T and returned as its transposed view (P, D, D)
-    that reads as W_p: Mahalanobis multiplies by W_p^T, which is 20% faster contiguous, and
-    no second (P, D, D) tensor is ever made. On the CPU the chunks go to one worker thread
-    per core, each running its LAPACK calls single-threaded (see _chunk_workers).
+    float32 already costs (4e-7).
+
+    Stored back in the caller's float32 buffer as W_p^T and returned as its transposed view
+    (P, D, D) that reads as W_p: Mahalanobis multiplies by W_p^T, which is 20% faster
+    contiguous, and no second (P, D, D) tensor is ever made. On the CPU the chunks go to one
+    worker thread per core, each running its LAPACK calls single-threaded (_chunk_workers).
     """
     positions, dims, _ = covariance.shape
     chunk = max(1, CHUNK_ELEMENTS // (dims * dims))
+
     def factorise(start: int) -> None:
         lower, info = torch.linalg.cholesky_ex(covariance[start:start + chunk].double())
         if int(info.max()) > 0:
