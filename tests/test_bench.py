@@ -71,3 +71,22 @@ def test_missing_folder_is_one_line_and_an_exit_code(tmp_path, capsys):
 def test_bad_flags_are_refused(flags):
     with pytest.raises(SystemExit):
         bench.parse_args(flags)
+
+
+def test_repeat_keeps_the_fastest_of_each(texture_root, tmp_path, monkeypatch):
+    """Load on the machine only adds time: the row takes the fastest forward pass and the fastest whole pipeline."""
+    forwards = iter([3.0, 2.0, 4.0])
+    pipelines = iter([
+        {"fit_s": 4.0, "score_s": 1.0, "metrics_s": 0.1, "plots_s": 0.2},
+        {"fit_s": 2.0, "score_s": 5.0, "metrics_s": 0.3, "plots_s": 0.4},
+        {"fit_s": 2.5, "score_s": 1.5, "metrics_s": 0.5, "plots_s": 0.6},
+    ])
+    monkeypatch.setattr(bench, "forward_only", lambda *args: next(forwards))
+    monkeypatch.setattr(bench, "timed_pipeline", lambda *args: next(pipelines))
+    output = tmp_path / "bench.csv"
+    assert bench.main(["--data_path", str(texture_root / "brick"), "--backbones", "efficientnet_lite0", "--resize", "64",
+                       "--cropsize", "56", "--num_workers", "0", "--skip_memory", "--repeat", "3",
+                       "--output", str(output)]) == 0
+    row = pd.read_csv(output).iloc[0]
+    assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (2.0, 2.5, 1.5, 4.0, 0.5)
+    assert row.ratio == 2.0
