@@ -73,8 +73,8 @@ def test_bad_flags_are_refused(flags):
         bench.parse_args(flags)
 
 
-def test_repeat_keeps_the_fastest_of_each(texture_root, tmp_path, monkeypatch):
-    """Load on the machine only adds time: the row takes the fastest forward pass and the fastest whole pipeline."""
+def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
+    """The row takes the median forward pass and the pipeline run with the median total, with that run's columns."""
     forwards = iter([3.0, 2.0, 4.0])
     pipelines = iter([
         {"fit_s": 4.0, "score_s": 1.0, "metrics_s": 0.1, "plots_s": 0.2},
@@ -88,5 +88,5 @@ def test_repeat_keeps_the_fastest_of_each(texture_root, tmp_path, monkeypatch):
                        "--cropsize", "56", "--num_workers", "0", "--skip_memory", "--repeat", "3",
                        "--output", str(output)]) == 0
     row = pd.read_csv(output).iloc[0]
-    assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (2.0, 2.5, 1.5, 4.0, 0.5)
-    assert row.ratio == 2.0
+    assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (3.0, 4.0, 1.0, 5.0, 0.1)
+    assert math.isclose(row.ratio, 5.0 / 3.0, rel_tol=1e-3)
