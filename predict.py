@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import hashlib
 import logging
 import math
 import sys
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, to_original_resolution
-from utils.backbones import BACKBONES, WeightsError, build_extractor
+from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
 from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
 from utils.padim import GaussianStats, Padim
@@ -89,15 +88,6 @@ def model_file(path: Path) -> Path:
     return path / MODEL_FILENAME if path.is_dir() else path
 
 
-def _sha16(path: Path) -> str:
-    """First 16 hex digits of the file's sha256, as in the model's weights id; read in blocks, weights can be large."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def weights_argument(weights_id: str, weights_path: Path | None) -> str:
     """build_extractor's `weights` for the model's weights id; a weights file must be byte-identical to training's."""
     if weights_id.startswith("file:"):
@@ -107,7 +97,7 @@ def weights_argument(weights_id: str, weights_path: Path | None) -> str:
                                "pass that file with --weights PATH")
         if not weights_path.is_file():
             raise PredictError(f"--weights {weights_path} is not a file")
-        if _sha16(weights_path) != expected:
+        if weights_digest(weights_path) != expected:
             raise PredictError(f"--weights {weights_path} is not the file the model was trained with "
                                f"({name}, sha256 {expected}...)")
         return str(weights_path)

@@ -120,6 +120,15 @@ def _torchvision_imagenet_state(spec: BackboneSpec) -> tuple[dict[str, torch.Ten
     return state, f"imagenet:{cached.name}"
 
 
+def weights_digest(path: Path) -> str:
+    """First 16 hex digits of the file's sha256: the weights id of a state-dict file (read in blocks, it can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _file_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -129,8 +138,7 @@ def _file_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise WeightsError(f"{path}: not a loadable state dict ({err})") from err
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: holds a {type(state).__name__}, expected a state dict")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return state, f"file:{path.name}:{digest}"
+    return state, f"file:{path.name}:{weights_digest(path)}"
 
 
 def load_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, str]:
