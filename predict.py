@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
-from utils.anomaly_map import HEAT_COLORMAP, to_original_resolution
+from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
 from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
@@ -34,7 +34,6 @@ log = logging.getLogger("padim.predict")
 
 CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "error", "output_name")
 HEAT_SCALE_TOP = 2.0
-OVERLAY_ALPHA = 0.5
 
 
 class PredictError(Exception):
@@ -272,7 +271,7 @@ class OutputWriter:
         height, width = original.shape[:2]
         full = to_original_resolution(amap, height, width, self.geometry.resize, self.geometry.cropsize).numpy()
         heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
-        overlay = np.rint((1 - OVERLAY_ALPHA) * original + OVERLAY_ALPHA * heat).astype(np.uint8)
+        overlay = blend_overlay(original, heat)
         _write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
         _write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
         above = full > self.threshold

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 import predict
 import run_experiment
 from datasets.images import Geometry
-from utils.anomaly_map import input_geometry, to_original_resolution
+from utils.anomaly_map import blend_overlay, input_geometry, to_original_resolution
 from utils.backbones import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,12 @@ def read_rows(out_dir: Path) -> list[dict]:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """predict.py as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "predict.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_overlay_is_the_rounded_half_mix():
+    image = np.array([[[10, 0, 255]]], dtype=np.uint8)
+    heat = np.array([[[13, 255, 0]]], dtype=np.uint8)
+    assert blend_overlay(image, heat).tolist() == [[[12, 128, 128]]]
 
 
 def test_projection_tiny_case_by_hand():

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from utils.grid import linear_weights, resample_centred, stride_ratio
 
 HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
+OVERLAY_ALPHA = 0.5
 BLUR_SIGMA = 4.0
 BLUR_RADIUS = int(4 * BLUR_SIGMA + 0.5)
 
@@ -64,6 +66,11 @@ class MapOperator:
     def __call__(self, distances: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distances -> (B, size, size) anomaly maps."""
         return self.rows @ distances @ self.cols.T
+
+
+def blend_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 image with its (H, W, 3) uint8 heat-map colours laid over it, as every overlay the tools draw."""
+    return np.rint((1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * heat).astype(np.uint8)
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

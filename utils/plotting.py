@@ -29,7 +29,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
 from utils import metrics
-from utils.anomaly_map import HEAT_COLORMAP
+from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
 from utils.model_io import atomic_write
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DPI = 100
-OVERLAY_ALPHA = 0.5
 OUTLINE_RGB = (0, 255, 255)
 PIXEL_SAMPLE_LIMIT = 200_000
 PIXEL_SAMPLE_SEED = 0
@@ -397,7 +396,7 @@ class ImageFigure:
     def draw(self, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, title: str) -> Figure:
         """Put one image in the figure; `mask` None = no ground truth file for it."""
         coloured = self.colour_map(self.norm(heat), bytes=True)[..., :3]
-        overlay = (OVERLAY_ALPHA * coloured + (1 - OVERLAY_ALPHA) * image).astype(np.uint8)
+        overlay = blend_overlay(image, coloured)
         shown = image
         if mask is not None and mask.any():
             outline = find_boundaries(mask, mode="outer")
