@@ -14,7 +14,6 @@ numbers are those of `run_experiment.py`, not of a copy.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import multiprocessing
 import resource
@@ -38,8 +37,10 @@ import trainer  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
+from utils.cli import at_least  # noqa: E402
 from utils.embedding import channel_index  # noqa: E402
 from utils.padim import Padim  # noqa: E402
+from utils.plotting import plot_class_results  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
@@ -55,14 +56,6 @@ TARGET_METRICS_S = 15.0
 log = logging.getLogger("padim.bench")
 
 
-def _positive(text: str) -> int:
-    """argparse type: an image count of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data_path", type=Path, default=DEFAULT_DATA,
@@ -71,18 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"backbones to measure (default: {' '.join(DEFAULT_BACKBONES)}; with --quick: "
                              f"{' '.join(QUICK_BACKBONES)}); only efficientnet_lite0 loads ImageNet weights, the "
                              "others run with random weights, which cost the same")
-    parser.add_argument("--batch_size", type=_positive, default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader processes")
-    parser.add_argument("--resize", type=_positive, default=256, help="short side of the image is resized to this")
+    parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
+    parser.add_argument("--num_workers", type=at_least(0), default=2, help="DataLoader processes")
+    parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=int, default=224, help="centre crop; 0 = no crop (resize x resize)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a quick subset: {QUICK_IMAGES} train / {QUICK_IMAGES} test images, "
                              f"{' and '.join(QUICK_BACKBONES)} unless --backbones/--max_* say otherwise")
-    parser.add_argument("--max_train", type=_positive,
+    parser.add_argument("--max_train", type=at_least(1),
                         help="at most this many training images per class (fit and hold-out shares kept), spread evenly")
-    parser.add_argument("--max_test", type=_positive,
+    parser.add_argument("--max_test", type=at_least(1),
                         help="at most this many test images per class, spread evenly so every defect type stays")
-    parser.add_argument("--repeat", type=_positive, default=1,
+    parser.add_argument("--repeat", type=at_least(1), default=1,
                         help="time forward-only and pipeline this many times, alternating, and report the median of "
                              "each (the run with the median total for the pipeline's columns): with the loader's "
                              "workers sharing the cores, single timings of the same code spread by 10-20%%")
@@ -97,8 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cropsize < 0 or args.cropsize > args.resize:
         parser.error(f"--cropsize must be in 0..--resize ({args.resize}), got {args.cropsize}")
-    if args.num_workers < 0:
-        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.quick:
         args.max_train = args.max_train or QUICK_IMAGES
         args.max_test = args.max_test or QUICK_IMAGES
@@ -166,7 +157,7 @@ def warm_file_cache(split: ClassSplit) -> None:
             sample.mask_path.read_bytes()
 
 
-def warm_up(extractor, split: ClassSplit, pargs: argparse.Namespace, device: torch.device) -> None:
+def warm_up(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> None:
     """One untimed forward per batch size the loaders will yield (full batches and each set's remainder).
 
     oneDNN builds its kernels for each new input shape (0.1-0.5 s each): without this, the
@@ -178,29 +169,21 @@ def warm_up(extractor, split: ClassSplit, pargs: argparse.Namespace, device: tor
     sizes |= {len(samples) % pargs.batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
     for size in sorted(sizes):
         images = first.repeat(-(-size // len(first)), 1, 1, 1)[:size]
-        extractor(images.to(device).contiguous(memory_format=torch.channels_last))
-    synchronize(device)
+        model.features(images)
+    synchronize(model.device)
 
 
-def forward_only(extractor, split: ClassSplit, pargs: argparse.Namespace, device: torch.device) -> float:
-    """Seconds of the lower bound: the fit, hold-out and test loaders of the pipeline, the extractor alone."""
+def forward_only(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
+    """Seconds of the lower bound: the fit, hold-out and test loaders of the pipeline, the backbone alone
+    (Padim.features, the very call the pipeline makes)."""
     geometry = Geometry(pargs.resize, pargs.cropsize)
     skipped: list[str] = []
     start = time.perf_counter()
     for samples in (split.fit, split.holdout, split.test):
         for batch in trainer._batches(trainer._loader(samples, geometry, pargs), "forward", skipped):
-            extractor(batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-    synchronize(device)
+            model.features(batch.images)
+    synchronize(model.device)
     return time.perf_counter() - start
-
-
-def plot_function():
-    """utils.plotting.plot_class_results, or None while that module does not exist yet."""
-    try:
-        return importlib.import_module("utils.plotting").plot_class_results
-    except ImportError as err:
-        log.warning("plot timing skipped: %s", err)
-        return None
 
 
 def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> dict:
@@ -214,13 +197,10 @@ def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devi
     scoring_done = time.perf_counter()
     result = trainer.evaluate(scored, threshold, split.name, split.has_ground_truth)
     metrics_done = time.perf_counter()
-    plot = plot_function()
-    plots_s = float("nan")
-    if plot is not None:
-        with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
-            plots_start = time.perf_counter()
-            plot(result, Path(out_dir), max_visualizations=pargs.max_visualizations)
-            plots_s = time.perf_counter() - plots_start
+    with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
+        plots_start = time.perf_counter()
+        plot_class_results(result, Path(out_dir), max_visualizations=pargs.max_visualizations)
+        plots_s = time.perf_counter() - plots_start
     return {
         "fit_s": fitted - start,
         "score_s": scoring_done - fitted,
@@ -291,10 +271,11 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
         n_train, n_test = len(split.fit) + len(split.holdout), len(split.test)
         log.info("%s / %s: %d train, %d test images", backbone, split.name, n_train, n_test)
         warm_file_cache(split)
-        warm_up(extractor, split, pargs, devices["backbone"])
+        backbone_only = new_model(extractor, pargs, devices)
+        warm_up(backbone_only, split, pargs)
         forwards, attempts = [], []
         for _ in range(args.repeat):
-            forwards.append(forward_only(extractor, split, pargs, devices["backbone"]))
+            forwards.append(forward_only(backbone_only, split, pargs))
             attempts.append(timed_pipeline(extractor, split, pargs, devices))
         forward_s = float(np.median(forwards))
         times = sorted(attempts, key=lambda attempt: attempt["fit_s"] + attempt["score_s"])[len(attempts) // 2]

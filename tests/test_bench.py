@@ -22,7 +22,7 @@ def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
     row = table.iloc[0]
     assert (row.backbone, row.class_name, row.weights) == ("efficientnet_lite0", "brick", "imagenet")
     assert (row.n_train, row.n_test) == (24, 14)
-    assert row.forward_s > 0 and row.fit_s > 0 and row.score_s > 0 and row.metrics_s > 0
+    assert row.forward_s > 0 and row.fit_s > 0 and row.score_s > 0 and row.metrics_s > 0 and row.plots_s > 0
     # the CSV keeps 4 significant digits, hence the tolerance
     assert math.isclose(row.pipeline_s, row.fit_s + row.score_s, rel_tol=1e-2)
     assert math.isclose(row.ratio, row.pipeline_s / row.forward_s, rel_tol=1e-2)
@@ -67,7 +67,8 @@ def test_missing_folder_is_one_line_and_an_exit_code(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--cropsize", "300"], ["--max_train", "0"], ["--backbones", "vgg"]])
+@pytest.mark.parametrize("flags", [["--cropsize", "300"], ["--max_train", "0"], ["--backbones", "vgg"],
+                                   ["--num_workers", "-1"], ["--repeat", "0"]])
 def test_bad_flags_are_refused(flags):
     with pytest.raises(SystemExit):
         bench.parse_args(flags)
