@@ -27,8 +27,9 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
 from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
-from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model
-from utils.padim import GaussianStats, Padim
+from utils.gaussian import TriangularBlocks
+from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content
+from utils.padim import Padim
 
 log = logging.getLogger("padim.predict")
 
@@ -127,8 +128,9 @@ def check_content(content: dict, path: Path) -> None:
     if index.numel() == 0 or int(index.max()) >= spec.dims or int(index.min()) < 0:
         raise PredictError(f"{path}: channel index does not fit {name}'s {spec.dims} channels")
     mean, factor = content["mean"], content["precision_factor"]
-    if not (isinstance(mean, torch.Tensor) and isinstance(factor, torch.Tensor)
-            and mean.shape == (positions, dims) and factor.shape == (positions, dims, dims)):
+    if not (isinstance(mean, torch.Tensor) and mean.shape == (positions, dims) and isinstance(factor, list)
+            and all(isinstance(block, torch.Tensor) for block in factor)
+            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False)):
         raise PredictError(f"{path}: statistics shapes do not match grid {content['grid']} and {dims} channels")
     threshold = content["threshold"]
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
@@ -154,7 +156,7 @@ def build(content: dict, path: Path, weights: str, device: torch.device) -> Load
     geometry = Geometry(content["resize"], content["cropsize"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
     padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device)
-    padim.use(GaussianStats(content["mean"], content["precision_factor"], tuple(content["grid"]), content["n_train"]))
+    padim.use(stats_from_content(content))
     log.info("model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s", path,
              content["class_name"], content["backbone"], weights_id, geometry.resize, geometry.cropsize,
              content["threshold"], content["threshold_provenance"].get("source", "?"))

@@ -24,8 +24,9 @@ from datasets.split import ClassSplit, DataError
 from utils import metrics
 from utils.backbones import FeatureExtractor
 from utils.embedding import channel_index
-from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, save_model, training_fingerprint
-from utils.padim import GaussianStats, Padim
+from utils.model_io import (MODEL_FILENAME, ModelFileError, atomic_write, load_model, save_model, stats_content,
+                            stats_from_content, training_fingerprint)
+from utils.padim import Padim
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geom
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
     cached = _cached_model(model_path, identity) if args.save_distribution else None
     if cached is not None:
-        model.use(GaussianStats(cached["mean"], cached["precision_factor"], tuple(cached["grid"]), cached["n_train"]))
+        model.use(stats_from_content(cached))
         return cached["threshold"], cached["threshold_provenance"], 0
     augment = build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob) if args.augmentations_enabled else None
     skipped: list[str] = []
@@ -192,10 +193,7 @@ def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geom
             "channel_index": model.index,
             "normalization_mean": list(IMAGENET_MEAN),
             "normalization_std": list(IMAGENET_STD),
-            "mean": stats.mean.cpu(),
-            "precision_factor": stats.factor.cpu(),
-            "grid": list(stats.grid),
-            "n_train": stats.count,
+            **stats_content(stats),
             "threshold": threshold,
             "threshold_provenance": provenance,
             "class_name": split.name,

@@ -11,7 +11,8 @@ from utils import metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
-from utils.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, lower_triangular_inverse, mahalanobis, precision_factor_
+from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, block_edges, lower_triangular_inverse,
+                            mahalanobis, precision_factor_)
 
 
 def _features(n=40, d=6, h=3, w=4, seed=0):
@@ -19,6 +20,12 @@ def _features(n=40, d=6, h=3, w=4, seed=0):
     mixing = rng.normal(size=(d, d))
     x = rng.normal(size=(n, h, w, d)) @ mixing + 5.0  # correlated channels, far from zero
     return x.astype(np.float32)  # (N, H, W, D): the embedding layout
+
+
+def _symmetric(lower_blocks: TriangularBlocks, dtype=None) -> torch.Tensor:
+    """The symmetric matrices whose lower half the blocks hold."""
+    half = lower_blocks.dense(dtype)
+    return half.tril() + half.tril(-1).transpose(1, 2)
 
 
 def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
@@ -30,10 +37,12 @@ def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
 def test_streaming_statistics_equal_numpy_cov(batch, rows):
     x = _features()
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    acc.outer.fill_(float("nan"))  # the buffer starts uninitialised: the first batch must overwrite, not add
+    for block in acc.outer.blocks:  # the buffers start uninitialised: the first batch must overwrite, not add
+        block.fill_(float("nan"))
     for start in range(0, len(x), batch):
         acc.update(_bands(x[start:start + batch], rows))
-    mean, cov = acc.finalize()
+    mean, blocks = acc.finalize()
+    cov = _symmetric(blocks)
     flat = x.astype(np.float64).reshape(40, 12, 6).transpose(0, 2, 1)
     for p in range(12):
         expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
@@ -45,7 +54,7 @@ def test_single_image_covariance_is_epsilon_identity():
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     acc.update(_bands(_features(n=1), 3))
     _, cov = acc.finalize()
-    np.testing.assert_allclose(cov.numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7)
+    np.testing.assert_allclose(_symmetric(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7)
 
 
 def test_batched_mahalanobis_equals_scipy_float64():
@@ -53,7 +62,7 @@ def test_batched_mahalanobis_equals_scipy_float64():
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     acc.update(_bands(train, 3))
     mean, cov = acc.finalize()
-    covariance64 = cov.double().numpy().copy()
+    covariance64 = _symmetric(cov, torch.float64).numpy()
     distances = mahalanobis(torch.from_numpy(test), mean, precision_factor_(cov)).numpy()
     flat_train = train.astype(np.float64).reshape(60, 12, 6).transpose(0, 2, 1)
     for b in range(5):
@@ -63,6 +72,54 @@ def test_batched_mahalanobis_equals_scipy_float64():
             np.testing.assert_allclose(covariance64[p], s, rtol=1e-4, atol=1e-5)
             expected = scipy_mahalanobis(test[b, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
             assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
+
+
+def test_block_edges_mirror_so_the_factor_fits_the_covariance_blocks():
+    for dims in range(1, 700):
+        edges = block_edges(dims)
+        assert edges[0] == 0 and edges[-1] == dims and all(a < b for a, b in zip(edges, edges[1:]))
+        assert [a + b for a, b in zip(edges, reversed(edges))] == [dims] * len(edges)
+        assert TriangularBlocks.shapes(5, dims, lower=True)[::-1] == TriangularBlocks.shapes(5, dims, lower=False)
+    assert block_edges(550) == [0, 183, 367, 550]
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_triangular_blocks_hold_one_triangle(lower):
+    matrices = torch.randn(4, 7, 7, dtype=torch.float64)
+    triangle = matrices.tril() if lower else matrices.triu()
+    blocks = TriangularBlocks.from_dense(triangle, lower)
+    assert [tuple(block.shape) for block in blocks.blocks] == TriangularBlocks.shapes(4, 7, lower)
+    torch.testing.assert_close(blocks.dense(), triangle, rtol=0, atol=0)
+    torch.testing.assert_close(blocks[1:3].dense(), triangle[1:3], rtol=0, atol=0)
+
+
+def test_cholesky_reads_only_the_lower_triangle():
+    """precision_factor_ hands Cholesky matrices whose upper triangle was never written."""
+    rng = np.random.default_rng(4)
+    samples = rng.normal(size=(3, 50, 20))
+    covariance = torch.from_numpy(samples.transpose(0, 2, 1) @ samples)
+    with_garbage = covariance.tril() + torch.full_like(covariance, float("nan")).triu(1)
+    torch.testing.assert_close(torch.linalg.cholesky_ex(with_garbage)[0], torch.linalg.cholesky(covariance), rtol=0, atol=0)
+
+
+def test_factor_in_three_blocks_whitens_like_float64():
+    """401 dims (3 blocks): W^T and the distances against numpy's float64 Cholesky and solve."""
+    rng = np.random.default_rng(3)
+    samples = rng.normal(size=(4, 900, 401)) * np.geomspace(0.05, 20, 401)  # channels of very different scales
+    centred = samples - samples.mean(axis=1, keepdims=True)
+    covariance = centred.transpose(0, 2, 1) @ centred / 899 + COVARIANCE_EPSILON * np.eye(401)
+    blocks = TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=True)
+    memory = {block.data_ptr() for block in blocks.blocks}
+    factor = precision_factor_(blocks)
+    assert len(factor.blocks) == 3 and {block.data_ptr() for block in factor.blocks} == memory  # no second copy
+    expected = np.linalg.inv(np.linalg.cholesky(covariance)).transpose(0, 2, 1)
+    np.testing.assert_allclose(factor.dense().double().numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    points = rng.normal(size=(3, 2, 2, 401)) * np.geomspace(0.05, 20, 401)  # (B, H, W, D), P = 4 positions
+    mean = rng.normal(size=(4, 401))
+    distances = mahalanobis(torch.from_numpy(points).float(), torch.from_numpy(mean).float(), factor).double().numpy()
+    offsets = points.reshape(3, 4, 401) - mean
+    reference = np.sqrt(np.einsum("bpd,bpd->bp", offsets, np.linalg.solve(covariance, offsets.transpose(1, 2, 0)).transpose(2, 0, 1)))
+    np.testing.assert_allclose(distances.reshape(3, 4), reference, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dims", [5, 32, 33, 100, 150])
@@ -78,7 +135,7 @@ def test_factor_of_a_non_positive_definite_covariance_is_an_error():
     covariance = torch.eye(300).repeat(100, 1, 1)  # 3 chunks of at most 46 matrices, shared by the worker threads
     covariance[77, 2, 2] = -1.0
     with pytest.raises(ValueError, match="not positive definite"):
-        precision_factor_(covariance)
+        precision_factor_(TriangularBlocks.from_dense(covariance, lower=True))
 
 
 def test_bands_change_nothing_in_fit_or_maps():
@@ -93,7 +150,7 @@ def test_bands_change_nothing_in_fit_or_maps():
     for band_elements in (None, 2 * 6 * 16 * 100):
         model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, band_elements=band_elements)
         stats = model.fit(iter(train))
-        results.append((stats.mean, stats.factor, *model.anomaly_maps(test)))
+        results.append((stats.mean, stats.factor.dense(), *model.anomaly_maps(test)))
     for whole, banded in zip(*results):  # summation order differs: float32 rounding, relative to each tensor's scale
         torch.testing.assert_close(banded, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
     with pytest.raises(ValueError, match="covered 4 of 12"):

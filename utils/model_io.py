@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 from datasets.images import Sample
+from utils.gaussian import TriangularBlocks
+from utils.padim import GaussianStats
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 2  # 2: centre-aligned resampling (utils.grid); statistics of version 1 mean something else
+MODEL_FORMAT_VERSION = 3  # 3: precision factor as a list of upper blocks (utils.gaussian.TriangularBlocks)
+# 2: centre-aligned resampling (utils.grid); statistics of version 1 mean something else
 MODEL_FILENAME = "padim_model.pt"
 REQUIRED_KEYS = {
     "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
@@ -50,6 +53,18 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def stats_content(stats: GaussianStats) -> dict:
+    """The model file's entries for the fitted Gaussian, on the CPU."""
+    return {"mean": stats.mean.cpu(), "precision_factor": stats.factor.to("cpu").blocks,
+            "grid": list(stats.grid), "n_train": stats.count}
+
+
+def stats_from_content(content: dict) -> GaussianStats:
+    """The fitted Gaussian back from a loaded model file's entries (stats_content's inverse)."""
+    factor = TriangularBlocks(list(content["precision_factor"]), lower=False)
+    return GaussianStats(content["mean"], factor, tuple(content["grid"]), content["n_train"])
 
 
 def save_model(path: Path, content: dict) -> None:

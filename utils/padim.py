@@ -12,15 +12,15 @@ import torch
 from utils.anomaly_map import MapOperator, image_scores
 from utils.backbones import FeatureExtractor
 from utils.embedding import embedding_blocks
-from utils.gaussian import CHUNK_ELEMENTS, GaussianAccumulator, mahalanobis, precision_factor_
+from utils.gaussian import CHUNK_ELEMENTS, GaussianAccumulator, TriangularBlocks, mahalanobis, precision_factor_
 
 
 @dataclass
 class GaussianStats:
-    """The fitted distribution: mean (P, D), precision factor (P, D, D), grid (h, w), N images."""
+    """The fitted distribution: mean (P, D), precision factor (upper blocks of P (D, D)), grid (h, w), N images."""
 
     mean: torch.Tensor
-    factor: torch.Tensor
+    factor: TriangularBlocks
     grid: tuple[int, int]
     count: int
 
