@@ -192,7 +192,8 @@ def lower_triangular_inverse(lower: torch.Tensor, smallest: int = 32) -> torch.T
 
     [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]: almost all of the work is
     batched matmul, which runs near the CPU's peak, where a triangular solve against the
-    identity does three times the arithmetic at a lower rate (550 dims: 2x faster).
+    identity does three times the arithmetic at a lower rate (550 dims: 2x faster). Both
+    products have a triangular factor, whose zero quarter is skipped (_times_lower).
     """
     n = lower.shape[-1]
     if n <= smallest:
@@ -204,8 +205,26 @@ def lower_triangular_inverse(lower: torch.Tensor, smallest: int = 32) -> torch.T
     inverse = torch.zeros_like(lower)
     inverse[..., :half, :half] = top
     inverse[..., half:, half:] = bottom
-    inverse[..., half:, :half] = -(bottom @ (lower[..., half:, :half] @ top))
+    inverse[..., half:, :half] = _lower_times(bottom, _times_lower(lower[..., half:, :half], top)).neg_()
     return inverse
+
+
+def _times_lower(matrix: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """matrix @ lower, skipping the lower-triangular factor's zero upper-right quarter: 3/4 of the work."""
+    half = lower.shape[-1] // 2
+    product = torch.empty(*matrix.shape[:-1], lower.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    product[..., :half] = matrix @ lower[..., :half]
+    product[..., half:] = matrix[..., half:] @ lower[..., half:, half:]
+    return product
+
+
+def _lower_times(lower: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """lower @ matrix, skipping the lower-triangular factor's zero upper-right quarter: 3/4 of the work."""
+    half = lower.shape[-1] // 2
+    product = torch.empty(*lower.shape[:-1], matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    product[..., :half, :] = lower[..., :half, :half] @ matrix[..., :half, :]
+    product[..., half:, :] = lower[..., half:, :] @ matrix
+    return product
 
 
 @contextmanager
