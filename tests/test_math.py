@@ -33,9 +33,10 @@ def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
     return [(top, torch.from_numpy(x[:, top:top + rows])) for top in range(0, x.shape[1], rows)]
 
 
-@pytest.mark.parametrize("batch, rows", [(1, 3), (7, 1), (40, 2)])
+@pytest.mark.parametrize("batch, rows", [(1, 3), (7, 1), (40, 2), (100, 3)])
 def test_streaming_statistics_equal_numpy_cov(batch, rows):
-    x = _features()
+    """150 images: staged and added several times (STAGED_IMAGES = 64), a batch larger than that too."""
+    x = _features(n=150)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     for block in acc.outer.blocks:  # the buffers start uninitialised: the first batch must overwrite, not add
         block.fill_(float("nan"))
@@ -43,7 +44,7 @@ def test_streaming_statistics_equal_numpy_cov(batch, rows):
         acc.update(_bands(x[start:start + batch], rows))
     mean, blocks = acc.finalize()
     cov = _symmetric(blocks)
-    flat = x.astype(np.float64).reshape(40, 12, 6).transpose(0, 2, 1)
+    flat = x.astype(np.float64).reshape(150, 12, 6).transpose(0, 2, 1)
     for p in range(12):
         expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
         np.testing.assert_allclose(mean[p].numpy(), flat[:, :, p].mean(0), rtol=1e-5)
