@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from benchmarks import bench
+from benchmarks import bench, gaussian_steps
 
 
 def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
@@ -91,3 +91,16 @@ def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
     row = pd.read_csv(output).iloc[0]
     assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (3.0, 4.0, 1.0, 5.0, 0.1)
     assert math.isclose(row.ratio, 5.0 / 3.0, rel_tol=1e-3)
+
+
+def test_gaussian_steps_prints_the_median_of_its_runs(capsys):
+    """benchmarks/gaussian_steps.py on a tiny shape (odd dims: 3 blocks; several staged additions)."""
+    assert gaussian_steps.main(["--dims", "7", "--grid", "5", "--batch_size", "30", "--fit_batches", "5",
+                                "--score_batches", "2", "--repeat", "3"]) == 0
+    header, columns, values = capsys.readouterr().out.strip().splitlines()
+    assert "7 dims, 5x5 grid, batch 30, 5 fit / 2 scoring batches, median of 3" in header
+    runs = [float(value) for value in header.split("each run: ")[1].rstrip(" s)").split(", ")]
+    row = dict(zip(columns.split(), map(float, values.split())))
+    assert list(row) == ["fit_s", "factor_s", "mahalanobis_s", "total_s"] and len(runs) == 3
+    assert all(value >= 0 for value in row.values()) and row["total_s"] == pytest.approx(sorted(runs)[1], abs=1e-3)
+    assert row["total_s"] > 0

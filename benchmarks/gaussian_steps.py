@@ -1,0 +1,85 @@
+"""Seconds of PaDiM's Gaussian steps alone, on random embeddings of a backbone's shape.
+
+bench.py's ratio mixes these steps with the forward pass and data loading, whose spread
+between runs (10-20% on 2 cores) hides a change of a second or two. This times only
+utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
+GaussianAccumulator (in bands of grid rows, as Padim hands them over), finalize and the
+precision factor, then `--score_batches` batches through mahalanobis. The defaults are
+wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
+batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from utils.cli import at_least, pick_device  # noqa: E402
+from utils.embedding import embedding_blocks  # noqa: E402
+from utils.gaussian import CHUNK_ELEMENTS, GaussianAccumulator, mahalanobis, precision_factor_  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dims", type=at_least(1), default=550, help="embedding dimensions D")
+    parser.add_argument("--grid", type=at_least(1), default=56, help="grid side: H = W")
+    parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per batch")
+    parser.add_argument("--fit_batches", type=at_least(1), default=22, help="batches accumulated")
+    parser.add_argument("--score_batches", type=at_least(1), default=22, help="batches scored")
+    parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the median of each column is printed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the statistics live")
+    return parser
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
+    """One run: fit (accumulate + finalize), factor, scoring; seconds of each."""
+    every_channel = torch.arange(args.dims, device=device)
+    feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
+    start = time.perf_counter()
+    accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
+    for _ in range(args.fit_batches):
+        accumulator.update(embedding_blocks([feature_map], every_channel, CHUNK_ELEMENTS))
+    mean, covariance = accumulator.finalize()
+    synchronize(device)
+    fitted = time.perf_counter()
+    factor = precision_factor_(covariance)
+    synchronize(device)
+    factored = time.perf_counter()
+    for _ in range(args.score_batches):
+        for top, band in embedding_blocks([feature_map], every_channel, CHUNK_ELEMENTS):
+            positions = slice(top * args.grid, (top + band.shape[1]) * args.grid)
+            mahalanobis(band, mean[positions], factor[positions])
+    synchronize(device)
+    scored = time.perf_counter()
+    return {"fit_s": fitted - start, "factor_s": factored - fitted, "mahalanobis_s": scored - factored}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device, "--device")
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(args.batch_size, args.grid, args.grid, args.dims, generator=generator).to(device)
+    runs = pd.DataFrame([time_steps(embedding, args, device) for _ in range(args.repeat)])
+    runs["total_s"] = runs.sum(axis=1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}, {args.dims} dims, "
+          f"{args.grid}x{args.grid} grid, batch {args.batch_size}, {args.fit_batches} fit / {args.score_batches} "
+          f"scoring batches, median of {args.repeat} (each run: {', '.join(f'{v:.3f}' for v in runs.total_s)} s)")
+    print(runs.median().to_frame().T.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
