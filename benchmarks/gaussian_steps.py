@@ -22,9 +22,11 @@ if str(ROOT) not in sys.path:
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.bench import synchronize  # noqa: E402
 from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
-from utils.gaussian import CHUNK_ELEMENTS, GaussianAccumulator, mahalanobis, precision_factor_  # noqa: E402
+from utils.gaussian import (CHUNK_ELEMENTS, GaussianAccumulator, band_positions, mahalanobis,  # noqa: E402
+                            precision_factor_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the median of each column is printed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the statistics live")
     return parser
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
@@ -60,7 +57,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     factored = time.perf_counter()
     for _ in range(args.score_batches):
         for top, band in embedding_blocks([feature_map], every_channel, CHUNK_ELEMENTS):
-            positions = slice(top * args.grid, (top + band.shape[1]) * args.grid)
+            positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
     synchronize(device)
     scored = time.perf_counter()

@@ -99,6 +99,12 @@ def positions_first(embedding: torch.Tensor) -> torch.Tensor:
     return embedding.flatten(1, 2).transpose(0, 1)
 
 
+def band_positions(top: int, band: torch.Tensor) -> slice:
+    """The grid positions (row-major) of a band (B, rows, W, D) whose first grid row is `top`."""
+    width = band.shape[2]
+    return slice(top * width, (top + band.shape[1]) * width)
+
+
 class GaussianAccumulator:
     """One streaming pass of sums over the training embeddings; memory independent of N.
 
@@ -115,7 +121,6 @@ class GaussianAccumulator:
         self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)
         # written by the first addition: no separate pass to zero 2.5 GB for wide_resnet50_2
         self.outer = TriangularBlocks.empty(positions, dims, lower=True, dtype=torch.float32, device=device)
-        self.added = False
         self.staged: torch.Tensor | None = None  # (P, capacity, D) centred embeddings not yet in `outer`
         self.staged_images = 0
 
@@ -124,7 +129,7 @@ class GaussianAccumulator:
         covered, batch = 0, 0
         for top, band in bands:
             x = positions_first(band.to(self.sum.device, torch.float32))
-            positions = slice(top * band.shape[2], top * band.shape[2] + x.shape[0])
+            positions = band_positions(top, band)
             if covered == 0:
                 batch = x.shape[1]
                 self._make_room(batch)
@@ -151,12 +156,12 @@ class GaussianAccumulator:
         """outer += X^T X over the staged images, position chunk by chunk (lower blocks only)."""
         positions, images, dims = self.staged.shape[0], self.staged_images, self.staged.shape[2]
         chunk = max(1, CHUNK_ELEMENTS // (images * dims))
+        beta = 0.0 if self.count == images else 1.0  # the first addition overwrites the uninitialised blocks
         for start in range(0, positions, chunk):
             rows = slice(start, start + chunk)
             x = self.staged[rows, :images]
             for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
-                block[rows].baddbmm_(x[..., first:].transpose(1, 2), x[..., first:stop], beta=1.0 if self.added else 0.0)
-        self.added = True
+                block[rows].baddbmm_(x[..., first:].transpose(1, 2), x[..., first:stop], beta=beta)
         self.staged_images = 0
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, TriangularBlocks]:

@@ -12,7 +12,8 @@ import torch
 from utils.anomaly_map import MapOperator, image_scores
 from utils.backbones import FeatureExtractor
 from utils.embedding import embedding_blocks
-from utils.gaussian import CHUNK_ELEMENTS, GaussianAccumulator, TriangularBlocks, mahalanobis, precision_factor_
+from utils.gaussian import (CHUNK_ELEMENTS, GaussianAccumulator, TriangularBlocks, band_positions, mahalanobis,
+                            precision_factor_)
 
 
 @dataclass
@@ -71,11 +72,9 @@ class Padim:
 
     def anomaly_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, S, S), scores (B,)) on the CPU, S = model input size."""
-        height, width = self.stats.grid
-        distances = torch.empty(len(images), height, width, device=self.mahalanobis_device)
+        distances = torch.empty(len(images), *self.stats.grid, device=self.mahalanobis_device)
         for top, band in self.bands(self.features(images)):
-            rows = slice(top, top + band.shape[1])
-            positions = slice(rows.start * width, rows.stop * width)
-            distances[:, rows] = mahalanobis(band, self.stats.mean[positions], self.stats.factor[positions])
+            positions = band_positions(top, band)
+            distances[:, top:top + band.shape[1]] = mahalanobis(band, self.stats.mean[positions], self.stats.factor[positions])
         maps = self.map_operator(distances).cpu()
         return maps, image_scores(maps)
