@@ -197,6 +197,12 @@ def _broken_model(kind: str, trained: Trained, folder: Path, marker: Path) -> Pa
         torch.save([1, 2, 3], path)
     elif kind == "unknown_backbone":
         torch.save({**_real_content(trained), "backbone": "vgg99"}, path)
+    elif kind == "factor_blocks_wrong":
+        content = _real_content(trained)
+        torch.save({**content, "precision_factor": content["precision_factor"][:1]}, path)
+    elif kind == "factor_dense":  # version 2's layout under a version 3 label
+        content = _real_content(trained)
+        torch.save({**content, "precision_factor": torch.zeros(196, 100, 100)}, path)
     elif kind == "malicious_torch":
         torch.save({"format": "padim-suite-model", "payload": MarkerPayload(marker)}, path)
     elif kind == "malicious_pickle":
@@ -211,6 +217,8 @@ BROKEN = {
     "old_format": "format version 0",
     "not_a_dict": "not a PaDiM suite model file",
     "unknown_backbone": "'vgg99' is unknown",
+    "factor_blocks_wrong": "statistics shapes do not match",
+    "factor_dense": "statistics shapes do not match",
     "malicious_torch": "refused",
     "malicious_pickle": "refused",
 }
