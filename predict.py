@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -297,7 +298,8 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
                  args: argparse.Namespace) -> list[dict]:
     """One CSV row per path: score and outputs for readable images, the reason for the others.
 
-    At most one batch's files are in flight, so memory stays bounded by two batches of images.
+    The model scores a group of batches at once (Padim.stream_anomaly_maps) and at most one
+    batch's files are in flight, so memory stays bounded by that group and one batch of images.
     """
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
@@ -306,19 +308,23 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
                         pin_memory=model.padim.device.type == "cuda")
     write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table())
     in_flight: list[tuple[int, Future]] = []
-    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
+
+    def readable_batches(bar: tqdm) -> Iterator[tuple[tuple[Batch, list], torch.Tensor]]:
         for batch, originals in loader:
             for index, reason in batch.failures:
                 log.warning("skipped %s", reason)
                 rows[index]["error"] = reason.removeprefix(f"{paths[index]}: ")
-            if batch.indices:
-                maps, scores = model.padim.anomaly_maps(batch.images)
-                _finish(in_flight, rows, names)
-                in_flight = [(index, writer.submit(write, amap, original, names[index]))
-                             for index, amap, original in zip(batch.indices, maps, originals)]
-                for index, score in zip(batch.indices, scores.numpy()):
-                    rows[index].update(score=_number(float(score)), is_anomalous=str(bool(score > threshold)))
             bar.update(len(batch.indices) + len(batch.failures))
+            if batch.indices:
+                yield (batch, originals), batch.images
+
+    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
+        for (batch, originals), maps, scores in model.padim.stream_anomaly_maps(readable_batches(bar)):
+            _finish(in_flight, rows, names)
+            in_flight = [(index, writer.submit(write, amap, original, names[index]))
+                         for index, amap, original in zip(batch.indices, maps, originals)]
+            for index, score in zip(batch.indices, scores.numpy()):
+                rows[index].update(score=_number(float(score)), is_anomalous=str(bool(score > threshold)))
         _finish(in_flight, rows, names)
     return rows
 

@@ -108,8 +108,8 @@ def score_samples(model: Padim, samples: list[Sample], geometry: Geometry, args:
     """Anomaly maps and scores of every readable sample (maps, masks and images only when asked)."""
     skipped: list[str] = []
     kept, scores, maps, masks, images = [], [], [], [], []
-    for batch in _batches(_loader(samples, geometry, args), description, skipped):
-        batch_maps, batch_scores = model.anomaly_maps(batch.images)
+    batches = ((batch, batch.images) for batch in _batches(_loader(samples, geometry, args), description, skipped))
+    for batch, batch_maps, batch_scores in model.stream_anomaly_maps(batches):
         kept.extend(samples[i] for i in batch.indices)
         scores.append(batch_scores.numpy())
         if keep_maps:

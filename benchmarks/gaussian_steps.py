@@ -4,7 +4,8 @@ bench.py's ratio mixes these steps with the forward pass and data loading, whose
 between runs (10-20% on 2 cores) hides a change of a second or two. This times only
 utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
 GaussianAccumulator (in bands of grid rows, as Padim hands them over), finalize and the
-precision factor, then `--score_batches` batches through mahalanobis. The defaults are
+precision factor, then `--score_batches` batches through mahalanobis, as many at once as
+Padim scores together (STAGED_IMAGES images). The defaults are
 wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
 batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
 """
@@ -25,8 +26,8 @@ import torch  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
 from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
-from utils.gaussian import (CHUNK_ELEMENTS, GaussianAccumulator, band_positions, mahalanobis,  # noqa: E402
-                            precision_factor_)
+from utils.gaussian import (CHUNK_ELEMENTS, STAGED_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
+                            mahalanobis, precision_factor_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +49,17 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
     for _ in range(args.fit_batches):
-        accumulator.update(embedding_blocks([feature_map], every_channel, CHUNK_ELEMENTS))
+        accumulator.update(embedding_blocks([[feature_map]], every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for _ in range(args.score_batches):
-        for top, band in embedding_blocks([feature_map], every_channel, CHUNK_ELEMENTS):
+    together = -(-STAGED_IMAGES // args.batch_size)  # batches Padim scores at once
+    for first in range(0, args.score_batches, together):
+        group = [[feature_map]] * min(together, args.score_batches - first)
+        for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
     synchronize(device)

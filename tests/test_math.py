@@ -158,6 +158,28 @@ def test_bands_change_nothing_in_fit_or_maps():
         GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")).update(_bands(_features(), 1)[:1])
 
 
+def test_scoring_batches_in_groups_changes_no_map():
+    """Padim scores groups of batches in one pass (at least `scored_together` images); every batch
+    gets the maps and scores it gets alone, in order, with its key, a last smaller group too."""
+    from utils.backbones import build_extractor
+    from utils.padim import Padim
+
+    extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
+    torch.manual_seed(0)
+    train = torch.randn(3, 6, 3, 64, 64).unbind(0)
+    test = torch.randn(12, 3, 64, 64).split([3, 2, 1, 4, 2])  # groups of 3+2, 1+4, then 2 alone
+    model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3,
+                  band_elements=2 * 6 * 16 * 100, scored_together=4)
+    model.fit(iter(train))
+    grouped = list(model.stream_anomaly_maps((f"batch {k}", images) for k, images in enumerate(test)))
+    assert [key for key, _, _ in grouped] == [f"batch {k}" for k in range(5)]
+    for (_, maps, scores), images in zip(grouped, test):
+        alone_maps, alone_scores = model.anomaly_maps(images)
+        assert maps.shape == (len(images), 64, 64)
+        torch.testing.assert_close(maps, alone_maps, rtol=1e-5, atol=1e-5 * alone_maps.abs().max().item())
+        torch.testing.assert_close(scores, alone_scores, rtol=1e-5, atol=0)
+
+
 def test_embedding_selects_channels_after_centred_resampling():
     torch.manual_seed(0)
     maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
@@ -168,9 +190,15 @@ def test_embedding_selects_channels_after_centred_resampling():
     every_channel, all_of_the_first_map = torch.arange(12), torch.tensor([0, 1, 2, 3, 5, 9])
     for inputs, chosen, rows in ((maps, index, None), (channels_last, index, None), (channels_last, index, 1),
                                  (maps, index, 3), (channels_last, every_channel, 2), (maps, all_of_the_first_map, 3)):
-        bands = list(embedding_blocks(inputs, chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
+        bands = list(embedding_blocks([inputs], chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
         assert [top for top, _ in bands] == list(range(0, 8, rows or 8))
         torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), full[..., chosen])
+    second = [torch.randn(3, *m.shape[1:]) for m in maps]  # two batches in one band: as if concatenated
+    joined = [torch.cat(pair) for pair in zip(maps, second)]
+    for rows in (None, 3):
+        limit = None if rows is None else rows * 5 * 8 * len(index)
+        together = torch.cat([band for _, band in embedding_blocks([maps, second], index, limit)], dim=1)
+        torch.testing.assert_close(together, torch.cat([band for _, band in embedding_blocks([joined], index)], dim=1))
     assert torch.equal(index, channel_index(12, 7, seed=5))
     assert not torch.equal(index, channel_index(12, 7, seed=6))
 

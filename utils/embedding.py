@@ -1,6 +1,7 @@
 """Multi-layer patch embeddings: a seeded channel subset of the hooked maps on the first map's grid."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
@@ -25,20 +26,38 @@ def select_channels(channels_last: torch.Tensor, index: torch.Tensor) -> torch.T
     return torch.gather(channels_last, -1, index.expand(*channels_last.shape[:-1], -1))
 
 
-def embedding_blocks(feature_maps: list[torch.Tensor], index: torch.Tensor,
+def embedding_blocks(batches: list[list[torch.Tensor]], index: torch.Tensor,
                      max_elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """The embedding of a batch as bands of grid rows: (first row, (B, rows, W, D) float32 block), top to bottom.
+    """The embedding of one or more batches, one after the other along the batch dimension, as bands
+    of grid rows: (first row, (B, rows, W, D) float32 block), top to bottom.
 
-    A patch's embedding is the chosen channels of every map, deeper maps resampled onto the
-    first map's grid at the centres of its cells (utils.grid), so every channel of a patch
-    describes the same spot of the image. Channels last: how the backbones' maps already lie
-    (channels_last) and how the Gaussian reads a patch, so no transposed copy is made.
-    Bands of at most `max_elements` (None: one band) keep every temporary small and in cache:
-    one full embedding of a batch is 58 MB for EfficientNet-Lite0 and 220 MB for
-    wide_resnet50_2, and every allocation that large costs page faults again.
+    Each batch is its list of feature maps. A patch's embedding is the chosen channels of every
+    map, deeper maps resampled onto the first map's grid at the centres of its cells
+    (utils.grid), so every channel of a patch describes the same spot of the image. Channels
+    last: how the backbones' maps already lie (channels_last) and how the Gaussian reads a
+    patch, so no transposed copy is made. Several batches go into one band without joining
+    their maps first (Padim scores groups of batches at once). Bands of at most `max_elements`
+    (None: one band) keep every temporary small and in cache: one full embedding of a batch of
+    32 is 58 MB for EfficientNet-Lite0 and 220 MB for wide_resnet50_2, and every allocation
+    that large costs page faults again.
     """
-    batch, _, height, width = feature_maps[0].shape
+    layers = [_selected_layers(feature_maps, index) for feature_maps in batches]
+    edges = list(itertools.accumulate((len(feature_maps[0]) for feature_maps in batches), initial=0))
+    _, _, height, width = batches[0][0].shape
     dims = index.numel()
+    rows_per_band = height if max_elements is None else max(1, min(height, max_elements // (edges[-1] * width * dims)))
+    for top in range(0, height, rows_per_band):
+        bottom = min(top + rows_per_band, height)
+        block = torch.empty(edges[-1], bottom - top, width, dims, dtype=torch.float32, device=batches[0][0].device)
+        for batch_layers, first, stop in zip(layers, edges, edges[1:]):
+            _fill_band(block[first:stop], batch_layers, (height, width), top, bottom)
+        yield top, block
+
+
+def _selected_layers(feature_maps: list[torch.Tensor], index: torch.Tensor) -> list[tuple[torch.Tensor, slice | torch.Tensor]]:
+    """(channels-last map, its chosen channels) for every map with any: coarse maps are small, so
+    their channels are selected once here; the first grid's are selected band by band."""
+    _, _, height, width = feature_maps[0].shape
     layers, offset = [], 0
     for feature_map in feature_maps:
         channels = feature_map.shape[1]
@@ -49,22 +68,21 @@ def embedding_blocks(feature_maps: list[torch.Tensor], index: torch.Tensor,
         channels_last = feature_map.permute(0, 2, 3, 1)
         if local.numel() == channels:
             local = slice(None)  # every channel: a view, no copy
-        elif channels_last.shape[1:3] != (height, width):  # coarse maps are small: select their channels once
+        elif channels_last.shape[1:3] != (height, width):
             channels_last, local = select_channels(channels_last, local), slice(None)
         layers.append((channels_last, local))
-    rows_per_band = height if max_elements is None else max(1, min(height, max_elements // (batch * width * dims)))
-    for top in range(0, height, rows_per_band):
-        bottom = min(top + rows_per_band, height)
-        block = torch.empty(batch, bottom - top, width, dims, dtype=torch.float32, device=feature_maps[0].device)
-        filled = 0
-        for channels_last, local in layers:
-            if channels_last.shape[1:3] == (height, width):
-                part = channels_last[:, top:bottom]
-                part = part if isinstance(local, slice) else select_channels(part, local)
-            else:
-                ratio = stride_ratio(height, channels_last.shape[1])
-                part = resample_centred(channels_last, (height, width), ratio, rows=slice(top, bottom))
-            block[..., filled:filled + part.shape[-1]] = part
-            filled += part.shape[-1]
-        yield top, block
+    return layers
 
+
+def _fill_band(block: torch.Tensor, layers: list, grid: tuple[int, int], top: int, bottom: int) -> None:
+    """Write grid rows top..bottom of one batch's embedding into `block` (B, rows, W, D)."""
+    filled = 0
+    for channels_last, local in layers:
+        if channels_last.shape[1:3] == grid:
+            part = channels_last[:, top:bottom]
+            part = part if isinstance(local, slice) else select_channels(part, local)
+        else:
+            ratio = stride_ratio(grid[0], channels_last.shape[1])
+            part = resample_centred(channels_last, grid, ratio, rows=slice(top, bottom))
+        block[..., filled:filled + part.shape[-1]] = part
+        filled += part.shape[-1]

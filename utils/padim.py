@@ -5,15 +5,17 @@ Holds tensors only; data loading, files and metrics stay with the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 
 from utils.anomaly_map import MapOperator, image_scores
 from utils.backbones import FeatureExtractor
 from utils.embedding import embedding_blocks
-from utils.gaussian import (CHUNK_ELEMENTS, GaussianAccumulator, TriangularBlocks, band_positions, mahalanobis,
-                            precision_factor_)
+from utils.gaussian import (CHUNK_ELEMENTS, STAGED_IMAGES, GaussianAccumulator, TriangularBlocks, band_positions,
+                            mahalanobis, precision_factor_)
+
+Key = TypeVar("Key")
 
 
 @dataclass
@@ -31,7 +33,7 @@ class Padim:
 
     def __init__(self, extractor: FeatureExtractor, index: torch.Tensor, input_size: int,
                  device: torch.device, stats_device: torch.device, mahalanobis_device: torch.device,
-                 band_elements: int | None = CHUNK_ELEMENTS):
+                 band_elements: int | None = CHUNK_ELEMENTS, scored_together: int = STAGED_IMAGES):
         self.extractor = extractor
         self.index = index
         self.input_size = input_size
@@ -39,15 +41,16 @@ class Padim:
         self.stats_device = stats_device
         self.mahalanobis_device = mahalanobis_device
         self.band_elements = band_elements
+        self.scored_together = scored_together
         self.stats: GaussianStats | None = None
         self.map_operator: MapOperator | None = None
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
 
-    def bands(self, features: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-        """The batch's embedding in bands of grid rows small enough to stay in cache (see embedding_blocks)."""
-        return embedding_blocks(features, self.index, self.band_elements)
+    def bands(self, batches: list[list[torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The batches' embedding in bands of grid rows small enough to stay in cache (see embedding_blocks)."""
+        return embedding_blocks(batches, self.index, self.band_elements)
 
     def fit(self, image_batches: Iterable[torch.Tensor]) -> GaussianStats:
         """One pass: every batch's embedding is folded into running sums band by band and dropped."""
@@ -57,7 +60,7 @@ class Padim:
             if accumulator is None:
                 grid = tuple(features[0].shape[-2:])
                 accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
-            accumulator.update(self.bands(features))
+            accumulator.update(self.bands([features]))
         if accumulator is None:
             raise ValueError("no readable training images")
         mean, covariance = accumulator.finalize()
@@ -72,9 +75,34 @@ class Padim:
 
     def anomaly_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, S, S), scores (B,)) on the CPU, S = model input size."""
-        distances = torch.empty(len(images), *self.stats.grid, device=self.mahalanobis_device)
-        for top, band in self.bands(self.features(images)):
+        [(_, maps, scores)] = self.stream_anomaly_maps([(None, images)])
+        return maps, scores
+
+    def stream_anomaly_maps(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor]]:
+        """(key, maps, scores) of every (key, images) batch, in order; the distances of at least
+        `scored_together` images at a time.
+
+        Mahalanobis reads each position's precision factor once per product: a product over 64
+        images reads it half as often per image as one over a batch of 32 (wide_resnet50_2,
+        704 images: 7.2 -> 6.4 s). So batches are held (their feature maps) until the group
+        is large enough, then scored in one pass and handed back one by one.
+        """
+        group: list[tuple[Key, list[torch.Tensor]]] = []
+        for key, images in batches:
+            group.append((key, self.features(images)))
+            if sum(len(features[0]) for _, features in group) >= self.scored_together:
+                yield from self._group_maps(group)
+                group = []
+        if group:
+            yield from self._group_maps(group)
+
+    def _group_maps(self, group: list[tuple[Key, list[torch.Tensor]]]) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor]]:
+        sizes = [len(features[0]) for _, features in group]
+        distances = torch.empty(sum(sizes), *self.stats.grid, device=self.mahalanobis_device)
+        for top, band in self.bands([features for _, features in group]):
             positions = band_positions(top, band)
             distances[:, top:top + band.shape[1]] = mahalanobis(band, self.stats.mean[positions], self.stats.factor[positions])
         maps = self.map_operator(distances).cpu()
-        return maps, image_scores(maps)
+        scores = image_scores(maps)
+        for (key, _), batch_maps, batch_scores in zip(group, maps.split(sizes), scores.split(sizes)):
+            yield key, batch_maps, batch_scores
