@@ -274,9 +274,12 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
         backbone_only = new_model(extractor, pargs, devices)
         warm_up(backbone_only, split, pargs)
         forwards, attempts = [], []
-        for _ in range(args.repeat):
+        for run in range(1, args.repeat + 1):
             forwards.append(forward_only(backbone_only, split, pargs))
             attempts.append(timed_pipeline(extractor, split, pargs, devices))
+            pipeline_run_s = attempts[-1]["fit_s"] + attempts[-1]["score_s"]
+            log.info("%s / %s run %d: forward %.2f s, pipeline %.2f s, ratio %.3f", backbone, split.name, run,
+                     forwards[-1], pipeline_run_s, pipeline_run_s / forwards[-1])
         forward_s = float(np.median(forwards))
         times = sorted(attempts, key=lambda attempt: attempt["fit_s"] + attempt["score_s"])[len(attempts) // 2]
         pipeline_s = times["fit_s"] + times["score_s"]
