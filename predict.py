@@ -28,7 +28,6 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
 from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
-from utils.gaussian import TriangularBlocks
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content
 from utils.padim import Padim
 
@@ -125,14 +124,12 @@ def check_content(content: dict, path: Path) -> None:
     if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
         raise PredictError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r}")
     index = torch.as_tensor(content["channel_index"])
-    dims, positions = index.numel(), math.prod(content["grid"])
     if index.numel() == 0 or int(index.max()) >= spec.dims or int(index.min()) < 0:
         raise PredictError(f"{path}: channel index does not fit {name}'s {spec.dims} channels")
-    mean, factor = content["mean"], content["precision_factor"]
-    if not (isinstance(mean, torch.Tensor) and mean.shape == (positions, dims) and isinstance(factor, list)
-            and all(isinstance(block, torch.Tensor) for block in factor)
-            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False)):
-        raise PredictError(f"{path}: statistics shapes do not match grid {content['grid']} and {dims} channels")
+    try:
+        stats_from_content(content)
+    except ModelFileError as err:
+        raise PredictError(f"{path}: {err}") from err
     threshold = content["threshold"]
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise PredictError(f"{path}: threshold {content['threshold']!r} is not a positive number; pass --threshold")

@@ -149,6 +149,7 @@ def _cached_model(path: Path, identity: dict) -> dict | None:
         return None
     try:
         content = load_model(path)
+        stats_from_content(content)
     except ModelFileError as err:
         log.warning("cached model not used, refitting: %s", err)
         return None

@@ -221,14 +221,28 @@ def test_model_files_that_are_damaged_foreign_or_malicious_are_refused(tmp_path)
     assert not marker.exists()
 
 
-def test_a_damaged_cached_model_is_refitted_not_trusted(tmp_path, texture_root, caplog):
+def _truncate(model_path: Path) -> None:
+    model_path.write_bytes(model_path.read_bytes()[:1000])
+
+
+def _drop_a_factor_block(model_path: Path) -> None:
+    """Same identity, readable, but the statistics no longer fit: must not reach the Mahalanobis step."""
+    content = load_model(model_path)
+    content["precision_factor"] = content["precision_factor"][:-1]
+    torch.save(content, model_path)
+
+
+@pytest.mark.parametrize("damage, reason", [(_truncate, "truncated or damaged"),
+                                            (_drop_a_factor_block, "statistics shapes do not match")])
+def test_a_damaged_cached_model_is_refitted_not_trusted(tmp_path, texture_root, caplog, damage, reason):
     data = _class_copy(texture_root, tmp_path)
     _run(tmp_path, data, "--save_distribution")
     model_path = tmp_path / "res" / "r" / "brick" / "padim_model.pt"
-    model_path.write_bytes(model_path.read_bytes()[:1000])
+    damage(model_path)
     code, table = _run(tmp_path, data, "--save_distribution")
-    assert code == 0 and "cached model not used, refitting" in caplog.text
+    assert code == 0 and "cached model not used, refitting" in caplog.text and reason in caplog.text
     assert load_model(model_path)["n_train"] == 22
+    assert len(load_model(model_path)["precision_factor"]) == 2
 
 
 def _cli(data: Path, results: Path, *extra) -> list[str]:

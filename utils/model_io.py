@@ -5,6 +5,7 @@ Everything predict.py needs to score an image lives here, so it never needs the 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import tempfile
@@ -62,9 +63,20 @@ def stats_content(stats: GaussianStats) -> dict:
 
 
 def stats_from_content(content: dict) -> GaussianStats:
-    """The fitted Gaussian back from a loaded model file's entries (stats_content's inverse)."""
-    factor = TriangularBlocks(list(content["precision_factor"]), lower=False)
-    return GaussianStats(content["mean"], factor, tuple(content["grid"]), content["n_train"])
+    """The fitted Gaussian back from a loaded model file's entries (stats_content's inverse).
+
+    ModelFileError when mean and precision factor do not fit the grid and the channel index (a
+    damaged or hand-made file, or version 2's dense factor): scoring would fail deep inside
+    the Mahalanobis step, or worse, not fail.
+    """
+    mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
+    dims = len(content["channel_index"])
+    positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
+    if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and isinstance(factor, list)
+            and all(isinstance(block, torch.Tensor) for block in factor)
+            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False)):
+        raise ModelFileError(f"statistics shapes do not match grid {list(grid)} and {dims} channels")
+    return GaussianStats(mean, TriangularBlocks(list(factor), lower=False), tuple(grid), content["n_train"])
 
 
 def save_model(path: Path, content: dict) -> None:
