@@ -5,7 +5,7 @@ between runs (10-20% on 2 cores) hides a change of a second or two. This times o
 utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
 GaussianAccumulator (in bands of grid rows, as Padim hands them over), finalize and the
 precision factor, then `--score_batches` batches through mahalanobis, as many at once as
-Padim scores together (STAGED_IMAGES images). The defaults are
+Padim scores together (SCORED_IMAGES images). The defaults are
 wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
 batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
 """
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
 from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
-from utils.gaussian import (CHUNK_ELEMENTS, STAGED_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
+from utils.gaussian import (CHUNK_ELEMENTS, SCORED_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)
 
 
@@ -56,7 +56,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    together = -(-STAGED_IMAGES // args.batch_size)  # batches Padim scores at once
+    together = -(-SCORED_IMAGES // args.batch_size)  # batches Padim scores at once
     for first in range(0, args.score_batches, together):
         group = [[feature_map]] * min(together, args.score_batches - first)
         for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):

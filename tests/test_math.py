@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from utils import metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
-from utils.embedding import channel_index, embedding_blocks
+from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
 from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, block_edges, lower_triangular_inverse,
                             mahalanobis, precision_factor_)
@@ -193,6 +193,10 @@ def test_embedding_selects_channels_after_centred_resampling():
         bands = list(embedding_blocks([inputs], chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
         assert [top for top, _ in bands] == list(range(0, 8, rows or 8))
         torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), full[..., chosen])
+    for chosen in (index, all_of_the_first_map, torch.tensor([0, 2])):  # held batches keep only the chosen channels
+        kept = chosen_maps(channels_last, chosen)
+        assert [m.shape[1] for m in kept] == [int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in ((0, 4), (4, 7), (7, 12))]
+        torch.testing.assert_close(next(embedding_blocks([kept], torch.arange(len(chosen))))[1], full[..., chosen])
     second = [torch.randn(3, *m.shape[1:]) for m in maps]  # two batches in one band: as if concatenated
     joined = [torch.cat(pair) for pair in zip(maps, second)]
     for rows in (None, 3):

@@ -17,6 +17,7 @@ COVARIANCE_EPSILON = 0.01
 CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the factorisation and of Mahalanobis
 BLOCK_WIDTH = 192  # columns per stored block of a triangle: 550 dims in 3 blocks, measured fastest
 STAGED_IMAGES = 64  # images whose outer products are added to the second moments in one pass
+SCORED_IMAGES = 128  # images whose distances are computed in one pass (Padim.stream_anomaly_maps)
 # Matrices per chunk of the precision factor: small enough that a worker's temporaries stay
 # cache-sized, large enough that a chunk's many small ops are amortised. 3136 matrices on
 # 2 cores, 550 dims: 13 per chunk 8.1 s, 6 per chunk 6.4 s; 144 dims: 202 per chunk 0.37 s,
