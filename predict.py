@@ -145,15 +145,20 @@ def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path,
     return content, path, weights_argument(content["weights_id"], weights_path)
 
 
-def build(content: dict, path: Path, weights: str, device: torch.device) -> LoadedModel:
-    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file."""
+def build(content: dict, path: Path, weights: str, device: torch.device, batch_size: int) -> LoadedModel:
+    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file.
+
+    Distances are computed batch by batch, not over run_experiment's groups of 128 images:
+    each image's original stays in memory until its outputs are written, and 128 originals
+    of a large camera (12 MB each at 4K) would take 1.5 GB.
+    """
     extractor, weights_id = build_extractor(content["backbone"], weights, device, content["training_config"].get("seed", 0))
     if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
         raise PredictError(f"the backbone weights here ({weights_id}) are not those the model was trained with "
                            f"({content['weights_id']})")
     geometry = Geometry(content["resize"], content["cropsize"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
-    padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device)
+    padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device, scored_together=batch_size)
     padim.use(stats_from_content(content))
     log.info("model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s", path,
              content["class_name"], content["backbone"], weights_id, geometry.resize, geometry.cropsize,
@@ -295,8 +300,8 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
                  args: argparse.Namespace) -> list[dict]:
     """One CSV row per path: score and outputs for readable images, the reason for the others.
 
-    The model scores a group of batches at once (Padim.stream_anomaly_maps) and at most one
-    batch's files are in flight, so memory stays bounded by that group and one batch of images.
+    The model scores batch by batch (build) and at most one batch's files are in flight, so
+    memory stays bounded by two batches of images.
     """
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
@@ -341,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     content, model_path, weights = read_model(args.model, args.weights)
     paths = collect_inputs(args.input)
     prepare_output(args.output, args.save_masks)
-    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"))
+    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
     threshold = args.threshold if args.threshold is not None else model.threshold
     if args.threshold is not None:
         log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)
