@@ -34,13 +34,18 @@ def chosen_maps(feature_maps: list[torch.Tensor], index: torch.Tensor) -> list[t
     per image). A map with no chosen channel stays as an empty one, so the grid is still the
     first map's.
     """
-    chosen, offset = [], 0
+    return [select_channels(feature_map.permute(0, 2, 3, 1), local).permute(0, 3, 1, 2)
+            for feature_map, local in _local_channels(feature_maps, index)]
+
+
+def _local_channels(feature_maps: list[torch.Tensor], index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(map, its channels in `index` counted from the map's first): `index` numbers the channels
+    of all maps one after the other."""
+    offset = 0
     for feature_map in feature_maps:
         channels = feature_map.shape[1]
-        local = (index[(index >= offset) & (index < offset + channels)] - offset).to(feature_map.device)
+        yield feature_map, (index[(index >= offset) & (index < offset + channels)] - offset).to(feature_map.device)
         offset += channels
-        chosen.append(select_channels(feature_map.permute(0, 2, 3, 1), local).permute(0, 3, 1, 2))
-    return chosen
 
 
 def embedding_blocks(batches: list[list[torch.Tensor]], index: torch.Tensor,
@@ -75,15 +80,12 @@ def _selected_layers(feature_maps: list[torch.Tensor], index: torch.Tensor) -> l
     """(channels-last map, its chosen channels) for every map with any: coarse maps are small, so
     their channels are selected once here; the first grid's are selected band by band."""
     _, _, height, width = feature_maps[0].shape
-    layers, offset = [], 0
-    for feature_map in feature_maps:
-        channels = feature_map.shape[1]
-        local = (index[(index >= offset) & (index < offset + channels)] - offset).to(feature_map.device)
-        offset += channels
+    layers = []
+    for feature_map, local in _local_channels(feature_maps, index):
         if local.numel() == 0:
             continue
         channels_last = feature_map.permute(0, 2, 3, 1)
-        if local.numel() == channels:
+        if local.numel() == feature_map.shape[1]:
             local = slice(None)  # every channel: a view, no copy
         elif channels_last.shape[1:3] != (height, width):
             channels_last, local = select_channels(channels_last, local), slice(None)

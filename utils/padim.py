@@ -48,9 +48,9 @@ class Padim:
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
 
-    def bands(self, batches: list[list[torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
-        """The batches' embedding in bands of grid rows small enough to stay in cache (see embedding_blocks)."""
-        return embedding_blocks(batches, self.index, self.band_elements)
+    def bands(self, features: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The batch's embedding in bands of grid rows small enough to stay in cache (see embedding_blocks)."""
+        return embedding_blocks([features], self.index, self.band_elements)
 
     def fit(self, image_batches: Iterable[torch.Tensor]) -> GaussianStats:
         """One pass: every batch's embedding is folded into running sums band by band and dropped."""
@@ -60,7 +60,7 @@ class Padim:
             if accumulator is None:
                 grid = tuple(features[0].shape[-2:])
                 accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
-            accumulator.update(self.bands([features]))
+            accumulator.update(self.bands(features))
         if accumulator is None:
             raise ValueError("no readable training images")
         mean, covariance = accumulator.finalize()
