@@ -1,13 +1,15 @@
 """The math against independent float64 references: numpy.cov, scipy's mahalanobis, sklearn, a hand AUPRO."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from utils import metrics
+from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
@@ -33,22 +35,39 @@ def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
     return [(top, torch.from_numpy(x[:, top:top + rows])) for top in range(0, x.shape[1], rows)]
 
 
-@pytest.mark.parametrize("batch, rows", [(1, 3), (7, 1), (40, 2), (100, 3)])
-def test_streaming_statistics_equal_numpy_cov(batch, rows):
-    """150 images: staged and added several times (STAGED_IMAGES = 64), a batch larger than that too."""
+@pytest.mark.parametrize("share", [0.25, 100.0])
+@pytest.mark.parametrize("batches, rows", [([1] * 150, 3), ([7] * 22, 1), ([40] * 4, 2), ([100, 50], 3),
+                                           ([3, 40, 7, 64, 36], 2)])
+def test_streaming_statistics_equal_numpy_cov(batches, rows, share, monkeypatch):
+    """150 images in batches of any sizes, later ones larger too, with staging of one batch (6 dims
+    at the default share) and of several up to STAGED_IMAGES = 64 (a share that allows it)."""
+    monkeypatch.setattr(gaussian, "STAGED_SHARE", share)
     x = _features(n=150)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     for block in acc.outer.blocks:  # the buffers start uninitialised: the first batch must overwrite, not add
         block.fill_(float("nan"))
-    for start in range(0, len(x), batch):
-        acc.update(_bands(x[start:start + batch], rows))
+    for start, stop in itertools.pairwise(itertools.accumulate(batches, initial=0)):
+        acc.update(_bands(x[start:stop], rows))
     mean, blocks = acc.finalize()
+    assert acc.count == 150
     cov = _symmetric(blocks)
     flat = x.astype(np.float64).reshape(150, 12, 6).transpose(0, 2, 1)
     for p in range(12):
         expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
         np.testing.assert_allclose(mean[p].numpy(), flat[:, :, p].mean(0), rtol=1e-5)
         np.testing.assert_allclose(cov[p].numpy(), expected_cov, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims, batch, expected", [(550, 32, 64), (550, 16, 64), (550, 48, 48), (550, 100, 100),
+                                                   (144, 32, 32), (100, 32, 32), (200, 16, 32)])
+def test_staging_holds_whole_batches_within_a_share_of_the_second_moments(dims, batch, expected):
+    """550 dims: second moments 2.5 GB on 3136 positions, 64 staged images 0.44 GB; 144 dims: 27 images
+    would be a quarter of theirs, so one batch at a time."""
+    acc = GaussianAccumulator(dims=dims, positions=1, device=torch.device("cpu"))
+    capacity = acc.staged_capacity(batch)
+    assert capacity == expected
+    per_position = sum(block.shape[1] * block.shape[2] for block in acc.outer.blocks)
+    assert capacity == batch or capacity * dims <= gaussian.STAGED_SHARE * per_position
 
 
 def test_single_image_covariance_is_epsilon_identity():
