@@ -26,7 +26,7 @@ from utils.backbones import FeatureExtractor
 from utils.embedding import channel_index
 from utils.model_io import (MODEL_FILENAME, ModelFileError, atomic_write, load_model, save_model, stats_content,
                             stats_from_content, training_fingerprint)
-from utils.padim import Padim
+from utils.padim import GaussianStats, Padim
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ def _training_config(args: argparse.Namespace, index: torch.Tensor) -> dict:
     }
 
 
-def _cached_model(path: Path, identity: dict) -> dict | None:
-    """The saved model when it was made from the same backbone, settings and training images."""
+def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
+    """The saved model and its statistics when it was made from the same backbone, settings and training images."""
     if not path.is_file():
         return None
     try:
         content = load_model(path)
-        stats_from_content(content)
+        stats = stats_from_content(content)
     except ModelFileError as err:
         log.warning("cached model not used, refitting: %s", err)
         return None
@@ -158,7 +158,7 @@ def _cached_model(path: Path, identity: dict) -> dict | None:
         log.warning("cached model %s differs in %s: refitting", path, ", ".join(changed))
         return None
     log.info("reusing cached model %s", path)
-    return content
+    return content, stats
 
 
 def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace) -> tuple[float, dict, int]:
@@ -180,8 +180,9 @@ def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geom
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
     cached = _cached_model(model_path, identity) if args.save_distribution else None
     if cached is not None:
-        model.use(stats_from_content(cached))
-        return cached["threshold"], cached["threshold_provenance"], 0
+        content, stats = cached
+        model.use(stats)
+        return content["threshold"], content["threshold_provenance"], 0
     augment = build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob) if args.augmentations_enabled else None
     skipped: list[str] = []
     torch.manual_seed(args.seed)
