@@ -100,7 +100,7 @@ def test_block_edges_mirror_so_the_factor_fits_the_covariance_blocks():
         assert edges[0] == 0 and edges[-1] == dims and all(a < b for a, b in zip(edges, edges[1:]))
         assert [a + b for a, b in zip(edges, reversed(edges))] == [dims] * len(edges)
         assert TriangularBlocks.shapes(5, dims, lower=True)[::-1] == TriangularBlocks.shapes(5, dims, lower=False)
-    assert block_edges(550) == [0, 183, 367, 550]
+    assert block_edges(550) == [0, 138, 275, 412, 550]
 
 
 @pytest.mark.parametrize("lower", [True, False])
@@ -316,3 +316,41 @@ def test_map_operator_equals_the_direct_definition(grid, size):
     distances = torch.rand(3, *grid) * 10
     operator = MapOperator.build(grid, size, torch.device("cpu"))
     torch.testing.assert_close(operator(distances), smooth_upsample(distances, size), rtol=1e-5, atol=1e-5)
+
+
+def _factor_content(factor: TriangularBlocks, mean: torch.Tensor, grid: tuple[int, int]) -> dict:
+    return {"mean": mean, "precision_factor": factor.blocks, "grid": list(grid), "n_train": 9,
+            "channel_index": list(range(mean.shape[1]))}
+
+
+def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monkeypatch):
+    """Model files written with an older BLOCK_WIDTH hold other column blocks; Mahalanobis works on any split,
+    so they load and give the same distances. Splits that do not cover the triangle are refused."""
+    from utils.model_io import ModelFileError, stats_from_content
+    dims, grid = 11, (2, 3)
+    x = torch.from_numpy(_features(n=30, d=dims, h=grid[0], w=grid[1]))
+    acc = GaussianAccumulator(dims=dims, positions=6, device=torch.device("cpu"))
+    acc.update(_bands(x.numpy(), 1))
+    mean, covariance = acc.finalize()
+    covariance_copy = TriangularBlocks([block.clone() for block in covariance.blocks], lower=True)
+    dense_factor = precision_factor_(covariance).dense()
+    distances = {}
+    for width in (3, 2):  # 5 and 7 blocks of 11 columns
+        monkeypatch.setattr(gaussian, "BLOCK_WIDTH", width)
+        stored = TriangularBlocks.from_dense(dense_factor, lower=False)
+        monkeypatch.setattr(gaussian, "BLOCK_WIDTH", 100)  # the reader's own split: 3 blocks
+        stats = stats_from_content(_factor_content(stored, mean, grid))
+        assert [block.shape[2] for block in stats.factor.blocks] == [block.shape[2] for block in stored.blocks]
+        assert len(stored.blocks) != len(block_edges(dims)) - 1
+        distances[width] = mahalanobis(x[:4], mean, stats.factor)
+    reference = [[scipy_mahalanobis(x[i, r, c].double().numpy(), mean[r * grid[1] + c].double().numpy(),
+                                    np.linalg.inv(_symmetric(covariance_copy, torch.float64)[r * grid[1] + c].numpy()))
+                  for r in range(grid[0]) for c in range(grid[1])] for i in range(4)]
+    torch.testing.assert_close(distances[3].flatten(1).double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(distances[3], distances[2], rtol=1e-6, atol=1e-6)
+    stored = TriangularBlocks.from_dense(dense_factor, lower=False)
+    for broken in ([stored.blocks[0], stored.blocks[0]],  # rows of the second block too few
+                   stored.blocks[:-1],  # columns missing
+                   [block[:, :, :0] for block in stored.blocks]):  # empty blocks
+        with pytest.raises(ModelFileError, match="statistics shapes do not match"):
+            stats_from_content({**_factor_content(stored, mean, grid), "precision_factor": broken})

@@ -5,6 +5,7 @@ Everything predict.py needs to score an image lives here, so it never needs the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import pickle
@@ -67,14 +68,17 @@ def stats_from_content(content: dict) -> GaussianStats:
 
     ModelFileError when mean and precision factor do not fit the grid and the channel index (a
     damaged or hand-made file, or version 2's dense factor): scoring would fail deep inside
-    the Mahalanobis step, or worse, not fail.
+    the Mahalanobis step, or worse, not fail. The factor's blocks may split the columns
+    anywhere (files written with another BLOCK_WIDTH), as long as they cover the triangle.
     """
     mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
     dims = len(content["channel_index"])
     positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
-    if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and isinstance(factor, list)
-            and all(isinstance(block, torch.Tensor) for block in factor)
-            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False)):
+    blocks_ok = isinstance(factor, list) and len(factor) > 0 and all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in factor)
+    edges = list(itertools.accumulate((block.shape[2] for block in factor), initial=0)) if blocks_ok else []
+    if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and blocks_ok
+            and all(a < b for a, b in itertools.pairwise(edges)) and edges[-1] == dims
+            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False, edges=edges)):
         raise ModelFileError(f"statistics shapes do not match grid {list(grid)} and {dims} channels")
     return GaussianStats(mean, TriangularBlocks(list(factor), lower=False), tuple(grid), content["n_train"])
 
