@@ -142,7 +142,7 @@ def test_factor_in_three_blocks_whitens_like_float64():
     np.testing.assert_allclose(distances.reshape(3, 4), reference, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dims", [5, 32, 33, 100, 150])
+@pytest.mark.parametrize("dims", [5, 32, 33, 64, 65, 100, 150, 300])
 def test_lower_triangular_inverse_equals_float64_inverse(dims):
     rng = np.random.default_rng(dims)
     lower = np.tril(rng.normal(size=(3, dims, dims)), -1) * 0.3 + np.eye(dims) * rng.uniform(1, 3, size=(3, 1, dims))
