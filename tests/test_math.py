@@ -13,6 +13,7 @@ from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
+from utils.model_io import ModelFileError, stats_from_content
 from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, block_edges, lower_triangular_inverse,
                             mahalanobis, precision_factor_)
 
@@ -326,7 +327,6 @@ def _factor_content(factor: TriangularBlocks, mean: torch.Tensor, grid: tuple[in
 def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monkeypatch):
     """Model files written with an older BLOCK_WIDTH hold other column blocks; Mahalanobis works on any split,
     so they load and give the same distances. Splits that do not cover the triangle are refused."""
-    from utils.model_io import ModelFileError, stats_from_content
     dims, grid = 11, (2, 3)
     x = torch.from_numpy(_features(n=30, d=dims, h=grid[0], w=grid[1]))
     acc = GaussianAccumulator(dims=dims, positions=6, device=torch.device("cpu"))
