@@ -13,9 +13,9 @@ from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
-from utils.model_io import ModelFileError, stats_from_content
-from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, block_edges, lower_triangular_inverse,
-                            mahalanobis, precision_factor_)
+from utils.model_io import ModelFileError, load_model, save_model, stats_from_content
+from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, block_edges,
+                            lower_triangular_inverse, mahalanobis, precision_factor_)
 
 
 def _features(n=40, d=6, h=3, w=4, seed=0):
@@ -25,10 +25,10 @@ def _features(n=40, d=6, h=3, w=4, seed=0):
     return x.astype(np.float32)  # (N, H, W, D): the embedding layout
 
 
-def _symmetric(lower_blocks: TriangularBlocks, dtype=None) -> torch.Tensor:
-    """The symmetric matrices whose lower half the blocks hold."""
-    half = lower_blocks.dense(dtype)
-    return half.tril() + half.tril(-1).transpose(1, 2)
+def _symmetric(upper_blocks: TriangularBlocks, dtype=None) -> torch.Tensor:
+    """The symmetric matrices whose upper half the blocks hold."""
+    half = upper_blocks.dense(dtype)
+    return half.triu() + half.triu(1).transpose(1, 2)
 
 
 def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
@@ -114,6 +114,28 @@ def test_triangular_blocks_hold_one_triangle(lower):
     torch.testing.assert_close(blocks[1:3].dense(), triangle[1:3], rtol=0, atol=0)
 
 
+def test_lower_half_of_upper_blocks_is_the_symmetric_matrices_lower_triangle():
+    symmetric = torch.randn(3, 9, 9, dtype=torch.float64)
+    symmetric = symmetric + symmetric.transpose(1, 2)
+    blocks = TriangularBlocks.from_dense(symmetric.triu(), lower=False)
+    torch.testing.assert_close(blocks.lower_half(torch.float64).tril(), symmetric.tril(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positions, rows, inner, columns", [
+    (37, 138, 550, 9),  # wide: oneDNN's grouped convolution on x86, in 3 calls of at most 16 groups
+    (5, 130, 97, 130),  # just past the thresholds
+    (20, 72, 144, 31),  # narrow rows: torch.bmm
+    (20, 138, 50, 12),  # narrow inner dimension: torch.bmm
+])
+def test_batched_matmul_equals_float64_products(positions, rows, inner, columns):
+    rng = np.random.default_rng(rows + inner)
+    a = rng.normal(size=(positions, rows, inner))
+    b = rng.normal(size=(positions, inner + 3, columns))[:, :inner]  # a non-contiguous operand, as mahalanobis hands over
+    product = batched_matmul(torch.from_numpy(a).float(), torch.from_numpy(b).float()[:, :inner])
+    assert product.shape == (positions, rows, columns)
+    np.testing.assert_allclose(product.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
+
+
 def test_cholesky_reads_only_the_lower_triangle():
     """precision_factor_ hands Cholesky matrices whose upper triangle was never written."""
     rng = np.random.default_rng(4)
@@ -124,16 +146,16 @@ def test_cholesky_reads_only_the_lower_triangle():
 
 
 def test_factor_in_three_blocks_whitens_like_float64():
-    """401 dims (3 blocks): W^T and the distances against numpy's float64 Cholesky and solve."""
+    """401 dims (3 blocks): W and the distances against numpy's float64 Cholesky and solve."""
     rng = np.random.default_rng(3)
     samples = rng.normal(size=(4, 900, 401)) * np.geomspace(0.05, 20, 401)  # channels of very different scales
     centred = samples - samples.mean(axis=1, keepdims=True)
     covariance = centred.transpose(0, 2, 1) @ centred / 899 + COVARIANCE_EPSILON * np.eye(401)
-    blocks = TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=True)
+    blocks = TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=False)
     memory = {block.data_ptr() for block in blocks.blocks}
     factor = precision_factor_(blocks)
     assert len(factor.blocks) == 3 and {block.data_ptr() for block in factor.blocks} == memory  # no second copy
-    expected = np.linalg.inv(np.linalg.cholesky(covariance)).transpose(0, 2, 1)
+    expected = np.linalg.inv(np.linalg.cholesky(covariance))
     np.testing.assert_allclose(factor.dense().double().numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     points = rng.normal(size=(3, 2, 2, 401)) * np.geomspace(0.05, 20, 401)  # (B, H, W, D), P = 4 positions
     mean = rng.normal(size=(4, 401))
@@ -156,7 +178,7 @@ def test_factor_of_a_non_positive_definite_covariance_is_an_error():
     covariance = torch.eye(300).repeat(100, 1, 1)  # 3 chunks of at most 46 matrices, shared by the worker threads
     covariance[77, 2, 2] = -1.0
     with pytest.raises(ValueError, match="not positive definite"):
-        precision_factor_(TriangularBlocks.from_dense(covariance, lower=True))
+        precision_factor_(TriangularBlocks.from_dense(covariance, lower=False))
 
 
 def test_bands_change_nothing_in_fit_or_maps():
@@ -325,22 +347,22 @@ def _factor_content(factor: TriangularBlocks, mean: torch.Tensor, grid: tuple[in
 
 
 def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monkeypatch):
-    """Model files written with an older BLOCK_WIDTH hold other column blocks; Mahalanobis works on any split,
+    """Model files written with an older BLOCK_WIDTH hold other row blocks; Mahalanobis works on any split,
     so they load and give the same distances. Splits that do not cover the triangle are refused."""
     dims, grid = 11, (2, 3)
     x = torch.from_numpy(_features(n=30, d=dims, h=grid[0], w=grid[1]))
     acc = GaussianAccumulator(dims=dims, positions=6, device=torch.device("cpu"))
     acc.update(_bands(x.numpy(), 1))
     mean, covariance = acc.finalize()
-    covariance_copy = TriangularBlocks([block.clone() for block in covariance.blocks], lower=True)
+    covariance_copy = TriangularBlocks([block.clone() for block in covariance.blocks], lower=False)
     dense_factor = precision_factor_(covariance).dense()
     distances = {}
     for width in (3, 2):  # 5 and 7 blocks of 11 columns
         monkeypatch.setattr(gaussian, "BLOCK_WIDTH", width)
-        stored = TriangularBlocks.from_dense(dense_factor, lower=False)
+        stored = TriangularBlocks.from_dense(dense_factor, lower=True)
         monkeypatch.setattr(gaussian, "BLOCK_WIDTH", 100)  # the reader's own split: 3 blocks
         stats = stats_from_content(_factor_content(stored, mean, grid))
-        assert [block.shape[2] for block in stats.factor.blocks] == [block.shape[2] for block in stored.blocks]
+        assert [block.shape[1] for block in stats.factor.blocks] == [block.shape[1] for block in stored.blocks]
         assert len(stored.blocks) != len(block_edges(dims)) - 1
         distances[width] = mahalanobis(x[:4], mean, stats.factor)
     reference = [[scipy_mahalanobis(x[i, r, c].double().numpy(), mean[r * grid[1] + c].double().numpy(),
@@ -348,9 +370,30 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
                   for r in range(grid[0]) for c in range(grid[1])] for i in range(4)]
     torch.testing.assert_close(distances[3].flatten(1).double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(distances[3], distances[2], rtol=1e-6, atol=1e-6)
-    stored = TriangularBlocks.from_dense(dense_factor, lower=False)
+    stored = TriangularBlocks.from_dense(dense_factor, lower=True)
     for broken in ([stored.blocks[0], stored.blocks[0]],  # rows of the second block too few
                    stored.blocks[:-1],  # columns missing
-                   [block[:, :, :0] for block in stored.blocks]):  # empty blocks
+                   [block[:, :0] for block in stored.blocks]):  # empty blocks
         with pytest.raises(ModelFileError, match="statistics shapes do not match"):
             stats_from_content({**_factor_content(stored, mean, grid), "precision_factor": broken})
+
+
+def test_a_version_3_model_file_with_transposed_blocks_reads_and_scores_the_same(tmp_path):
+    """Version 3 stored W^T's column blocks, the transposes of today's row blocks of W: read and turned."""
+    dims, grid = 9, (2, 2)
+    x = torch.from_numpy(_features(n=25, d=dims, h=grid[0], w=grid[1]))
+    acc = GaussianAccumulator(dims=dims, positions=4, device=torch.device("cpu"))
+    acc.update(_bands(x.numpy(), 1))
+    mean, covariance = acc.finalize()
+    factor = precision_factor_(covariance)
+    content = {**_factor_content(factor, mean, grid), "format_version": 3,
+               "precision_factor": [block.transpose(1, 2).contiguous() for block in factor.blocks]}
+    save_model(tmp_path / "v3.pt", {key: "-" for key in ("backbone", "weights_id", "layers", "resize", "cropsize",
+                                                         "normalization_mean", "normalization_std", "threshold",
+                                                         "threshold_provenance", "fingerprint", "training_config",
+                                                         "class_name")} | content)
+    loaded = load_model(tmp_path / "v3.pt")
+    assert loaded["format_version"] == 3
+    stats = stats_from_content(loaded)
+    torch.testing.assert_close(stats.factor.dense(), factor.dense(), rtol=0, atol=0)
+    torch.testing.assert_close(mahalanobis(x[:3], mean, stats.factor), mahalanobis(x[:3], mean, factor), rtol=0, atol=0)

@@ -66,7 +66,7 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
     model_path = tmp_path / "results" / "r" / "brick" / MODEL_FILENAME
     content = torch.load(model_path, weights_only=True)
     assert content["backbone"] == "resnet18" and content["n_train"] == 22
-    assert content["channel_index"].numel() == 100 and [block.shape for block in content["precision_factor"]] == [(196, 50, 50), (196, 100, 50)]
+    assert content["channel_index"].numel() == 100 and [block.shape for block in content["precision_factor"]] == [(196, 50, 50), (196, 50, 100)]
     assert content["threshold_provenance"]["source"].startswith("held-out")
     first_mtime = model_path.stat().st_mtime_ns
 

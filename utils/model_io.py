@@ -21,8 +21,10 @@ from utils.gaussian import TriangularBlocks
 from utils.padim import GaussianStats
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 3  # 3: precision factor as a list of upper blocks (utils.gaussian.TriangularBlocks)
-# 2: centre-aligned resampling (utils.grid); statistics of version 1 mean something else
+MODEL_FORMAT_VERSION = 4  # 4: precision factor as the lower row blocks of W (utils.gaussian.TriangularBlocks)
+# 3: the same numbers as column blocks of W^T, read by transposing them; 2: centre-aligned
+# resampling (utils.grid), its dense factor and version 1's statistics are not read
+READABLE_VERSIONS = (3, MODEL_FORMAT_VERSION)
 MODEL_FILENAME = "padim_model.pt"
 REQUIRED_KEYS = {
     "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
@@ -68,19 +70,22 @@ def stats_from_content(content: dict) -> GaussianStats:
 
     ModelFileError when mean and precision factor do not fit the grid and the channel index (a
     damaged or hand-made file, or version 2's dense factor): scoring would fail deep inside
-    the Mahalanobis step, or worse, not fail. The factor's blocks may split the columns
+    the Mahalanobis step, or worse, not fail. The factor's blocks may split the rows
     anywhere (files written with another BLOCK_WIDTH), as long as they cover the triangle.
+    Version 3 files hold the transposes of these blocks (W^T's columns): they are turned.
     """
     mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
     dims = len(content["channel_index"])
     positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
     blocks_ok = isinstance(factor, list) and len(factor) > 0 and all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in factor)
-    edges = list(itertools.accumulate((block.shape[2] for block in factor), initial=0)) if blocks_ok else []
+    if blocks_ok and content.get("format_version", MODEL_FORMAT_VERSION) == 3:
+        factor = [block.transpose(1, 2).contiguous() for block in factor]
+    edges = list(itertools.accumulate((block.shape[1] for block in factor), initial=0)) if blocks_ok else []
     if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and blocks_ok
             and all(a < b for a, b in itertools.pairwise(edges)) and edges[-1] == dims
-            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=False, edges=edges)):
+            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=True, edges=edges)):
         raise ModelFileError(f"statistics shapes do not match grid {list(grid)} and {dims} channels")
-    return GaussianStats(mean, TriangularBlocks(list(factor), lower=False), tuple(grid), content["n_train"])
+    return GaussianStats(mean, TriangularBlocks(list(factor), lower=True), tuple(grid), content["n_train"])
 
 
 def save_model(path: Path, content: dict) -> None:
@@ -107,10 +112,9 @@ def load_model(path: Path) -> dict:
         raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({str(err).splitlines()[0]})") from err
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")
-    if content.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: model format version {content.get('format_version')}, this tool reads {MODEL_FORMAT_VERSION}; retrain it"
-        )
+    if content.get("format_version") not in READABLE_VERSIONS:
+        raise ModelFileError(f"{path}: model format version {content.get('format_version')}, this tool reads "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}; retrain it")
     missing = REQUIRED_KEYS - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")

@@ -20,7 +20,7 @@ Key = TypeVar("Key")
 
 @dataclass
 class GaussianStats:
-    """The fitted distribution: mean (P, D), precision factor (upper blocks of P (D, D)), grid (h, w), N images."""
+    """The fitted distribution: mean (P, D), precision factor (lower blocks of P (D, D)), grid (h, w), N images."""
 
     mean: torch.Tensor
     factor: TriangularBlocks
