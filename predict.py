@@ -158,7 +158,7 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
                            f"({content['weights_id']})")
     geometry = Geometry(content["resize"], content["cropsize"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
-    padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device, scored_together=batch_size)
+    padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
     padim.use(stats_from_content(content))
     log.info("model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s", path,
              content["class_name"], content["backbone"], weights_id, geometry.resize, geometry.cropsize,

@@ -3,9 +3,9 @@
 bench.py's ratio mixes these steps with the forward pass and data loading, whose spread
 between runs (10-20% on 2 cores) hides a change of a second or two. This times only
 utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
-GaussianAccumulator (in bands of grid rows, as Padim hands them over), finalize and the
-precision factor, then `--score_batches` batches through mahalanobis, as many at once as
-Padim scores together (SCORED_IMAGES images). The defaults are
+GaussianAccumulator (in the groups and bands of grid rows Padim hands over), finalize and
+the precision factor, then `--score_batches` batches through mahalanobis, in the groups
+Padim scores together (GROUP_IMAGES images). The defaults are
 wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
 batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
 """
@@ -26,8 +26,9 @@ import torch  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
 from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
-from utils.gaussian import (CHUNK_ELEMENTS, SCORED_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
+from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)
+from utils.padim import image_groups  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,17 +49,15 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    for _ in range(args.fit_batches):
-        accumulator.update(embedding_blocks([[feature_map]], every_channel, CHUNK_ELEMENTS))
+    for group in image_groups([([feature_map], args.batch_size)] * args.fit_batches, GROUP_IMAGES, first_alone=True):
+        accumulator.update(embedding_blocks(group, every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    together = -(-SCORED_IMAGES // args.batch_size)  # batches Padim scores at once
-    for first in range(0, args.score_batches, together):
-        group = [[feature_map]] * min(together, args.score_batches - first)
+    for group in image_groups([([feature_map], args.batch_size)] * args.score_batches, GROUP_IMAGES):
         for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])

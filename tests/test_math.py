@@ -36,16 +36,13 @@ def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
     return [(top, torch.from_numpy(x[:, top:top + rows])) for top in range(0, x.shape[1], rows)]
 
 
-@pytest.mark.parametrize("share", [0.25, 100.0])
 @pytest.mark.parametrize("batches, rows", [([1] * 150, 3), ([7] * 22, 1), ([40] * 4, 2), ([100, 50], 3),
                                            ([3, 40, 7, 64, 36], 2)])
-def test_streaming_statistics_equal_numpy_cov(batches, rows, share, monkeypatch):
-    """150 images in batches of any sizes, later ones larger too, with staging of one batch (6 dims
-    at the default share) and of several up to STAGED_IMAGES = 64 (a share that allows it)."""
-    monkeypatch.setattr(gaussian, "STAGED_SHARE", share)
+def test_streaming_statistics_equal_numpy_cov(batches, rows):
+    """150 images in groups of any sizes, later ones larger too."""
     x = _features(n=150)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    for block in acc.outer.blocks:  # the buffers start uninitialised: the first batch must overwrite, not add
+    for block in acc.outer.blocks:  # the buffers start uninitialised: the first group must overwrite, not add
         block.fill_(float("nan"))
     for start, stop in itertools.pairwise(itertools.accumulate(batches, initial=0)):
         acc.update(_bands(x[start:stop], rows))
@@ -59,16 +56,33 @@ def test_streaming_statistics_equal_numpy_cov(batches, rows, share, monkeypatch)
         np.testing.assert_allclose(cov[p].numpy(), expected_cov, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dims, batch, expected", [(550, 32, 64), (550, 16, 64), (550, 48, 48), (550, 100, 100),
-                                                   (144, 32, 32), (100, 32, 32), (200, 16, 32)])
-def test_staging_holds_whole_batches_within_a_share_of_the_second_moments(dims, batch, expected):
-    """550 dims: second moments 2.5 GB on 3136 positions, 64 staged images 0.44 GB; 144 dims: 27 images
-    would be a quarter of theirs, so one batch at a time."""
-    acc = GaussianAccumulator(dims=dims, positions=1, device=torch.device("cpu"))
-    capacity = acc.staged_capacity(batch)
-    assert capacity == expected
-    per_position = sum(block.shape[1] * block.shape[2] for block in acc.outer.blocks)
-    assert capacity == batch or capacity * dims <= gaussian.STAGED_SHARE * per_position
+def test_wide_streaming_statistics_equal_numpy_cov():
+    """300 dims in 2 blocks of 150 rows: a group of 128 images takes batched_matmul's convolution path on
+    x86, the first group of 32 and the last of 90 (fewer than CONVOLVED_INNER) torch.bmm."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(250, 1, 2, 300)) * np.geomspace(0.1, 10, 300) + 3.0).astype(np.float32)
+    acc = GaussianAccumulator(dims=300, positions=2, device=torch.device("cpu"))
+    for start, stop in [(0, 32), (32, 160), (160, 250)]:
+        acc.update([(0, torch.from_numpy(x[start:stop]))])
+    mean, blocks = acc.finalize()
+    cov = _symmetric(blocks, torch.float64).numpy()
+    for p in range(2):
+        samples = x[:, 0, p].astype(np.float64)
+        expected = np.cov(samples, rowvar=False) + COVARIANCE_EPSILON * np.eye(300)
+        np.testing.assert_allclose(mean[p].numpy(), samples.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(cov[p], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("sizes, together, first_alone, expected", [
+    ([32, 32, 32, 32, 32, 10], 64, True, [[0], [1, 2], [3, 4], [5]]),
+    ([32, 32, 32, 32, 32, 10], 64, False, [[0, 1], [2, 3], [4, 5]]),
+    ([3, 2, 1, 4, 2], 4, False, [[0, 1], [2, 3], [4]]),
+    ([100], 128, True, [[0]]),
+])
+def test_image_groups_gather_batches_until_enough_images(sizes, together, first_alone, expected):
+    from utils.padim import image_groups
+
+    assert list(image_groups(enumerate(sizes), together, first_alone)) == expected
 
 
 def test_single_image_covariance_is_epsilon_identity():
@@ -142,7 +156,7 @@ def test_cholesky_reads_only_the_lower_triangle():
     samples = rng.normal(size=(3, 50, 20))
     covariance = torch.from_numpy(samples.transpose(0, 2, 1) @ samples)
     with_garbage = covariance.tril() + torch.full_like(covariance, float("nan")).triu(1)
-    torch.testing.assert_close(torch.linalg.cholesky_ex(with_garbage)[0], torch.linalg.cholesky(covariance), rtol=0, atol=0)
+    torch.testing.assert_close(gaussian.cholesky(with_garbage), torch.linalg.cholesky(covariance), rtol=1e-12, atol=1e-12)
 
 
 def test_factor_in_three_blocks_whitens_like_float64():
@@ -182,7 +196,8 @@ def test_factor_of_a_non_positive_definite_covariance_is_an_error():
 
 
 def test_bands_change_nothing_in_fit_or_maps():
-    """Band by band (2 grid rows at a time) gives the same statistics and maps as the whole grid at once."""
+    """Band by band (2 grid rows at a time), batch by batch, gives the same statistics and maps as the whole
+    grid at once over groups of batches."""
     from utils.backbones import build_extractor
     from utils.padim import Padim
 
@@ -190,8 +205,9 @@ def test_bands_change_nothing_in_fit_or_maps():
     torch.manual_seed(0)
     train, test = torch.randn(3, 6, 3, 64, 64).unbind(0), torch.randn(5, 3, 64, 64)
     results = []
-    for band_elements in (None, 2 * 6 * 16 * 100):
-        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, band_elements=band_elements)
+    for band_elements, together in ((None, 128), (2 * 6 * 16 * 100, 1)):  # all batches after the first in one group, or each alone
+        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, band_elements=band_elements,
+                      images_together=together)
         stats = model.fit(iter(train))
         results.append((stats.mean, stats.factor.dense(), *model.anomaly_maps(test)))
     for whole, banded in zip(*results):  # summation order differs: float32 rounding, relative to each tensor's scale
@@ -201,7 +217,7 @@ def test_bands_change_nothing_in_fit_or_maps():
 
 
 def test_scoring_batches_in_groups_changes_no_map():
-    """Padim scores groups of batches in one pass (at least `scored_together` images); every batch
+    """Padim scores groups of batches in one pass (at least `images_together` images); every batch
     gets the maps and scores it gets alone, in order, with its key, a last smaller group too."""
     from utils.backbones import build_extractor
     from utils.padim import Padim
@@ -211,7 +227,7 @@ def test_scoring_batches_in_groups_changes_no_map():
     train = torch.randn(3, 6, 3, 64, 64).unbind(0)
     test = torch.randn(12, 3, 64, 64).split([3, 2, 1, 4, 2])  # groups of 3+2, 1+4, then 2 alone
     model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3,
-                  band_elements=2 * 6 * 16 * 100, scored_together=4)
+                  band_elements=2 * 6 * 16 * 100, images_together=4)
     model.fit(iter(train))
     grouped = list(model.stream_anomaly_maps((f"batch {k}", images) for k, images in enumerate(test)))
     assert [key for key, _, _ in grouped] == [f"batch {k}" for k in range(5)]

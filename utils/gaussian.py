@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 COVARIANCE_EPSILON = 0.01
 CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the factorisation and of Mahalanobis
@@ -23,11 +25,9 @@ CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the factorisation and of Mah
 BLOCK_WIDTH = 138
 # batched_matmul's grouped convolutions: the shapes at which oneDNN measured faster than torch.bmm
 CONVOLVED_ROWS = 128
-CONVOLVED_INNER = 96
+CONVOLVED_INNER = 32
 CONVOLVED_GROUPS = 16
-STAGED_IMAGES = 64  # at most this many images' outer products are added to the second moments in one pass
-STAGED_SHARE = 0.25  # and their staged embeddings take at most this share of the second moments' memory
-SCORED_IMAGES = 128  # images whose distances are computed in one pass (Padim.stream_anomaly_maps)
+GROUP_IMAGES = 128  # images whose embeddings are added to the statistics, or scored, in one pass (utils.padim)
 # Matrices per chunk of the precision factor: small enough that a worker's temporaries stay
 # cache-sized, large enough that a chunk's many small ops are amortised. 3136 matrices on
 # 2 cores, 550 dims: 13 per chunk 8.1 s, 6 per chunk 6.4 s; 144 dims: 202 per chunk 0.37 s,
@@ -124,8 +124,10 @@ class TriangularBlocks:
         return matrices
 
 
-def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for batches of matrices: (P, n, k) @ (P, k, m) -> (P, n, m).
+def batched_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+                   accumulate: bool = False) -> torch.Tensor:
+    """a @ b for batches of matrices, (P, n, k) @ (P, k, m) -> (P, n, m): into `out` when given,
+    added to what it holds when `accumulate`.
 
     On x86 CPUs torch's matmul goes to MKL, which runs AVX2 code on AMD processors, while its
     convolutions go to oneDNN, which uses AVX-512 where the CPU has it. A batch of products
@@ -140,13 +142,20 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     positions, rows, inner = a.shape
     if not (_convolution_is_faster(a.device) and a.dtype == torch.float32 and rows >= CONVOLVED_ROWS
             and inner >= CONVOLVED_INNER):
-        return torch.bmm(a, b)
-    out = torch.empty(positions, rows, b.shape[2], dtype=a.dtype, device=a.device)
+        if out is None:
+            return torch.bmm(a, b)
+        return out.baddbmm_(a, b) if accumulate else torch.bmm(a, b, out=out)
+    if out is None:
+        out, accumulate = torch.empty(positions, rows, b.shape[2], dtype=a.dtype, device=a.device), False
     for start in range(0, positions, CONVOLVED_GROUPS):
         group = slice(start, start + CONVOLVED_GROUPS)
         count = len(range(*group.indices(positions)))
         weight = a[group].reshape(count * rows, inner, 1)
-        out[group] = F.conv1d(b[group].reshape(1, count * inner, -1), weight, groups=count).view(count, rows, -1)
+        product = F.conv1d(b[group].reshape(1, count * inner, -1), weight, groups=count).view(count, rows, -1)
+        if accumulate:
+            out[group] += product
+        else:
+            out[group] = product
     return out
 
 
@@ -169,86 +178,44 @@ def band_positions(top: int, band: torch.Tensor) -> slice:
 class GaussianAccumulator:
     """One streaming pass of sums over the training embeddings; memory independent of N.
 
-    Sums are taken around a shift (the first batch's mean) so that the float32 second-moment
+    Sums are taken around a shift (the first group's mean) so that the float32 second-moment
     sum does not cancel catastrophically when the covariance is formed. Second moments are
     symmetric: only their upper blocks are accumulated (TriangularBlocks). They are read and
-    written whole at every addition (2.5 GB for wide_resnet50_2), so the centred embeddings
-    of several batches are staged and added in one pass (staged_capacity).
+    written whole at every update (2.4 GB for wide_resnet50_2), so the caller hands over
+    groups of many images at once (utils.padim.image_groups), which also makes the products
+    wide enough for batched_matmul's fast path.
     """
 
     def __init__(self, dims: int, positions: int, device: torch.device):
         self.count = 0
         self.shift = torch.zeros(positions, 1, dims, dtype=torch.float32, device=device)
         self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)
-        # written by the first addition: no separate pass to zero 2.5 GB for wide_resnet50_2
+        # written by the first update: no separate pass to zero 2.4 GB for wide_resnet50_2
         self.outer = TriangularBlocks.empty(positions, dims, lower=False, dtype=torch.float32, device=device)
-        self.staged: torch.Tensor | None = None  # (P, capacity, D) centred embeddings not yet in `outer`
-        self.staged_images = 0
 
     def update(self, bands: Iterable[tuple[int, torch.Tensor]]) -> None:
-        """Fold one batch in, given as bands of grid rows (first row, (B, rows, W, D)) that cover the grid."""
-        covered, batch = 0, 0
+        """Fold a group of images in, given as bands of grid rows (first row, (B, rows, W, D)) that cover the grid."""
+        covered, images = 0, 0
         for top, band in bands:
             x = positions_first(band.to(self.sum.device, torch.float32))
             positions = band_positions(top, band)
-            if covered == 0:
-                batch = x.shape[1]
-                self._make_room(batch)
+            images = x.shape[1]
             if self.count == 0:
                 self.shift[positions] = x.mean(dim=1, keepdim=True)
-            centred = torch.sub(x, self.shift[positions],
-                                out=self.staged[positions, self.staged_images:self.staged_images + batch])
-            self.sum[positions] += centred.sum(dim=1)  # a float32 sum of one batch, accumulated in float64
+            centred = torch.sub(x, self.shift[positions], out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+            self.sum[positions] += centred.sum(dim=1)  # a float32 sum of one group, accumulated in float64
+            for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
+                batched_matmul(centred[..., first:stop].transpose(1, 2), centred[..., first:], out=block[positions],
+                               accumulate=self.count > 0)  # the first update overwrites the uninitialised blocks
             covered += x.shape[0]
         if covered != self.sum.shape[0]:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")
-        self.staged_images += batch
-        self.count += batch
-
-    def _make_room(self, batch: int) -> None:
-        capacity = 0 if self.staged is None else self.staged.shape[1]
-        if self.staged_images + batch <= capacity:
-            return
-        self._add_staged()
-        if batch > capacity:
-            positions, dims = self.sum.shape
-            self.staged = torch.empty(positions, self.staged_capacity(batch), dims, dtype=torch.float32,
-                                      device=self.sum.device)
-
-    def staged_capacity(self, batch: int) -> int:
-        """Images staged per addition: whole batches, at most STAGED_IMAGES, and only as many as
-        take STAGED_SHARE of the second moments' memory.
-
-        Staging saves re-reading the second moments, whose size grows as D^2, for memory that
-        grows as D: 550 dims stage 64 images (0.44 GB; the fit takes 7.1 s instead of 8.0),
-        144 dims one batch (staging 64 would save 0.2 s for 0.12 GB, and hold the second
-        moments out of a short fit's peak only to add them to a long fit's).
-        """
-        dims = self.sum.shape[1]
-        per_position = sum(block.shape[1] * block.shape[2] for block in self.outer.blocks)
-        affordable = min(STAGED_IMAGES, int(STAGED_SHARE * per_position / dims))
-        return batch * max(1, affordable // batch)
-
-    def _add_staged(self) -> None:
-        """outer += X^T X over the staged images, position chunk by chunk (upper blocks only)."""
-        if self.staged_images == 0:
-            return
-        positions, images, dims = self.staged.shape[0], self.staged_images, self.staged.shape[2]
-        chunk = max(1, CHUNK_ELEMENTS // (images * dims))
-        beta = 0.0 if self.count == images else 1.0  # the first addition overwrites the uninitialised blocks
-        for start in range(0, positions, chunk):
-            rows = slice(start, start + chunk)
-            x = self.staged[rows, :images]
-            for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
-                block[rows].baddbmm_(x[..., first:stop].transpose(1, 2), x[..., first:], beta=beta)
-        self.staged_images = 0
+        self.count += images
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, TriangularBlocks]:
         """(mean (P, D), covariance as upper blocks): unbiased, plus epsilon * I; the buffers are reused in place."""
         if self.count == 0:
             raise ValueError("no training embeddings were accumulated")
-        self._add_staged()
-        self.staged = None
         centred_mean = self.sum / self.count
         mean = (centred_mean + self.shift[:, 0, :].double()).float()
         covariance, m = self.outer, centred_mean.float().unsqueeze(2)
@@ -274,8 +241,8 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
 
     Returned as the lower blocks of W_p, written into the covariance's own blocks, which have
     those shapes in reverse order (block_edges): no second set of P matrices is ever made, and
-    `covariance` is consumed. On the CPU the chunks go to
-    one worker thread per core, each running its LAPACK calls single-threaded (_chunk_workers).
+    `covariance` is consumed. On the CPU the chunks go to one worker thread per core, each
+    running its LAPACK and BLAS calls single-threaded (_chunk_workers).
     """
     positions, dims = covariance.blocks[0].shape[0], covariance.dims
     factor = TriangularBlocks(covariance.blocks[::-1], lower=True)
@@ -283,9 +250,7 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
 
     def factorise(start: int) -> None:
         rows = slice(start, start + chunk)
-        lower, info = torch.linalg.cholesky_ex(covariance[rows].lower_half(torch.float64))
-        if int(info.max()) > 0:
-            raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
+        lower = cholesky(covariance[rows].lower_half(torch.float64))
         inverse = lower_triangular_inverse(lower.float())
         for (first, stop), block in zip(factor.spans, factor.blocks):
             block[rows] = inverse[:, first:stop, :stop]
@@ -298,6 +263,25 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
         with _chunk_workers() as workers, ThreadPoolExecutor(workers) as pool:
             list(pool.map(factorise, starts))
     return factor
+
+
+def cholesky(matrices: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of symmetric positive-definite (P, n, n) matrices, reading their lower triangle only.
+
+    On the CPU through NumPy, whose OpenBLAS LAPACK factors 550 dims in float64 at 1.6 ms
+    a matrix on one core against 2.4-3.0 ms for torch's MKL on this AMD EPYC (MKL's AVX2
+    code), and releases the GIL, so precision_factor_'s worker threads run it side by side.
+    """
+    if matrices.device.type == "cpu":
+        try:
+            return torch.from_numpy(np.linalg.cholesky(matrices.numpy()))
+        except np.linalg.LinAlgError:
+            pass
+    else:
+        lower, info = torch.linalg.cholesky_ex(matrices)
+        if int(info.max()) == 0:
+            return lower
+    raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
 
 
 def lower_triangular_inverse(lower: torch.Tensor, smallest: int = 64) -> torch.Tensor:
@@ -345,7 +329,8 @@ def _lower_times(lower: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _chunk_workers():
-    """As many worker threads as torch has CPU threads, torch itself set to one thread meanwhile.
+    """As many worker threads as torch has CPU threads, torch and the BLAS libraries set to one
+    thread each meanwhile.
 
     Each factorisation is small: torch's own threading of a batch of them costs more than it
     gains and stalls when the cores are busy (144 dims: 2-4 s on one thread, 5-121 s on two
@@ -355,7 +340,8 @@ def _chunk_workers():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield threads
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield threads
     finally:
         torch.set_num_threads(threads)
 
