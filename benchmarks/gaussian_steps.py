@@ -49,7 +49,8 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    for group in image_groups([([feature_map], args.batch_size)] * args.fit_batches, GROUP_IMAGES, first_alone=True):
+    batches = [([feature_map], args.batch_size)] * args.fit_batches
+    for group in [[[feature_map]]] + list(image_groups(batches[1:], GROUP_IMAGES)):  # the first batch alone, as Padim.fit
         accumulator.update(embedding_blocks(group, every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)

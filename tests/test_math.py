@@ -73,16 +73,15 @@ def test_wide_streaming_statistics_equal_numpy_cov():
         np.testing.assert_allclose(cov[p], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("sizes, together, first_alone, expected", [
-    ([32, 32, 32, 32, 32, 10], 64, True, [[0], [1, 2], [3, 4], [5]]),
-    ([32, 32, 32, 32, 32, 10], 64, False, [[0, 1], [2, 3], [4, 5]]),
-    ([3, 2, 1, 4, 2], 4, False, [[0, 1], [2, 3], [4]]),
-    ([100], 128, True, [[0]]),
+@pytest.mark.parametrize("sizes, together, expected", [
+    ([32, 32, 32, 32, 32, 10], 64, [[0, 1], [2, 3], [4, 5]]),
+    ([3, 2, 1, 4, 2], 4, [[0, 1], [2, 3], [4]]),
+    ([100], 128, [[0]]),
 ])
-def test_image_groups_gather_batches_until_enough_images(sizes, together, first_alone, expected):
+def test_image_groups_gather_batches_until_enough_images(sizes, together, expected):
     from utils.padim import image_groups
 
-    assert list(image_groups(enumerate(sizes), together, first_alone)) == expected
+    assert list(image_groups(enumerate(sizes), together)) == expected
 
 
 def test_single_image_covariance_is_epsilon_identity():
@@ -214,6 +213,26 @@ def test_bands_change_nothing_in_fit_or_maps():
         torch.testing.assert_close(banded, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
     with pytest.raises(ValueError, match="covered 4 of 12"):
         GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")).update(_bands(_features(), 1)[:1])
+
+
+def test_fit_groups_of_any_size_give_the_same_statistics():
+    """Padim.fit holds batches until `images_together` images: uneven batches, a later batch larger
+    than the holder, or everything after the first batch in one group, all give the same Gaussian."""
+    from utils.backbones import build_extractor
+    from utils.padim import Padim
+
+    extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
+    torch.manual_seed(0)
+    train = torch.randn(14, 3, 64, 64).split([2, 5, 3, 4])
+    fitted = []
+    for together in (1, 4, 100):
+        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, images_together=together)
+        fitted.append(model.fit(iter(train)))
+    for stats in fitted[1:]:
+        assert stats.count == fitted[0].count == 14
+        torch.testing.assert_close(stats.mean, fitted[0].mean, rtol=1e-5, atol=1e-5)
+        reference = fitted[0].factor.dense()
+        torch.testing.assert_close(stats.factor.dense(), reference, rtol=1e-3, atol=1e-4 * reference.abs().max().item())
 
 
 def test_scoring_batches_in_groups_changes_no_map():

@@ -19,18 +19,46 @@ Key = TypeVar("Key")
 Item = TypeVar("Item")
 
 
-def image_groups(batches: Iterable[tuple[Item, int]], images_together: int, first_alone: bool = False) -> Iterator[list[Item]]:
+def image_groups(batches: Iterable[tuple[Item, int]], images_together: int) -> Iterator[list[Item]]:
     """Consecutive (item, images) batches gathered into groups of at least `images_together`
-    images (a last one may be smaller); with `first_alone`, the first batch is a group by itself."""
+    images (a last one may be smaller)."""
     group, images = [], 0
     for item, count in batches:
         group.append(item)
         images += count
-        if images >= images_together or first_alone:
+        if images >= images_together:
             yield group
-            group, images, first_alone = [], 0, False
+            group, images = [], 0
     if group:
         yield group
+
+
+class HeldMaps:
+    """The chosen maps of up to `capacity` images, copied into buffers reserved and written once.
+
+    Written at once, so that the buffers count in the memory of every fit, short or long:
+    a fit's peak (a forward pass with the second moments and the held maps resident) does
+    not depend on how many images it has.
+    """
+
+    def __init__(self, like: list[torch.Tensor], capacity: int):
+        self.buffers = [torch.zeros(capacity, *maps.shape[2:], maps.shape[1], dtype=maps.dtype,
+                                    device=maps.device).permute(0, 3, 1, 2) for maps in like]  # channels last, like `like`
+        self.count = 0
+
+    def has_room(self, images: int) -> bool:
+        return self.count + images <= len(self.buffers[0])
+
+    def add(self, maps: list[torch.Tensor]) -> None:
+        images = len(maps[0])
+        for buffer, batch_maps in zip(self.buffers, maps):
+            buffer[self.count:self.count + images] = batch_maps
+        self.count += images
+
+    def take(self) -> list[torch.Tensor]:
+        """The held maps (views of the buffers, valid until the next add); the holder is empty after."""
+        held, self.count = [buffer[:self.count] for buffer in self.buffers], 0
+        return held
 
 
 @dataclass
@@ -78,21 +106,30 @@ class Padim:
         """One pass: the embeddings of groups of batches are folded into running sums band by band and dropped.
 
         The second moments are read and written whole at every update (2.4 GB for
-        wide_resnet50_2), so batches are held until a group has `images_together` images: only
-        their chosen channels (chosen_maps: 128 images of wide_resnet50_2 take 220 MB). The
-        first batch goes alone, so that the second moments are written from the start and a
-        short fit reaches the memory peak of a long one (forward passes with them resident).
-        wide_resnet50_2's 686 fit images on 2 cores: groups of 32 images 6.8 s, 128 ... s.
+        wide_resnet50_2), so batches are held until `images_together` images are (HeldMaps:
+        only their chosen channels, 128 images of wide_resnet50_2 take 220 MB). On 2 cores,
+        wide_resnet50_2's 686 fit images in groups of 128 took 5.8-7.2 s, in groups of 64
+        6.6-8.1 s. The first batch goes alone, so that the second moments too are written
+        before the second forward pass in a short fit as in a long one.
         """
-        accumulator, grid = None, None
-        features = self.chosen_features((None, images) for images in image_batches)
-        for group in image_groups(features, self.images_together, first_alone=True):
+        accumulator, held, grid = None, None, None
+        for (_, maps), images in self.chosen_features((None, images) for images in image_batches):
             if accumulator is None:
-                grid = tuple(group[0][1][0].shape[-2:])
+                grid = tuple(maps[0].shape[-2:])
                 accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
-            accumulator.update(self.bands([maps for _, maps in group]))
+                accumulator.update(self.bands([maps]))
+                held = HeldMaps(maps, max(self.images_together, images))
+                continue
+            if not held.has_room(images) and held.count:
+                accumulator.update(self.bands([held.take()]))
+            if held.has_room(images):
+                held.add(maps)
+            else:  # a batch larger than the holder (the first one was short)
+                accumulator.update(self.bands([maps]))
         if accumulator is None:
             raise ValueError("no readable training images")
+        if held.count:
+            accumulator.update(self.bands([held.take()]))
         mean, covariance = accumulator.finalize()
         self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count))
         return self.stats
