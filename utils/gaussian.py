@@ -39,8 +39,8 @@ FACTOR_CHUNK_MATRICES = 32
 def block_edges(dims: int) -> list[int]:
     """Column edges 0 = e_0 < ... < e_n = dims of the blocks a triangle is stored in.
 
-    Mirror-symmetric (e_k + e_(n-k) = dims): the lower blocks of a covariance then have the
-    shapes of the upper blocks of its factor in reverse order, so the factor is written into
+    Mirror-symmetric (e_k + e_(n-k) = dims): the upper blocks of a covariance then have the
+    shapes of the lower blocks of its factor in reverse order, so the factor is written into
     the covariance's memory (precision_factor_). An even count would need the middle edge at
     dims / 2, so odd dims get an odd count.
     """
@@ -132,12 +132,13 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
     On x86 CPUs torch's matmul goes to MKL, which runs AVX2 code on AMD processors, while its
     convolutions go to oneDNN, which uses AVX-512 where the CPU has it. A batch of products
     is a grouped 1x1 convolution (one group per matrix), and for the wide products of
-    wide_resnet50_2's 550 dims it runs 2x faster than torch.bmm on a 2-core AMD EPYC:
-    (16 x 138 x 550) @ (550 x 128) at 409 against 197 GFLOP/s, (16 x 138 x 128) @ (128 x 550)
-    at 406 against 182. oneDNN is fast only when every group is wide (at least
-    CONVOLVED_ROWS rows and CONVOLVED_INNER inner columns; the blocks of 100-200 dims ran at
-    40-190 against bmm's 150-195) and the groups few (CONVOLVED_GROUPS per call: 32 fell to
-    80-200), so other shapes, other dtypes and other devices use torch.bmm.
+    wide_resnet50_2's 550 dims it runs 2x faster than torch.bmm on a 2-core AMD EPYC, once
+    oneDNN has built its kernels: (138 x 550) @ (550 x 128) at 380-425 against 175-200
+    GFLOP/s, (138 x 128) @ (128 x 550) 320-400 against 175, (138 x 32) @ (32 x 550) 295
+    against 180. It is slow when the rows are few (the 50-100-row blocks of 100-200 dims:
+    85-220 against bmm's 170-195) and when a call has many groups (32 fell to 80-200), so
+    products of fewer than CONVOLVED_ROWS rows or CONVOLVED_INNER inner columns, other dtypes
+    and other devices use torch.bmm, and a call convolves CONVOLVED_GROUPS matrices.
     """
     positions, rows, inner = a.shape
     if not (_convolution_is_faster(a.device) and a.dtype == torch.float32 and rows >= CONVOLVED_ROWS
