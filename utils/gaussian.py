@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 COVARIANCE_EPSILON = 0.01
 CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the factorisation and of Mahalanobis
-# Columns per stored block of a triangle: 550 dims in 4 blocks (5/8 of the full matrices),
+# Rows per stored block of a triangle: 550 dims in 4 blocks (5/8 of the full matrices),
 # measured fastest: interleaved gaussian_steps runs, fit 7.3-7.5 s and Mahalanobis 5.8-5.9 s
 # against 7.9-8.1 and 6.0-6.8 with 3 blocks (192), 8.8-8.9 and 6.3-6.4 with 5 (110).
 BLOCK_WIDTH = 138
@@ -27,6 +27,8 @@ BLOCK_WIDTH = 138
 CONVOLVED_ROWS = 128
 CONVOLVED_INNER = 32
 CONVOLVED_GROUPS = 16
+# torch runs CPU convolutions through oneDNN on this machine, an x86 one (batched_matmul)
+ONEDNN_ON_X86 = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 GROUP_IMAGES = 128  # images whose embeddings are added to the statistics, or scored, in one pass (utils.padim)
 # Matrices per chunk of the precision factor: small enough that a worker's temporaries stay
 # cache-sized, large enough that a chunk's many small ops are amortised. 3136 matrices on
@@ -37,7 +39,7 @@ FACTOR_CHUNK_MATRICES = 32
 
 
 def block_edges(dims: int) -> list[int]:
-    """Column edges 0 = e_0 < ... < e_n = dims of the blocks a triangle is stored in.
+    """Row edges 0 = e_0 < ... < e_n = dims of the blocks a triangle is stored in.
 
     Mirror-symmetric (e_k + e_(n-k) = dims): the upper blocks of a covariance then have the
     shapes of the lower blocks of its factor in reverse order, so the factor is written into
@@ -141,7 +143,7 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
     and other devices use torch.bmm, and a call convolves CONVOLVED_GROUPS matrices.
     """
     positions, rows, inner = a.shape
-    if not (_convolution_is_faster(a.device) and a.dtype == torch.float32 and rows >= CONVOLVED_ROWS
+    if not (a.device.type == "cpu" and ONEDNN_ON_X86 and a.dtype == torch.float32 and rows >= CONVOLVED_ROWS
             and inner >= CONVOLVED_INNER):
         if out is None:
             return torch.bmm(a, b)
@@ -158,11 +160,6 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
         else:
             out[group] = product
     return out
-
-
-def _convolution_is_faster(device: torch.device) -> bool:
-    """oneDNN's convolutions on an x86 CPU (batched_matmul)."""
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def positions_first(embedding: torch.Tensor) -> torch.Tensor:
@@ -183,7 +180,7 @@ class GaussianAccumulator:
     sum does not cancel catastrophically when the covariance is formed. Second moments are
     symmetric: only their upper blocks are accumulated (TriangularBlocks). They are read and
     written whole at every update (2.4 GB for wide_resnet50_2), so the caller hands over
-    groups of many images at once (utils.padim.image_groups), which also makes the products
+    groups of many images at once (Padim.fit holds 128), which also makes the products
     wide enough for batched_matmul's fast path.
     """
 

@@ -150,8 +150,8 @@ class Padim:
         `images_together` images at a time.
 
         Mahalanobis reads each position's precision factor once per product: the more images
-        a product covers, the less often per image (wide_resnet50_2's shape, 640 images: 32
-        per product 6.6 s, 64 5.8 s, 128 5.3 s). So batches are held until the group is large
+        a product covers, the less often per image (wide_resnet50_2's shape, 640 images, with
+        torch.bmm: 32 per product 6.6 s, 64 5.8 s, 128 5.3 s). So batches are held until the group is large
         enough, then scored in one pass and handed back one by one; only their chosen
         channels are held (chosen_maps: 128 images of wide_resnet50_2 take 220 MB).
         """
