@@ -138,15 +138,24 @@ def test_lower_half_of_upper_blocks_is_the_symmetric_matrices_lower_triangle():
     (37, 138, 550, 9),  # wide: oneDNN's grouped convolution on x86, in 3 calls of at most 16 groups
     (5, 130, 97, 130),  # just past the thresholds
     (20, 72, 144, 31),  # narrow rows: torch.bmm
-    (20, 138, 50, 12),  # narrow inner dimension: torch.bmm
+    (20, 138, 50, 12),  # a short inner dimension, still convolved
+    (20, 138, 20, 12),  # narrow inner dimension: torch.bmm
 ])
-def test_batched_matmul_equals_float64_products(positions, rows, inner, columns):
+@pytest.mark.parametrize("first_transposed", [False, True])
+def test_batched_matmul_equals_float64_products(positions, rows, inner, columns, first_transposed):
+    """Also with `a` the transpose of a matrix in memory (X^T of the second moments: a transposed
+    convolution on x86), and accumulated into `out`."""
     rng = np.random.default_rng(rows + inner)
     a = rng.normal(size=(positions, rows, inner))
     b = rng.normal(size=(positions, inner + 3, columns))[:, :inner]  # a non-contiguous operand, as mahalanobis hands over
-    product = batched_matmul(torch.from_numpy(a).float(), torch.from_numpy(b).float()[:, :inner])
+    first = torch.from_numpy(a.transpose(0, 2, 1).copy()).float().transpose(1, 2) if first_transposed else torch.from_numpy(a).float()
+    second = torch.from_numpy(b).float()[:, :inner]
+    product = batched_matmul(first, second)
     assert product.shape == (positions, rows, columns)
     np.testing.assert_allclose(product.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
+    earlier = rng.normal(size=(positions, rows, columns))
+    total = batched_matmul(first, second, out=torch.from_numpy(earlier).float(), accumulate=True)
+    np.testing.assert_allclose(total.double().numpy(), earlier + a @ b, rtol=0, atol=1e-5 * np.abs(earlier + a @ b).max())
 
 
 def test_cholesky_reads_only_the_lower_triangle():

@@ -47,13 +47,15 @@ def resample_centred(maps: torch.Tensor, size: tuple[int, int], ratio: int, rows
     Channels last, because that is how the backbones' features lie in memory (channels_last)
     and how the Gaussian reads patches (a row of C features per patch): no transposed copy.
     Positions past the last source cell take the border value. `rows` asks for a band of
-    output rows only; it reads just the source rows that band needs.
+    output rows only; it reads just the source rows that band needs and resamples them down
+    the rows first, so a band's width pass covers its own rows, not every source row it
+    touches again (wide_resnet50_2, bands of one row: 128 images' embedding 0.12 against 0.22 s).
     """
     batch, height, width, channels = maps.shape
     top, bottom, _ = rows.indices(size[0])
     first = min(top // ratio, height - 1)
     last = min(height, (bottom - 1) // ratio + 2)
-    along_width = torch.matmul(centred_weights(size[1], width, ratio, maps.dtype, maps.device), maps[:, first:last])
     weights = centred_weights(size[0], height, ratio, maps.dtype, maps.device)[top:bottom, first:last]
-    band = weights @ along_width.reshape(batch, last - first, size[1] * channels)
-    return band.view(batch, bottom - top, size[1], channels)
+    along_height = weights @ maps[:, first:last].reshape(batch, last - first, width * channels)
+    return centred_weights(size[1], width, ratio, maps.dtype, maps.device) @ along_height.view(
+        batch, bottom - top, width, channels)
