@@ -27,7 +27,7 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
-from utils.cli import at_least, keep_freed_memory, pick_device, positive_float, prove_writable, run_main
+from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content
 from utils.padim import Padim
 
@@ -368,7 +368,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    keep_freed_memory()
     return run_main(run, args, (PredictError, ModelFileError, WeightsError), "predictions.csv was not written")
 
 

@@ -20,7 +20,7 @@ from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
-from utils.cli import at_least, keep_freed_memory, pick_device, prove_writable, run_main, unit_interval
+from utils.cli import at_least, pick_device, prove_writable, run_main, unit_interval
 from utils.model_io import ModelFileError, atomic_write
 from utils.plotting import plot_class_results
 
@@ -207,7 +207,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()
     return run_main(run, args, (DataError, WeightsError, ModelFileError),
                     "finished classes are in master_results.csv; rerun to complete")
 

@@ -37,7 +37,7 @@ import trainer  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
-from utils.cli import at_least, keep_freed_memory  # noqa: E402
+from utils.cli import at_least  # noqa: E402
 from utils.embedding import channel_index  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.plotting import plot_class_results  # noqa: E402
@@ -210,9 +210,7 @@ def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devi
 
 
 def fit_peak_rss(pargs: argparse.Namespace, split: ClassSplit) -> tuple[float, float]:
-    """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one
-    (set up as the command-line tools set theirs up)."""
-    keep_freed_memory()
+    """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
     devices = run_experiment.resolve_devices(pargs)
     extractor, _ = build_extractor(pargs.model_architecture, pargs.weights, devices["backbone"], pargs.seed)
     model = new_model(extractor, pargs, devices)
@@ -340,7 +338,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    keep_freed_memory()  # as run_experiment.py and predict.py run
     try:
         return run(args)
     except (DataError, WeightsError) as err:

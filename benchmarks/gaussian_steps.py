@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench import synchronize  # noqa: E402
-from utils.cli import at_least, keep_freed_memory, pick_device  # noqa: E402
+from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
 from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)
@@ -69,7 +69,6 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # as run_experiment.py and predict.py run
     device = pick_device(args.device, "--device")
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(args.batch_size, args.grid, args.grid, args.dims, generator=generator).to(device)

@@ -1,13 +1,11 @@
-"""What the command-line tools share: argparse value types (a bad value is exit 2), the
-process's memory allocator setting, and the way a run ends (a user error is one `error:`
-line and exit 1; Ctrl-C or SIGTERM is exit 130 after the atomic writes have cleaned up)."""
+"""What the command-line tools share: argparse value types (a bad value is exit 2) and the
+way a run ends (a user error is one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130
+after the atomic writes have cleaned up)."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -17,11 +15,6 @@ from typing import Callable
 import torch
 
 log = logging.getLogger(__name__)
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-RETAINED_FREE_BYTES = 2**30
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -54,27 +47,6 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc serve large blocks from its heap and keep up to RETAINED_FREE_BYTES of freed
-    memory there; True when set (on other C libraries nothing changes).
-
-    By default glibc maps every block over 128 KB-32 MB afresh and unmaps it when it is freed,
-    so each forward pass touches its activations page by page again: 3,600 page faults per
-    image for EfficientNet-Lite0 and 12,000 for wide_resnet50_2, at batch 32 on 2 cores. Kept
-    in the heap, the next batch reuses them: 6.2 -> 2.3 ms and 53 -> 39 ms per image, peak
-    memory of the forward passes 1.19 -> 1.33 GiB for wide_resnet50_2. Process-wide, so it is
-    the command-line tools that set it, once, before any work.
-    """
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or a C library without the name
-        glibc = False
-    if not glibc:
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, RETAINED_FREE_BYTES))
 
 
 def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
