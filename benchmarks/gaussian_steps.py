@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.allocator import use_huge_pages  # noqa: E402
+
+use_huge_pages()  # as run_experiment.py and predict.py run; before torch is imported
+
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,7 +32,6 @@ from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
 from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)
-from utils.padim import image_groups  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,23 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def batch_groups(batches: int, batch_size: int) -> list[int]:
+    """Batches per group as Padim.held_groups makes them: the first alone, then GROUP_IMAGES images at a time."""
+    together = max(1, -(-GROUP_IMAGES // batch_size))
+    return [1] + [min(together, batches - start) for start in range(1, batches, together)]
+
+
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """One run: fit (accumulate + finalize), factor, scoring; seconds of each."""
     every_channel = torch.arange(args.dims, device=device)
     feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    batches = [([feature_map], args.batch_size)] * args.fit_batches
-    for group in [[[feature_map]]] + list(image_groups(batches[1:], GROUP_IMAGES)):  # the first batch alone, as Padim.fit
-        accumulator.update(embedding_blocks(group, every_channel, CHUNK_ELEMENTS))
+    for count in batch_groups(args.fit_batches, args.batch_size):
+        accumulator.update(embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for group in image_groups([([feature_map], args.batch_size)] * args.score_batches, GROUP_IMAGES):
-        for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):
+    for count in batch_groups(args.score_batches, args.batch_size):
+        for top, band in embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
     synchronize(device)
