@@ -46,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def batch_groups(batches: int, batch_size: int) -> list[int]:
-    """Batches per group as Padim.held_groups makes them: the first alone, then GROUP_IMAGES images at a time."""
+def batch_groups(batches: int, batch_size: int, first_alone: bool) -> list[int]:
+    """Batches per group as Padim.held_groups makes them: GROUP_IMAGES images at a time, a fit's first batch alone."""
     together = max(1, -(-GROUP_IMAGES // batch_size))
-    return [1] + [min(together, batches - start) for start in range(1, batches, together)]
+    first = int(first_alone)
+    return [1] * first + [min(together, batches - start) for start in range(first, batches, together)]
 
 
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
@@ -58,7 +59,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    for count in batch_groups(args.fit_batches, args.batch_size):
+    for count in batch_groups(args.fit_batches, args.batch_size, first_alone=True):
         accumulator.update(embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
@@ -66,7 +67,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for count in batch_groups(args.score_batches, args.batch_size):
+    for count in batch_groups(args.score_batches, args.batch_size, first_alone=False):
         for top, band in embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])

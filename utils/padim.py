@@ -78,26 +78,29 @@ class Padim:
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
 
-    def held_groups(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[tuple[list[tuple[Key, int]], list[torch.Tensor]]]:
+    def held_groups(self, batches: Iterable[tuple[Key, torch.Tensor]],
+                    first_alone: bool) -> Iterator[tuple[list[tuple[Key, int]], list[torch.Tensor]]]:
         """((key, images) of each batch, the group's chosen maps) for groups of `images_together`
         images of the (key, images) batches, in order; the last group may be smaller.
 
         Between forward passes only the chosen channels wait (chosen_maps: 128 images of
         wide_resnet50_2 take 220 MB), copied into buffers that the model reserves once and
         keeps for every later fit and scoring (HeldMaps), so short and long runs peak alike
-        and the held-out threshold reserves nothing new. The first batch goes alone, so that
-        whatever its group leaves resident (the second moments of a fit) is there before the
-        buffers and the second forward pass. The maps handed over are valid until the caller
-        asks for the next group.
+        and the held-out threshold reserves nothing new. A fit's first batch goes alone
+        (`first_alone`), so that the second moments are resident before the buffers and the
+        second forward pass. The maps handed over are valid until the caller asks for the
+        next group.
         """
         held, waiting = None, []
         for key, images in batches:
             maps = chosen_maps(self.features(images), self.index)
             count = len(maps[0])
             if held is None:
-                yield [(key, count)], maps
+                if first_alone:
+                    yield [(key, count)], maps
                 held = self._holder(maps, max(self.images_together, count))
-                continue
+                if first_alone:
+                    continue
             if not held.has_room(count) and waiting:
                 yield waiting, held.take()
                 waiting = []
@@ -134,7 +137,7 @@ class Padim:
         wide_resnet50_2's 686 fit images in groups of 128 took 5.8-7.2 s, in groups of 64 6.6-8.1 s.
         """
         accumulator, grid = None, None
-        for _, maps in self.held_groups((None, images) for images in image_batches):
+        for _, maps in self.held_groups(((None, images) for images in image_batches), first_alone=True):
             if accumulator is None:
                 grid = tuple(maps[0].shape[-2:])
                 accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
@@ -164,7 +167,7 @@ class Padim:
         a product covers, the less often per image (wide_resnet50_2's shape, 640 images, with
         torch.bmm: 32 per product 6.6 s, 64 5.8 s, 128 5.3 s).
         """
-        for waiting, group_maps in self.held_groups(batches):
+        for waiting, group_maps in self.held_groups(batches, first_alone=False):
             sizes = [images for _, images in waiting]
             distances = torch.empty(sum(sizes), *self.stats.grid, device=self.mahalanobis_device)
             for top, band in self.bands(group_maps):
