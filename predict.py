@@ -16,24 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from utils.allocator import use_huge_pages
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-use_huge_pages()  # before torch is imported, which reads the setting once
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,  # noqa: E402
+from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
-from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution  # noqa: E402
-from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest  # noqa: E402
-from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main  # noqa: E402
-from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content  # noqa: E402
-from utils.padim import Padim  # noqa: E402
+from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
+from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
+from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
+from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content
+from utils.padim import Padim
 
 log = logging.getLogger("padim.predict")
 

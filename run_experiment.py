@@ -13,20 +13,16 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from utils.allocator import use_huge_pages
+import pandas as pd
+import torch
 
-use_huge_pages()  # before torch is imported, which reads the setting once
-
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from data.demo_data import make_demo_dataset  # noqa: E402
-from datasets.split import DataError, find_classes, is_class_dir  # noqa: E402
-from trainer import DATASET_LOADERS, run_class_processing  # noqa: E402
-from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
-from utils.cli import at_least, pick_device, prove_writable, run_main, unit_interval  # noqa: E402
-from utils.model_io import ModelFileError, atomic_write  # noqa: E402
-from utils.plotting import plot_class_results  # noqa: E402
+from data.demo_data import make_demo_dataset
+from datasets.split import DataError, find_classes, is_class_dir
+from trainer import DATASET_LOADERS, run_class_processing
+from utils.backbones import BACKBONES, WeightsError, build_extractor
+from utils.cli import at_least, pick_device, prove_writable, run_main, unit_interval
+from utils.model_io import ModelFileError, atomic_write
+from utils.plotting import plot_class_results
 
 log = logging.getLogger("padim")
 

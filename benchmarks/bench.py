@@ -28,10 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.allocator import use_huge_pages  # noqa: E402
-
-use_huge_pages()  # as run_experiment.py and predict.py run; before torch is imported
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
