@@ -28,6 +28,7 @@ from utils.cli import at_least, pick_device  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
 from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)
+from utils.padim import image_groups  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,29 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def batch_groups(batches: int, batch_size: int, first_alone: bool) -> list[int]:
-    """Batches per group as Padim.held_groups makes them: GROUP_IMAGES images at a time, a fit's first batch alone."""
-    together = max(1, -(-GROUP_IMAGES // batch_size))
-    first = int(first_alone)
-    return [1] * first + [min(together, batches - start) for start in range(first, batches, together)]
-
-
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """One run: fit (accumulate + finalize), factor, scoring; seconds of each."""
     every_channel = torch.arange(args.dims, device=device)
     feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    for count in batch_groups(args.fit_batches, args.batch_size, first_alone=True):
-        accumulator.update(embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS))
+    batches = [([feature_map], args.batch_size)] * args.fit_batches
+    for group in [[[feature_map]]] + list(image_groups(batches[1:], GROUP_IMAGES)):  # the first batch alone, as Padim.fit
+        accumulator.update(embedding_blocks(group, every_channel, CHUNK_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for count in batch_groups(args.score_batches, args.batch_size, first_alone=False):
-        for top, band in embedding_blocks([[feature_map]] * count, every_channel, CHUNK_ELEMENTS):
+    for group in image_groups([([feature_map], args.batch_size)] * args.score_batches, GROUP_IMAGES):
+        for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
     synchronize(device)

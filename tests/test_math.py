@@ -73,31 +73,15 @@ def test_wide_streaming_statistics_equal_numpy_cov():
         np.testing.assert_allclose(cov[p], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("sizes, together, first_alone, expected", [
-    ([32, 32, 32, 32, 32, 10], 64, True, [[0], [1, 2], [3, 4], [5]]),
-    ([32, 32, 32, 32, 32, 10], 64, False, [[0, 1], [2, 3], [4, 5]]),
-    ([3, 2, 1, 4, 2], 4, True, [[0], [1, 2], [3], [4]]),
-    ([3, 2, 1, 4, 2], 4, False, [[0], [1, 2], [3], [4]]),
-    ([2, 5, 3], 4, True, [[0], [1], [2]]),  # a batch larger than the holder goes alone
-    ([2, 1, 5, 3], 4, False, [[0, 1], [2], [3]]),
-    ([100], 128, True, [[0]]),
+@pytest.mark.parametrize("sizes, together, expected", [
+    ([32, 32, 32, 32, 32, 10], 64, [[0, 1], [2, 3], [4, 5]]),
+    ([3, 2, 1, 4, 2], 4, [[0, 1], [2, 3], [4]]),
+    ([100], 128, [[0]]),
 ])
-def test_held_groups_hold_batches_until_enough_images(sizes, together, first_alone, expected):
-    """`together` images at a time (a fit's first batch alone); each group's maps are its batches'
-    chosen channels one after the other, also when the buffers are reused by a second pass."""
-    from utils.padim import Padim
+def test_image_groups_gather_batches_until_enough_images(sizes, together, expected):
+    from utils.padim import image_groups
 
-    index = torch.tensor([0, 2])
-    batches = [torch.randn(size, 3, 2, 2) for size in sizes]
-    model = Padim(lambda images: [images], index, 2, *[torch.device("cpu")] * 3, images_together=together)
-    for _ in range(2):
-        keys = []
-        for waiting, maps in model.held_groups(((k, images) for k, images in enumerate(batches)), first_alone):
-            keys.append([key for key, _ in waiting])
-            assert [images for _, images in waiting] == [sizes[key] for key in keys[-1]]
-            # checked here: the maps are valid until the next group is asked for
-            torch.testing.assert_close(maps[0], torch.cat([batches[key][:, index] for key in keys[-1]]))
-        assert keys == expected
+    assert list(image_groups(enumerate(sizes), together)) == expected
 
 
 def test_single_image_covariance_is_epsilon_identity():

@@ -16,21 +16,35 @@ from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, T
                             mahalanobis, precision_factor_)
 
 Key = TypeVar("Key")
+Item = TypeVar("Item")
+
+
+def image_groups(batches: Iterable[tuple[Item, int]], images_together: int) -> Iterator[list[Item]]:
+    """Consecutive (item, images) batches gathered into groups of at least `images_together`
+    images (a last one may be smaller)."""
+    group, images = [], 0
+    for item, count in batches:
+        group.append(item)
+        images += count
+        if images >= images_together:
+            yield group
+            group, images = [], 0
+    if group:
+        yield group
 
 
 class HeldMaps:
-    """The chosen maps of up to `capacity` images, copied into buffers reserved and written once."""
+    """The chosen maps of up to `capacity` images, copied into buffers reserved and written once.
+
+    Written at once, so that the buffers count in the memory of every fit, short or long:
+    a fit's peak (a forward pass with the second moments and the held maps resident) does
+    not depend on how many images it has.
+    """
 
     def __init__(self, like: list[torch.Tensor], capacity: int):
         self.buffers = [torch.zeros(capacity, *maps.shape[2:], maps.shape[1], dtype=maps.dtype,
                                     device=maps.device).permute(0, 3, 1, 2) for maps in like]  # channels last, like `like`
         self.count = 0
-
-    def fits(self, like: list[torch.Tensor], capacity: int) -> bool:
-        """Whether these buffers take maps like `like`, `capacity` images of them."""
-        return (len(self.buffers[0]) >= capacity and len(self.buffers) == len(like)
-                and all(buffer.shape[1:] == maps.shape[1:] and buffer.dtype == maps.dtype and buffer.device == maps.device
-                        for buffer, maps in zip(self.buffers, like)))
 
     def has_room(self, images: int) -> bool:
         return self.count + images <= len(self.buffers[0])
@@ -73,77 +87,49 @@ class Padim:
         self.images_together = images_together
         self.stats: GaussianStats | None = None
         self.map_operator: MapOperator | None = None
-        self.held: HeldMaps | None = None
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
 
-    def held_groups(self, batches: Iterable[tuple[Key, torch.Tensor]],
-                    first_alone: bool) -> Iterator[tuple[list[tuple[Key, int]], list[torch.Tensor]]]:
-        """((key, images) of each batch, the group's chosen maps) for groups of `images_together`
-        images of the (key, images) batches, in order; the last group may be smaller.
-
-        Between forward passes only the chosen channels wait (chosen_maps: 128 images of
-        wide_resnet50_2 take 220 MB), copied into buffers that the model reserves once and
-        keeps for every later fit and scoring (HeldMaps), so short and long runs peak alike
-        and the held-out threshold reserves nothing new. A fit's first batch goes alone
-        (`first_alone`), so that the second moments are resident before the buffers and the
-        second forward pass. The maps handed over are valid until the caller asks for the
-        next group.
-        """
-        held, waiting = None, []
+    def chosen_features(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[tuple[tuple[Key, list[torch.Tensor]], int]]:
+        """((key, the batch's maps cut down to the chosen channels), images) for every (key, images) batch."""
         for key, images in batches:
             maps = chosen_maps(self.features(images), self.index)
-            count = len(maps[0])
-            if held is None:
-                if first_alone:
-                    yield [(key, count)], maps
-                held = self._holder(maps, max(self.images_together, count))
-                if first_alone:
-                    continue
-            if not held.has_room(count) and waiting:
-                yield waiting, held.take()
-                waiting = []
-            if not held.has_room(count):  # a batch larger than the holder (the first one was short)
-                yield [(key, count)], maps
-                continue
-            held.add(maps)
-            waiting.append((key, count))
-            if held.count >= self.images_together:
-                yield waiting, held.take()
-                waiting = []
-        if waiting:
-            yield waiting, held.take()
+            yield (key, maps), len(maps[0])
 
-    def _holder(self, like: list[torch.Tensor], capacity: int) -> HeldMaps:
-        """The model's empty HeldMaps for maps like `like`, reserved anew only when those it has do not fit."""
-        if self.held is None or not self.held.fits(like, capacity):
-            self.held = None  # the old buffers go before the new ones are reserved
-            self.held = HeldMaps(like, capacity)
-        self.held.take()  # emptied: a pass that was not run to its end may have left maps in it
-        return self.held
-
-    def bands(self, maps: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-        """The embedding of a group's chosen maps in bands of grid rows small enough to stay in cache."""
+    def bands(self, group: list[list[torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The group's embedding (its batches' chosen maps) in bands of grid rows small enough to stay in cache."""
         every_channel = torch.arange(self.index.numel(), device=self.index.device)
-        return embedding_blocks([maps], every_channel, self.band_elements)
+        return embedding_blocks(group, every_channel, self.band_elements)
 
     def fit(self, image_batches: Iterable[torch.Tensor]) -> GaussianStats:
-        """One pass: the embeddings of groups of batches (held_groups) are folded into running sums
-        band by band and dropped.
+        """One pass: the embeddings of groups of batches are folded into running sums band by band and dropped.
 
         The second moments are read and written whole at every update (2.4 GB for
-        wide_resnet50_2), so the more images an update brings the better: on 2 cores,
-        wide_resnet50_2's 686 fit images in groups of 128 took 5.8-7.2 s, in groups of 64 6.6-8.1 s.
+        wide_resnet50_2), so batches are held until `images_together` images are (HeldMaps:
+        only their chosen channels, 128 images of wide_resnet50_2 take 220 MB). On 2 cores,
+        wide_resnet50_2's 686 fit images in groups of 128 took 5.8-7.2 s, in groups of 64
+        6.6-8.1 s. The first batch goes alone, so that the second moments too are written
+        before the second forward pass in a short fit as in a long one.
         """
-        accumulator, grid = None, None
-        for _, maps in self.held_groups(((None, images) for images in image_batches), first_alone=True):
+        accumulator, held, grid = None, None, None
+        for (_, maps), images in self.chosen_features((None, images) for images in image_batches):
             if accumulator is None:
                 grid = tuple(maps[0].shape[-2:])
                 accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
-            accumulator.update(self.bands(maps))
+                accumulator.update(self.bands([maps]))
+                held = HeldMaps(maps, max(self.images_together, images))
+                continue
+            if not held.has_room(images) and held.count:
+                accumulator.update(self.bands([held.take()]))
+            if held.has_room(images):
+                held.add(maps)
+            else:  # a batch larger than the holder (the first one was short)
+                accumulator.update(self.bands([maps]))
         if accumulator is None:
             raise ValueError("no readable training images")
+        if held.count:
+            accumulator.update(self.bands([held.take()]))
         mean, covariance = accumulator.finalize()
         self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count))
         return self.stats
@@ -160,21 +146,25 @@ class Padim:
         return maps, scores
 
     def stream_anomaly_maps(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor]]:
-        """(key, maps, scores) of every (key, images) batch, in order; the distances of
-        `images_together` images at a time (held_groups).
+        """(key, maps, scores) of every (key, images) batch, in order; the distances of at least
+        `images_together` images at a time.
 
         Mahalanobis reads each position's precision factor once per product: the more images
         a product covers, the less often per image (wide_resnet50_2's shape, 640 images, with
-        torch.bmm: 32 per product 6.6 s, 64 5.8 s, 128 5.3 s).
+        torch.bmm: 32 per product 6.6 s, 64 5.8 s, 128 5.3 s). So batches are held until the group is large
+        enough, then scored in one pass and handed back one by one; only their chosen
+        channels are held (chosen_maps: 128 images of wide_resnet50_2 take 220 MB).
         """
-        for waiting, group_maps in self.held_groups(batches, first_alone=False):
-            sizes = [images for _, images in waiting]
-            distances = torch.empty(sum(sizes), *self.stats.grid, device=self.mahalanobis_device)
-            for top, band in self.bands(group_maps):
-                positions = band_positions(top, band)
-                distances[:, top:top + band.shape[1]] = mahalanobis(band, self.stats.mean[positions],
-                                                                    self.stats.factor[positions])
-            maps = self.map_operator(distances).cpu()
-            scores = image_scores(maps)
-            for (key, _), batch_maps, batch_scores in zip(waiting, maps.split(sizes), scores.split(sizes)):
-                yield key, batch_maps, batch_scores
+        for group in image_groups(self.chosen_features(batches), self.images_together):
+            yield from self._group_maps(group)
+
+    def _group_maps(self, group: list[tuple[Key, list[torch.Tensor]]]) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor]]:
+        sizes = [len(features[0]) for _, features in group]
+        distances = torch.empty(sum(sizes), *self.stats.grid, device=self.mahalanobis_device)
+        for top, band in self.bands([maps for _, maps in group]):
+            positions = band_positions(top, band)
+            distances[:, top:top + band.shape[1]] = mahalanobis(band, self.stats.mean[positions], self.stats.factor[positions])
+        maps = self.map_operator(distances).cpu()
+        scores = image_scores(maps)
+        for (key, _), batch_maps, batch_scores in zip(group, maps.split(sizes), scores.split(sizes)):
+            yield key, batch_maps, batch_scores
