@@ -13,9 +13,9 @@ from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
-from utils.model_io import ModelFileError, load_model, save_model, stats_from_content
 from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, block_edges,
                             lower_triangular_inverse, mahalanobis, precision_factor_)
+from utils.model_io import ModelFileError, load_model, save_model, stats_from_content
 
 
 def _features(n=40, d=6, h=3, w=4, seed=0):

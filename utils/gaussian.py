@@ -157,7 +157,7 @@ def batched_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
     transposed = a.stride(1) == 1 and a.stride(2) >= rows
     for start in range(0, positions, CONVOLVED_GROUPS):
         group = slice(start, start + CONVOLVED_GROUPS)
-        count = len(range(*group.indices(positions)))
+        count = min(CONVOLVED_GROUPS, positions - start)
         columns = b[group].reshape(1, count * inner, -1)
         if transposed:
             product = F.conv_transpose1d(columns, a[group].transpose(1, 2).reshape(count * inner, rows, 1), groups=count)
@@ -369,7 +369,7 @@ def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, factor: TriangularB
     centred = torch.empty(min(chunk, patches.shape[0]), dims, batch, dtype=torch.float32, device=mean.device)
     for start in range(0, patches.shape[0], chunk):
         rows = slice(start, start + chunk)
-        count = len(range(*rows.indices(patches.shape[0])))
+        count = min(chunk, patches.shape[0] - start)
         torch.sub(patches[rows], mean[rows].unsqueeze(2), out=centred[:count])
         squares = torch.zeros(count, batch, dtype=torch.float32, device=mean.device)
         for (_, stop), block in zip(factor.spans, factor.blocks):
