@@ -378,7 +378,7 @@ def test_separable_blur_equals_scipy_gaussian_filter():
     np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=4, mode="mirror", truncate=4.0), atol=1e-10)
 
 
-@pytest.mark.parametrize("grid, size", [((8, 8), 32), ((56, 56), 224), ((63, 63), 250)])
+@pytest.mark.parametrize("grid, size", [((8, 8), 32), ((56, 56), 224), ((63, 63), 250), ((6, 9), 36), ((4, 4), 8)])
 def test_map_operator_equals_the_direct_definition(grid, size):
     distances = torch.rand(3, *grid) * 10
     operator = MapOperator.build(grid, size, torch.device("cpu"))

@@ -11,7 +11,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import run_experiment
+import trainer
 from datasets import bowtie
+from datasets.images import Geometry
 from datasets.split import DataError
 from run_experiment import RESULT_COLUMNS
 from utils.backbones import BACKBONES, FeatureExtractor, WeightsError, build_extractor, load_backbone
@@ -190,3 +192,14 @@ def test_batchnorm_folding_keeps_every_hooked_map(name):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     for layer, got in zip(spec.layers, fused(images)):
         torch.testing.assert_close(got, captured[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_display_images_undo_the_model_input_normalisation():
+    """The visualizations show the very pixels the model saw: the dataset's transform, undone, gives them back."""
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8))
+    transform = Geometry(resize=24, cropsize=24).image_transform()
+    inputs = torch.stack([transform(image.permute(2, 0, 1)) for image in pixels])
+    shown = np.full((5, 24, 24, 3), 7, np.uint8)
+    trainer._write_display_images(inputs, shown[1:4])
+    assert np.array_equal(shown[1:4], pixels.numpy())
+    assert (shown[[0, 4]] == 7).all()

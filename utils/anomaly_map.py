@@ -7,12 +7,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.grid import linear_weights, resample_centred, stride_ratio
+from utils.grid import centred_weights, linear_weights, resample_centred, stride_ratio
 
 HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
 OVERLAY_ALPHA = 0.5
 BLUR_SIGMA = 4.0
 BLUR_RADIUS = int(4 * BLUR_SIGMA + 0.5)
+
+
+def gaussian_taps(radius: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 1-D kernel of gaussian_blur: 2 * radius + 1 normalised Gaussian weights."""
+    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA, radius: int = BLUR_RADIUS) -> torch.Tensor:
@@ -23,9 +30,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA, radius: int =
     (inputs under 17 px) get it truncated to what mirroring allows.
     """
     radius = min(radius, *(side - 1 for side in images.shape[-2:]))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    kernel = gaussian_taps(radius, sigma, images.dtype, images.device)
     padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
     rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))
@@ -45,8 +50,10 @@ def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
 class MapOperator:
     """smooth_upsample as two matrices: it is linear and separable, so maps = rows @ d @ cols^T.
 
-    Built once per grid by sending unit impulses through smooth_upsample itself; two small
-    matmuls per batch instead of a grid_sample and two convolutions (about 8x faster).
+    Each matrix is one axis of it: the bilinear weights of resample_centred, blurred along
+    that axis with gaussian_blur's kernel and borders. Two small matmuls per batch instead
+    of a resampling and two convolutions (about 8x faster); built in milliseconds, where
+    sending unit impulses through smooth_upsample took 0.2 s for a 56 x 56 grid at 224.
     """
 
     rows: torch.Tensor
@@ -54,14 +61,16 @@ class MapOperator:
 
     @classmethod
     def build(cls, grid: tuple[int, int], size: int, device: torch.device) -> MapOperator:
-        height, width = grid
-        row_impulses = torch.zeros(height, height, width, device=device)
-        row_impulses[torch.arange(height), torch.arange(height), :] = 1.0
-        col_impulses = torch.zeros(width, height, width, device=device)
-        col_impulses[torch.arange(width), :, torch.arange(width)] = 1.0
-        rows = smooth_upsample(row_impulses, size)[:, :, 0].T.contiguous()
-        cols = smooth_upsample(col_impulses, size)[:, 0, :].T.contiguous()
-        return cls(rows, cols)
+        ratio = stride_ratio(size, grid[1])  # one ratio for both axes, as smooth_upsample takes it
+        radius = min(BLUR_RADIUS, size - 1)
+        kernel = gaussian_taps(radius, BLUR_SIGMA, torch.float32, device).view(1, 1, -1)
+
+        def axis(cells: int) -> torch.Tensor:
+            upsampling = centred_weights(size, cells, ratio, torch.float32, device)  # (size, cells)
+            padded = F.pad(upsampling.T.unsqueeze(1), (radius, radius), mode="reflect")
+            return F.conv1d(padded, kernel)[:, 0].T.contiguous()
+
+        return cls(axis(grid[0]), axis(grid[1]))
 
     def __call__(self, distances: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distances -> (B, size, size) anomaly maps."""
