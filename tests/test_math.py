@@ -13,8 +13,8 @@ from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
 from utils.grid import resample_centred, stride_ratio
-from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, block_edges,
-                            lower_triangular_inverse, mahalanobis, precision_factor_)
+from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, batched_products,
+                            block_edges, lower_triangular_inverse, mahalanobis, precision_factor_)
 from utils.model_io import ModelFileError, load_model, save_model, stats_from_content
 
 
@@ -142,7 +142,7 @@ def test_lower_half_of_upper_blocks_is_the_symmetric_matrices_lower_triangle():
     (20, 138, 20, 12),  # narrow inner dimension: torch.bmm
 ])
 @pytest.mark.parametrize("first_transposed", [False, True])
-def test_batched_matmul_equals_float64_products(positions, rows, inner, columns, first_transposed):
+def test_batched_products_and_matmul_equal_float64_products(positions, rows, inner, columns, first_transposed):
     """Also with `a` the transpose of a matrix in memory (X^T of the second moments: a transposed
     convolution on x86), and accumulated into `out`."""
     rng = np.random.default_rng(rows + inner)
@@ -150,9 +150,13 @@ def test_batched_matmul_equals_float64_products(positions, rows, inner, columns,
     b = rng.normal(size=(positions, inner + 3, columns))[:, :inner]  # a non-contiguous operand, as mahalanobis hands over
     first = torch.from_numpy(a.transpose(0, 2, 1).copy()).float().transpose(1, 2) if first_transposed else torch.from_numpy(a).float()
     second = torch.from_numpy(b).float()[:, :inner]
-    product = batched_matmul(first, second)
+    pieces = list(batched_products(first, second))
+    assert [index for group, _ in pieces for index in range(positions)[group]] == list(range(positions))  # in order, once each
+    product = torch.cat([piece for _, piece in pieces])
     assert product.shape == (positions, rows, columns)
     np.testing.assert_allclose(product.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
+    written = batched_matmul(first, second, out=torch.full((positions, rows, columns), float("nan")))
+    np.testing.assert_allclose(written.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
     earlier = rng.normal(size=(positions, rows, columns))
     total = batched_matmul(first, second, out=torch.from_numpy(earlier).float(), accumulate=True)
     np.testing.assert_allclose(total.double().numpy(), earlier + a @ b, rtol=0, atol=1e-5 * np.abs(earlier + a @ b).max())
