@@ -200,6 +200,19 @@ def test_lower_triangular_inverse_equals_float64_inverse(dims):
     assert not np.triu(inverse, 1).any()
 
 
+@pytest.mark.parametrize("positions, dims", [(4, 5), (3, 33), (5, 144), (20, 300), (2, 690)])
+def test_precision_factor_equals_float64_inverse_cholesky(positions, dims, monkeypatch):
+    """Every block split (2 to 5 blocks), torch.bmm's and the convolutions' shapes, and block rows
+    finished in several steps of positions (a step of 7 for 300 dims)."""
+    monkeypatch.setattr(gaussian, "CHUNK_ELEMENTS", 150 * 150 * 7)
+    rng = np.random.default_rng(dims)
+    samples = rng.normal(size=(positions, dims + 40, dims)) * np.geomspace(0.1, 10, dims)
+    covariance = samples.transpose(0, 2, 1) @ samples / (dims + 40) + COVARIANCE_EPSILON * np.eye(dims)
+    factor = precision_factor_(TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=False))
+    expected = np.linalg.inv(np.linalg.cholesky(covariance))
+    np.testing.assert_allclose(factor.dense().double().numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
 def test_factor_of_a_non_positive_definite_covariance_is_an_error():
     covariance = torch.eye(300).repeat(100, 1, 1)  # 3 chunks of at most 46 matrices, shared by the worker threads
     covariance[77, 2, 2] = -1.0
