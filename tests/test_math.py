@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from utils import gaussian, metrics
 from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
 from utils.embedding import channel_index, chosen_maps, embedding_blocks
-from utils.grid import resample_centred, stride_ratio
+from utils.grid import linear_weights, resample_centred, stride_ratio
 from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, batched_products,
                             block_edges, lower_triangular_inverse, mahalanobis, precision_factor_)
 from utils.model_io import ModelFileError, load_model, save_model, stats_from_content
@@ -320,6 +320,23 @@ def test_centred_resampling_puts_each_cell_on_its_centre():
     down_the_rows = resample_centred(coarse.transpose(1, 2)[:, :3], (12, 16), 4)[0, :, :, 0]  # 3 x 4 cells
     torch.testing.assert_close(down_the_rows[:, 5], expected_row[:12].clamp(max=8.0))
     assert stride_ratio(224, 56) == 4 and stride_ratio(250, 63) == 4 and stride_ratio(56, 7) == 8
+
+
+@pytest.mark.parametrize("source, size, ratio", [((14, 14), (56, 56), 4), ((28, 28), (56, 56), 2), ((31, 31), (63, 63), 2),
+                                                 ((16, 16), (63, 63), 4), ((3, 4), (12, 16), 4)])
+def test_centred_resampling_into_a_channel_slice_equals_both_axes_weights(source, size, ratio):
+    """A band of rows written into a slice of another tensor's channels (as the embedding is filled)
+    equals the separable weights of both axes in float64, and the other channels stay as they were."""
+    maps = torch.randn(2, *source, 5)
+    rows = slice(3, 9)
+    target = torch.full((2, 6, size[1], 9), 7.0)
+    resample_centred(maps, size, ratio, rows=rows, out=target[..., 2:7])
+    down = linear_weights(torch.arange(size[0], dtype=torch.float64) / ratio, source[0])[rows]
+    across = linear_weights(torch.arange(size[1], dtype=torch.float64) / ratio, source[1])
+    expected = torch.einsum("ih,bhwc,jw->bijc", down, maps.double(), across)
+    torch.testing.assert_close(target[..., 2:7].double(), expected, rtol=1e-6, atol=1e-6)
+    assert (target[..., :2] == 7).all() and (target[..., 7:] == 7).all()
+    torch.testing.assert_close(resample_centred(maps, size, ratio, rows=rows), target[..., 2:7], rtol=0, atol=0)
 
 
 def test_anomaly_map_peak_stays_on_its_patch():

@@ -100,8 +100,9 @@ def _fill_band(block: torch.Tensor, layers: list, grid: tuple[int, int], top: in
         if channels_last.shape[1:3] == grid:
             part = channels_last[:, top:bottom]
             part = part if isinstance(local, slice) else select_channels(part, local)
+            block[..., filled:filled + part.shape[-1]] = part
         else:
             ratio = stride_ratio(grid[0], channels_last.shape[1])
-            part = resample_centred(channels_last, grid, ratio, rows=slice(top, bottom))
-        block[..., filled:filled + part.shape[-1]] = part
+            part = resample_centred(channels_last, grid, ratio, rows=slice(top, bottom),
+                                    out=block[..., filled:filled + channels_last.shape[-1]])
         filled += part.shape[-1]
