@@ -296,8 +296,10 @@ def test_embedding_selects_channels_after_centred_resampling():
         bands = list(embedding_blocks([inputs], chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
         assert [top for top, _ in bands] == list(range(0, 8, rows or 8))
         torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), full[..., chosen])
-    for chosen in (index, all_of_the_first_map, torch.tensor([0, 2])):  # held batches keep only the chosen channels
+    for chosen in (index, all_of_the_first_map, torch.tensor([0, 2]), every_channel):  # held batches keep only the chosen channels
         kept = chosen_maps(channels_last, chosen)
+        assert [kept_map is whole for kept_map, whole in zip(kept, channels_last)] == [
+            bool(((chosen >= lo) & (chosen < hi)).sum() == hi - lo) for lo, hi in ((0, 4), (4, 7), (7, 12))]  # no copy of a whole map
         assert [m.shape[1] for m in kept] == [int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in ((0, 4), (4, 7), (7, 12))]
         torch.testing.assert_close(next(embedding_blocks([kept], torch.arange(len(chosen))))[1], full[..., chosen])
     second = [torch.randn(3, *m.shape[1:]) for m in maps]  # two batches in one band: as if concatenated

@@ -32,9 +32,11 @@ def chosen_maps(feature_maps: list[torch.Tensor], index: torch.Tensor) -> list[t
     embedding_blocks(chosen_maps(maps, index), every channel) equals embedding_blocks(maps,
     index): what a batch held for later needs of its maps (wide_resnet50_2: 1.7 of 5.6 MB
     per image). A map with no chosen channel stays as an empty one, so the grid is still the
-    first map's.
+    first map's. A map whose every channel is chosen is passed on as it is, not copied
+    (efficientnet_lite0 keeps all 144: 0.16 s of copies over magnetic_tile's images).
     """
-    return [select_channels(feature_map.permute(0, 2, 3, 1), local).permute(0, 3, 1, 2)
+    return [feature_map if local.numel() == feature_map.shape[1]
+            else select_channels(feature_map.permute(0, 2, 3, 1), local).permute(0, 3, 1, 2)
             for feature_map, local in _local_channels(feature_maps, index)]
 
 
