@@ -415,12 +415,11 @@ def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, factor: TriangularB
     for start in range(0, patches.shape[0], chunk):
         rows = slice(start, start + chunk)
         count = min(chunk, patches.shape[0] - start)
+        scratch = centred[:count * batch * dims]
         if convolved:
-            columns = torch.sub(patches[rows].transpose(1, 2), mean[rows].unsqueeze(2),
-                                out=centred[:count * dims * batch].view(count, dims, batch))
+            columns = torch.sub(patches[rows].transpose(1, 2), mean[rows].unsqueeze(2), out=scratch.view(count, dims, batch))
         else:
-            columns = torch.sub(patches[rows], mean[rows].unsqueeze(1),
-                                out=centred[:count * batch * dims].view(count, batch, dims)).transpose(1, 2)
+            columns = torch.sub(patches[rows], mean[rows].unsqueeze(1), out=scratch.view(count, batch, dims)).transpose(1, 2)
         squares = torch.zeros(count, batch, dtype=torch.float32, device=mean.device)
         for (_, stop), block in zip(factor.spans, factor.blocks):
             for group, whitened in batched_products(block[rows], columns[:, :stop]):
