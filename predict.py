@@ -9,7 +9,6 @@ import argparse
 import csv
 import glob
 import logging
-import math
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,14 +26,16 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
-from utils.cli import at_least, pick_device, positive_float, prove_writable, run_main
-from utils.model_io import MODEL_FILENAME, ModelFileError, atomic_write, load_model, stats_from_content
+from utils.cli import at_least, pick_device, positive_float, run_main
+from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.padim import Padim
 
 log = logging.getLogger("padim.predict")
 
 CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "error", "output_name")
 HEAT_SCALE_TOP = 2.0
+NON_FINITE_ERROR = "non-finite score or map (NaN or infinity): reported anomalous, the model or backbone is damaged"
 
 
 class PredictError(Exception):
@@ -130,9 +131,6 @@ def check_content(content: dict, path: Path) -> None:
         stats_from_content(content)
     except ModelFileError as err:
         raise PredictError(f"{path}: {err}") from err
-    threshold = content["threshold"]
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
-        raise PredictError(f"{path}: threshold {content['threshold']!r} is not a positive number; pass --threshold")
     if content["weights_id"] == "none" and not isinstance(content["training_config"].get("seed"), int):
         raise PredictError(f"{path}: random-init model without the seed needed to rebuild its backbone")
 
@@ -323,10 +321,13 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
         for (batch, originals), maps, scores in model.padim.stream_anomaly_maps(readable_batches(bar)):
             _finish(in_flight, rows, names)
+            finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
             in_flight = [(index, writer.submit(write, amap, original, names[index]))
-                         for index, amap, original in zip(batch.indices, maps, originals)]
-            for index, score in zip(batch.indices, scores.numpy()):
-                rows[index].update(score=_number(float(score)), is_anomalous=str(bool(score > threshold)))
+                         for index, amap, original, ok in zip(batch.indices, maps, originals, finite) if ok]
+            for index, score, ok in zip(batch.indices, scores.tolist(), finite):
+                rows[index].update(score=_number(score), is_anomalous=str(score > threshold or not ok))
+                if not ok:
+                    rows[index]["error"] = NON_FINITE_ERROR
         _finish(in_flight, rows, names)
     return rows
 
@@ -342,23 +343,33 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Refuse a bad model or input before the heavy work, then score, write, and summarise on stdout."""
+    """Refuse a bad model or input before the heavy work, then score, write, and summarise on stdout.
+
+    Exit 1 when no image could be read, or when any image got a non-finite score: those are
+    reported anomalous, never good, and the user is told the model is not to be trusted.
+    """
     content, model_path, weights = read_model(args.model, args.weights)
     paths = collect_inputs(args.input)
     prepare_output(args.output, args.save_masks)
-    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
-    threshold = args.threshold if args.threshold is not None else model.threshold
-    if args.threshold is not None:
-        log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)
-    log.info("heat map colour scale: 0 .. %.4f (%g x threshold)", HEAT_SCALE_TOP * threshold, HEAT_SCALE_TOP)
-    rows = score_images(model, paths, output_names(paths), threshold, args)
-    csv_path = args.output / "predictions.csv"
-    write_csv(rows, csv_path)
+    with folder_lock(args.output, "output folder", PredictError):
+        model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
+        threshold = args.threshold if args.threshold is not None else model.threshold
+        if args.threshold is not None:
+            log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)
+        log.info("heat map colour scale: 0 .. %.4f (%g x threshold)", HEAT_SCALE_TOP * threshold, HEAT_SCALE_TOP)
+        rows = score_images(model, paths, output_names(paths), threshold, args)
+        csv_path = args.output / "predictions.csv"
+        write_csv(rows, csv_path)
     scored = [row for row in rows if "score" in row]
+    non_finite = sum(row.get("error") == NON_FINITE_ERROR for row in scored)
     anomalous = sum(row["is_anomalous"] == "True" for row in scored)
-    print(f"{len(scored)} of {len(rows)} images scored, {anomalous} anomalous (threshold {threshold:.4f}), "
-          f"{len(rows) - len(scored)} unreadable")
+    print(f"{len(scored) - non_finite} of {len(rows)} images scored, {anomalous} anomalous (threshold {threshold:.4f}), "
+          f"{len(rows) - len(scored)} unreadable, {non_finite} non-finite (reported anomalous)")
     print(f"predictions: {csv_path}")
+    if non_finite:
+        print(f"error: {non_finite} images got a non-finite score: the model or backbone is damaged "
+              "(they are reported anomalous in predictions.csv)", file=sys.stderr)
+        return 1
     if not scored:
         print("error: no image could be read (reasons in predictions.csv)", file=sys.stderr)
         return 1
@@ -368,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    return run_main(run, args, (PredictError, ModelFileError, WeightsError), "predictions.csv was not written")
+    return run_main(run, args, (PredictError, ModelFileError, WeightsError, OutputWriteError), "predictions.csv was not written")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
-from utils.cli import at_least, pick_device, prove_writable, run_main, unit_interval
-from utils.model_io import ModelFileError, atomic_write
+from utils.cli import at_least, pick_device, run_main, unit_interval
+from utils.model_io import ModelFileError
+from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.plotting import plot_class_results
 
 log = logging.getLogger("padim")
@@ -177,9 +178,16 @@ def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every class of the run, with the results folder held so that no other run writes there meanwhile."""
     if args.demo:
         ensure_demo_data(args.data_path)
     out_dir = prepare_output(args)
+    with folder_lock(out_dir, "results folder", DataError):
+        return run_classes(args, out_dir)
+
+
+def run_classes(args: argparse.Namespace, out_dir: Path) -> int:
+    """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
     jobs = class_jobs(args)
     setup_logging(out_dir)
     log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
@@ -207,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_main(run, args, (DataError, WeightsError, ModelFileError),
+    return run_main(run, args, (DataError, WeightsError, ModelFileError, OutputWriteError),
                     "finished classes are in master_results.csv; rerun to complete")
 
 

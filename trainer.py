@@ -24,8 +24,9 @@ from datasets.split import ClassSplit, DataError
 from utils import metrics
 from utils.backbones import FeatureExtractor
 from utils.embedding import channel_index
-from utils.model_io import (MODEL_FILENAME, ModelFileError, atomic_write, load_model, save_model, stats_content,
+from utils.model_io import (MODEL_FILENAME, ModelFileError, load_model, save_model, stats_content,
                             stats_from_content, training_fingerprint)
+from utils.output_files import atomic_write
 from utils.padim import GaussianStats, Padim
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,17 @@ class ScoredSet:
     masks: np.ndarray
     images: np.ndarray
     skipped: int
+
+
+class NonFiniteError(ValueError):
+    """A NaN or an infinity where a score, statistic or threshold must be: the class fails, it is never a metric."""
+
+
+def require_finite_scores(scores: np.ndarray, what: str) -> None:
+    """NonFiniteError naming how many of `what` got a non-finite score."""
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise NonFiniteError(f"{bad} of {scores.size} {what} got a non-finite score (NaN or infinity)")
 
 
 def _loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace, augment=None) -> DataLoader:
@@ -180,6 +192,7 @@ def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argpar
     scored = score_samples(model, samples, geometry, args, "threshold", keep_maps=False)
     if scored.scores.size == 0:
         raise DataError("no readable image to set the threshold")
+    require_finite_scores(scored.scores, "threshold images")
     value = metrics.threshold_from_normals(scored.scores, args.threshold_quantile)
     provenance = {"source": source, "quantile": args.threshold_quantile, "n_images": int(scored.scores.size)}
     return value, provenance, scored.skipped
@@ -198,6 +211,8 @@ def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geom
     torch.manual_seed(args.seed)
     batches = _batches(_loader(split.fit, geometry, args, augment), "fit", skipped)
     stats = model.fit(batch.images for batch in batches)
+    if not stats.is_finite():
+        raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
     threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args)
     if args.save_distribution:
         save_model(model_path, {
@@ -293,6 +308,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
     scored = score_samples(model, split.test, geometry, args, "score", keep_maps=True)
     if scored.scores.size == 0:
         raise DataError("no readable test image")
+    require_finite_scores(scored.scores, "test images")
     result = evaluate(scored, threshold, split.name, has_ground_truth)
     eval_seconds = time.perf_counter() - start
     write_scores(result, out_dir / SCORES_FILENAME)

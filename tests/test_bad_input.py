@@ -16,7 +16,7 @@ from PIL import Image
 
 import run_experiment
 from datasets.images import Geometry, ImageDataset, ImageReadError, Sample, read_mask, read_rgb
-from utils.model_io import ModelFileError, load_model
+from utils.model_io import ModelFileError, load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model_architecture", "resnet18", "--weights", "none", "--resize", "64", "--cropsize", "56",
@@ -213,7 +213,7 @@ def test_model_files_that_are_damaged_foreign_or_malicious_are_refused(tmp_path)
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(old.read_bytes()[:40])
-    for path, message in [(malicious, "could run code"), (torch_malicious, "could run code"),
+    for path, message in [(malicious, "refused, not a model file"), (torch_malicious, "could run code"),
                           (old, "format version 0"), (foreign, "not a PaDiM suite model"),
                           (truncated, "truncated or damaged"), (tmp_path / "missing.pt", "no model file")]:
         with pytest.raises(ModelFileError, match=message):
@@ -226,14 +226,21 @@ def _truncate(model_path: Path) -> None:
 
 
 def _drop_a_factor_block(model_path: Path) -> None:
-    """Same identity, readable, but the statistics no longer fit: must not reach the Mahalanobis step."""
+    """Same identity, readable, sealed, but the statistics no longer fit: must not reach the Mahalanobis step."""
     content = load_model(model_path)
     content["precision_factor"] = content["precision_factor"][:-1]
+    save_model(model_path, {key: value for key, value in content.items() if key != "checksum"})
+
+
+def _flip_a_bit_of_the_mean(model_path: Path) -> None:
+    content = load_model(model_path)
+    content["mean"].view(torch.int32)[0, 0] ^= 1 << 20
     torch.save(content, model_path)
 
 
 @pytest.mark.parametrize("damage, reason", [(_truncate, "truncated or damaged"),
-                                            (_drop_a_factor_block, "statistics shapes do not match")])
+                                            (_drop_a_factor_block, "statistics shapes do not match"),
+                                            (_flip_a_bit_of_the_mean, "damaged (checksum mismatch)")])
 def test_a_damaged_cached_model_is_refitted_not_trusted(tmp_path, texture_root, caplog, damage, reason):
     data = _class_copy(texture_root, tmp_path)
     _run(tmp_path, data, "--save_distribution")

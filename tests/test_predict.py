@@ -22,6 +22,7 @@ import run_experiment
 from datasets.images import Geometry
 from utils.anomaly_map import blend_overlay, input_geometry, to_original_resolution
 from utils.backbones import load_backbone
+from utils.model_io import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--dataset", "mvtec", "--model_architecture", "resnet18", "--weights", "none", "--resize", "64",
@@ -180,6 +181,11 @@ def _real_content(trained: Trained) -> dict:
     return torch.load(trained.model_dir / "padim_model.pt", weights_only=True)
 
 
+def _resealed(content: dict, path: Path) -> None:
+    """Write changed content as save_model does, with a checksum that matches it: reaches the checks after the checksum."""
+    save_model(path, {key: value for key, value in content.items() if key != "checksum"})
+
+
 def _broken_model(kind: str, trained: Trained, folder: Path, marker: Path) -> Path:
     """A model file (or folder) broken in the way `kind` names."""
     path = folder / "padim_model.pt"
@@ -191,18 +197,31 @@ def _broken_model(kind: str, trained: Trained, folder: Path, marker: Path) -> Pa
     if kind == "truncated":
         data = (trained.model_dir / "padim_model.pt").read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "zero_bytes":
+        path.write_bytes(b"")
     elif kind == "old_format":
         torch.save({"format": "padim-suite-model", "format_version": 0}, path)
+    elif kind == "before_checksums":
+        content = _real_content(trained)
+        del content["checksum"]
+        torch.save({**content, "format_version": 4}, path)
+    elif kind == "changed_number":
+        content = _real_content(trained)
+        content["mean"][5, 7] += 0.5
+        torch.save(content, path)
+    elif kind == "changed_threshold":
+        torch.save({**_real_content(trained), "threshold": 1e9}, path)
     elif kind == "not_a_dict":
         torch.save([1, 2, 3], path)
     elif kind == "unknown_backbone":
-        torch.save({**_real_content(trained), "backbone": "vgg99"}, path)
+        _resealed({**_real_content(trained), "backbone": "vgg99"}, path)
     elif kind == "factor_blocks_wrong":
         content = _real_content(trained)
-        torch.save({**content, "precision_factor": content["precision_factor"][:1]}, path)
-    elif kind == "factor_dense":  # version 2's layout under a version 3 label
-        content = _real_content(trained)
-        torch.save({**content, "precision_factor": torch.zeros(196, 100, 100)}, path)
+        _resealed({**content, "precision_factor": content["precision_factor"][:1]}, path)
+    elif kind == "factor_dense":  # version 2's layout
+        _resealed({**_real_content(trained), "precision_factor": torch.zeros(196, 100, 100)}, path)
+    elif kind == "threshold_nan":
+        _resealed({**_real_content(trained), "threshold": float("nan")}, path)
     elif kind == "malicious_torch":
         torch.save({"format": "padim-suite-model", "payload": MarkerPayload(marker)}, path)
     elif kind == "malicious_pickle":
@@ -214,7 +233,12 @@ BROKEN = {
     "missing": "no model file",
     "several_classes": "but its class folders do (brick)",
     "truncated": "truncated or damaged",
+    "zero_bytes": "truncated or damaged",
     "old_format": "format version 0",
+    "before_checksums": "model format version 4, this tool reads version 5 (earlier files carry no checksum); retrain it",
+    "changed_number": "damaged (checksum mismatch)",
+    "changed_threshold": "damaged (checksum mismatch)",
+    "threshold_nan": "threshold nan is not a positive finite number",
     "not_a_dict": "not a PaDiM suite model file",
     "unknown_backbone": "'vgg99' is unknown",
     "factor_blocks_wrong": "statistics shapes do not match",
@@ -258,7 +282,7 @@ def test_weights_file_must_be_the_training_one(trained: Trained, texture_root: P
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    torch.save({**_real_content(trained), "weights_id": f"file:backbone.pt:{digest}"}, model_dir / "padim_model.pt")
+    _resealed({**_real_content(trained), "weights_id": f"file:backbone.pt:{digest}"}, model_dir / "padim_model.pt")
     other = tmp_path / "other.pt"
     other.write_bytes(weights.read_bytes() + b"\0")
     common = ["--model", str(model_dir), "--input", str(texture_root / "brick" / "test" / "good" / "000.png"), *PREDICT_FLAGS]

@@ -8,8 +8,6 @@ import logging
 import math
 import signal
 import sys
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -70,13 +68,3 @@ def pick_device(wanted: str, flag: str) -> torch.device:
     if wanted == "cuda" and not cuda:
         log.warning("%s but no CUDA device: using the CPU", flag)
     return torch.device("cuda" if cuda and wanted != "cpu" else "cpu")
-
-
-def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
-    """Create `folder` and write a probe file in it, so an unwritable output fails before any heavy work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise error(f"{what} {folder} is not writable ({err.strerror})") from err

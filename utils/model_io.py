@@ -1,4 +1,5 @@
-"""The model file: tensors and plain metadata only, written atomically, loaded without pickle code.
+"""The model file: tensors and plain metadata only, written atomically, loaded without pickle code,
+and sealed with a sha256 of its content so that a damaged copy is refused, never scored.
 
 Everything predict.py needs to score an image lives here, so it never needs the training data.
 """
@@ -9,28 +10,25 @@ import itertools
 import math
 import os
 import pickle
-import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
 
 from datasets.images import Sample
 from utils.gaussian import TriangularBlocks
+from utils.output_files import atomic_write
 from utils.padim import GaussianStats
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 4  # 4: precision factor as the lower row blocks of W (utils.gaussian.TriangularBlocks)
-# 3: the same numbers as column blocks of W^T, read by transposing them; 2: centre-aligned
-# resampling (utils.grid), its dense factor and version 1's statistics are not read
-READABLE_VERSIONS = (3, MODEL_FORMAT_VERSION)
+MODEL_FORMAT_VERSION = 5  # 5 adds the checksum; files of earlier versions cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 REQUIRED_KEYS = {
     "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
     "normalization_mean", "normalization_std", "mean", "precision_factor", "grid", "n_train",
-    "threshold", "threshold_provenance", "fingerprint", "training_config", "class_name",
+    "threshold", "threshold_provenance", "fingerprint", "training_config", "class_name", "checksum",
 }
+ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
 class ModelFileError(Exception):
@@ -46,19 +44,6 @@ def training_fingerprint(samples: list[Sample], root: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`: an interrupted run never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def stats_content(stats: GaussianStats) -> dict:
     """The model file's entries for the fitted Gaussian, on the CPU."""
     return {"mean": stats.mean.cpu(), "precision_factor": stats.factor.to("cpu").blocks,
@@ -68,54 +53,113 @@ def stats_content(stats: GaussianStats) -> dict:
 def stats_from_content(content: dict) -> GaussianStats:
     """The fitted Gaussian back from a loaded model file's entries (stats_content's inverse).
 
-    ModelFileError when mean and precision factor do not fit the grid and the channel index (a
-    damaged or hand-made file, or version 2's dense factor): scoring would fail deep inside
-    the Mahalanobis step, or worse, not fail. The factor's blocks may split the rows
-    anywhere (files written with another BLOCK_WIDTH), as long as they cover the triangle.
-    Version 3 files hold the transposes of these blocks (W^T's columns): they are turned.
+    ModelFileError when mean and precision factor do not fit the grid and the channel index,
+    or hold a non-finite number: scoring would fail deep inside the Mahalanobis step, or
+    worse, not fail. The factor's blocks may split the rows anywhere (files written with
+    another BLOCK_WIDTH), as long as they cover the triangle.
     """
     mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
     dims = len(content["channel_index"])
     positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
     blocks_ok = isinstance(factor, list) and len(factor) > 0 and all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in factor)
-    if blocks_ok and content.get("format_version", MODEL_FORMAT_VERSION) == 3:
-        factor = [block.transpose(1, 2).contiguous() for block in factor]
     edges = list(itertools.accumulate((block.shape[1] for block in factor), initial=0)) if blocks_ok else []
     if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and blocks_ok
             and all(a < b for a, b in itertools.pairwise(edges)) and edges[-1] == dims
             and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=True, edges=edges)):
         raise ModelFileError(f"statistics shapes do not match grid {list(grid)} and {dims} channels")
-    return GaussianStats(mean, TriangularBlocks(list(factor), lower=True), tuple(grid), content["n_train"])
+    stats = GaussianStats(mean, TriangularBlocks(list(factor), lower=True), tuple(grid), content["n_train"])
+    if not stats.is_finite():
+        raise ModelFileError("the mean or precision factor holds a non-finite number")
+    return stats
+
+
+def _digest_value(digest, value) -> None:
+    """Feed `value` to `digest` in an encoding that tells every type, length and number apart."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        digest.update(f"tensor {data.dtype} {tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key, item in sorted(value.items(), key=lambda pair: repr(pair[0])):
+            _digest_value(digest, key)
+            _digest_value(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"list {len(value)}\n".encode())
+        for item in value:
+            _digest_value(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+    else:
+        raise ModelFileError(f"unexpected {type(value).__name__} in the model content")
+
+
+def content_checksum(content: dict) -> str:
+    """sha256 of every entry but the checksum itself: any changed number, name or shape changes it."""
+    digest = hashlib.sha256()
+    _digest_value(digest, {key: value for key, value in content.items() if key != "checksum"})
+    return digest.hexdigest()
 
 
 def save_model(path: Path, content: dict) -> None:
+    """Write the model file with its format, version and checksum."""
     content = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **content}
-    missing = REQUIRED_KEYS - content.keys()
+    missing = REQUIRED_KEYS - content.keys() - {"checksum"}
     if missing:
         raise ValueError(f"model content lacks {sorted(missing)}")
+    content["checksum"] = content_checksum(content)
     atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
+def _archive_ends_at_file_end(path: Path) -> bool:
+    """True when nothing follows the zip archive: torch.load ignores appended bytes, a copy that has them is damaged."""
+    with path.open("rb") as handle:
+        if handle.seek(0, os.SEEK_END) < 22:
+            return False
+        handle.seek(-22, os.SEEK_END)
+        return handle.read(4) == ZIP_END_RECORD
+
+
+def _read_content(path: Path):
+    """torch.load with tensors and plain data only; any failure to parse the bytes is damage, not a crash."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise ModelFileError(f"{path}: refused, it holds objects other than tensors and plain data (it could run code)") from err
+        raise ModelFileError(f"{path}: refused, not a model file that loads as tensors and plain data "
+                             "(truncated, damaged, or another kind of file)") from err
+    except Exception as err:  # a damaged archive or pickle surfaces as many exception types
+        raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def load_model(path: Path) -> dict:
-    """Load and validate a model file; never unpickles anything but tensors and plain data."""
+    """Load and verify a model file: never unpickles anything but tensors and plain data, and
+    refuses any content that differs from what save_model wrote (checksum)."""
     if path.is_dir():
         path = path / MODEL_FILENAME
     if not path.is_file():
         raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelFileError(f"{path}: refused, it holds objects other than tensors and plain data (it could run code)") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({str(err).splitlines()[0]})") from err
+    content = _read_content(path)
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")
-    if content.get("format_version") not in READABLE_VERSIONS:
-        raise ModelFileError(f"{path}: model format version {content.get('format_version')}, this tool reads "
-                             f"{' and '.join(map(str, READABLE_VERSIONS))}; retrain it")
+    version = content.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
+                             "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution")
+    if content.get("checksum") != content_checksum(content) or not _archive_ends_at_file_end(path):
+        raise ModelFileError(f"{path}: damaged (checksum mismatch)")
     missing = REQUIRED_KEYS - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
+    threshold = content["threshold"]
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold) and threshold > 0):
+        raise ModelFileError(f"{path}: threshold {threshold!r} is not a positive finite number")
     return content

@@ -70,6 +70,10 @@ class GaussianStats:
     grid: tuple[int, int]
     count: int
 
+    def is_finite(self) -> bool:
+        """False when the mean or the factor holds a NaN or an infinity: such a model must never score."""
+        return bool(torch.isfinite(self.mean).all()) and all(bool(torch.isfinite(block).all()) for block in self.factor.blocks)
+
 
 class Padim:
     """Fit a Gaussian per patch position on good images; score images by Mahalanobis distance."""

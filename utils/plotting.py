@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from utils import metrics
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
-from utils.model_io import atomic_write
+from utils.output_files import atomic_write
 
 if TYPE_CHECKING:
     from datasets.images import Sample

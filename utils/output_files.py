@@ -1,0 +1,93 @@
+"""Writing results safely: whole files or none, the permissions a plain write gives, one run per folder.
+
+Every file a run writes goes through atomic_write, so an interrupt, a full disk or a file
+size limit leaves the previous file (or none), never half of one. A run holds its results
+folder with folder_lock, so two runs can never interleave their files there.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+LOCK_FILENAME = ".padim.lock"
+
+
+class OutputWriteError(Exception):
+    """A result file that could not be written (disk full, file too large, folder gone or read-only)."""
+
+
+def _plain_write_mode() -> int:
+    """0o666 less the process umask: what open() gives a new file (mkstemp's own 0o600 would hide
+    results from teammates on a shared server)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` then rename onto `path`: an interrupted or failed write never leaves a half file.
+
+    A failure to write (OSError, or torch.save's RuntimeError for the same causes) becomes
+    OutputWriteError naming `path`, not the temporary file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, _plain_write_mode())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise OutputWriteError(f"cannot write {path}: {reason}") from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
+    """Create `folder` and write a probe file in it, so an unwritable output fails before any heavy work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise error(f"{what} {folder} is not writable ({err.strerror})") from err
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str, error: type[Exception]) -> Iterator[None]:
+    """Hold `folder` for this process; another holder makes `error` naming it (pid, host, since when).
+
+    An flock on `folder`/.padim.lock: the kernel drops it when its holder exits, however
+    it exits (SIGKILL, power loss of a client), so a stale lock never blocks the next run.
+    The file itself stays and only says who held it last.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILENAME
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise error(f"{what} {folder} is in use by another run ({holder}); wait for it to finish "
+                        "or write elsewhere") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
