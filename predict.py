@@ -26,7 +26,7 @@ from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batc
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
-from utils.cli import at_least, pick_device, positive_float, run_main
+from utils.cli import at_least, install_log_handler, pick_device, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.padim import Padim
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging() -> None:
     """INFO and above on stderr, next to the progress bar."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
 
 
 def model_file(path: Path) -> Path:
@@ -139,7 +139,10 @@ def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path,
     """The validated model file, its path and build_extractor's `weights`: every refusal comes before heavy work."""
     path = model_file(model_path)
     content = load_model(path)
-    check_content(content, path)
+    try:
+        check_content(content, path)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:  # a well-typed entry with odd insides
+        raise PredictError(f"{path}: malformed model file ({err})") from err
     return content, path, weights_argument(content["weights_id"], weights_path)
 
 

@@ -20,7 +20,7 @@ from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import DATASET_LOADERS, run_class_processing
 from utils.backbones import BACKBONES, WeightsError, build_extractor
-from utils.cli import at_least, pick_device, run_main, unit_interval
+from utils.cli import at_least, install_log_handler, pick_device, run_main, unit_interval
 from utils.model_io import ModelFileError
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.plotting import plot_class_results
@@ -149,24 +149,11 @@ def prepare_output(args: argparse.Namespace) -> Path:
     return out_dir
 
 
-LOG_HANDLER_NAMES = ("padim-log-file", "padim-console")
-
-
 def setup_logging(out_dir: Path) -> None:
-    """Everything to experiment_log.log, warnings and errors to the console; replaces an earlier run's handlers."""
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in [h for h in root.handlers if h.get_name() in LOG_HANDLER_NAMES]:
-        root.removeHandler(handler)
-        handler.close()
-    file_handler = logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    console.setLevel(logging.WARNING)
-    for name, handler in zip(LOG_HANDLER_NAMES, (file_handler, console)):
-        handler.set_name(name)
-        root.addHandler(handler)
+    """Everything to experiment_log.log, warnings and errors to the console."""
+    install_log_handler("padim-log-file", logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8"),
+                        logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s")
 
 
 def write_results(rows: list[dict], path: Path) -> pd.DataFrame:

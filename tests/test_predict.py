@@ -7,35 +7,23 @@ import pickle
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 import predict
-import run_experiment
+from conftest import Trained
 from datasets.images import Geometry
 from utils.anomaly_map import blend_overlay, input_geometry, to_original_resolution
 from utils.backbones import load_backbone
 from utils.model_io import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--dataset", "mvtec", "--model_architecture", "resnet18", "--weights", "none", "--resize", "64",
-               "--cropsize", "56", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
-               "--save_distribution", "--results_subdir", "r", "--max_visualizations", "0"]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
-
-
-@dataclass(frozen=True)
-class Trained:
-    model_dir: Path
-    scores: dict[Path, float]
-    threshold: float
 
 
 class MarkerPayload:
@@ -46,19 +34,6 @@ class MarkerPayload:
 
     def __reduce__(self):
         return open, (str(self.path), "w")
-
-
-@pytest.fixture(scope="module")
-def trained(texture_root: Path, tmp_path_factory) -> Trained:
-    """Train brick once; run_experiment's scores.csv holds the per-image test scores it computed."""
-    results = tmp_path_factory.mktemp("predict_results")
-    code = run_experiment.main(TRAIN_FLAGS + ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)])
-    assert code == 0
-    scores = pd.read_csv(results / "r" / "brick" / "scores.csv")
-    captured = {Path(path): float(score) for path, score in zip(scores.path, scores.score)}
-    model_dir = results / "r" / "brick"
-    content = torch.load(model_dir / "padim_model.pt", weights_only=True)
-    return Trained(model_dir, captured, content["threshold"])
 
 
 def read_rows(out_dir: Path) -> list[dict]:
@@ -242,7 +217,7 @@ BROKEN = {
     "not_a_dict": "not a PaDiM suite model file",
     "unknown_backbone": "'vgg99' is unknown",
     "factor_blocks_wrong": "statistics shapes do not match",
-    "factor_dense": "statistics shapes do not match",
+    "factor_dense": "malformed model file, unexpected types of precision_factor",
     "malicious_torch": "refused",
     "malicious_pickle": "refused",
 }

@@ -68,3 +68,17 @@ def pick_device(wanted: str, flag: str) -> torch.device:
     if wanted == "cuda" and not cuda:
         log.warning("%s but no CUDA device: using the CPU", flag)
     return torch.device("cuda" if cuda and wanted != "cpu" else "cpu")
+
+
+def install_log_handler(name: str, handler: logging.Handler, level: int, message_format: str) -> None:
+    """Put `handler` on the root logger under `name`, replacing an earlier one of that name (a second
+    run in one process, as in tests), and leaving handlers of other names (pytest's) alone."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if h.get_name() == name]:
+        root.removeHandler(old)
+        old.close()
+    handler.set_name(name)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter(message_format))
+    root.addHandler(handler)

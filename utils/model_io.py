@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,11 +24,13 @@ from utils.padim import GaussianStats
 MODEL_FORMAT = "padim-suite-model"
 MODEL_FORMAT_VERSION = 5  # 5 adds the checksum; files of earlier versions cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
-REQUIRED_KEYS = {
-    "format", "format_version", "backbone", "weights_id", "layers", "channel_index", "resize", "cropsize",
-    "normalization_mean", "normalization_std", "mean", "precision_factor", "grid", "n_train",
-    "threshold", "threshold_provenance", "fingerprint", "training_config", "class_name", "checksum",
+ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
+    "backbone": str, "weights_id": str, "layers": list, "channel_index": torch.Tensor, "resize": int, "cropsize": int,
+    "normalization_mean": list, "normalization_std": list, "mean": torch.Tensor, "precision_factor": list,
+    "grid": list, "n_train": int, "threshold": float, "threshold_provenance": dict, "fingerprint": str,
+    "training_config": dict, "class_name": str, "checksum": str,
 }
+REQUIRED_KEYS = {"format", "format_version", *ENTRY_TYPES}
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
@@ -111,13 +114,28 @@ def save_model(path: Path, content: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
-def _archive_ends_at_file_end(path: Path) -> bool:
-    """True when nothing follows the zip archive: torch.load ignores appended bytes, a copy that has them is damaged."""
+def _archive_intact(path: Path) -> bool:
+    """The bytes the checksum cannot see are as torch.save wrote them.
+
+    Nothing follows the zip archive's end record (torch.load ignores appended bytes), and the
+    small records (pickled metadata, version, byte order) pass their CRC-32: a flip there can
+    leave what they decode to unchanged (a storage's location tag, overridden by map_location).
+    The tensor records are covered by the checksum.
+    """
     with path.open("rb") as handle:
         if handle.seek(0, os.SEEK_END) < 22:
             return False
         handle.seek(-22, os.SEEK_END)
-        return handle.read(4) == ZIP_END_RECORD
+        if handle.read(4) != ZIP_END_RECORD:
+            return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if "/data/" not in info.filename:
+                    archive.read(info)
+    except Exception:  # zipfile reports a damaged record in several exception types
+        return False
+    return True
 
 
 def _read_content(path: Path):
@@ -154,12 +172,14 @@ def load_model(path: Path) -> dict:
     if version != MODEL_FORMAT_VERSION:
         raise ModelFileError(f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
                              "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution")
-    if content.get("checksum") != content_checksum(content) or not _archive_ends_at_file_end(path):
+    if content.get("checksum") != content_checksum(content) or not _archive_intact(path):
         raise ModelFileError(f"{path}: damaged (checksum mismatch)")
     missing = REQUIRED_KEYS - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
-    threshold = content["threshold"]
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold) and threshold > 0):
-        raise ModelFileError(f"{path}: threshold {threshold!r} is not a positive finite number")
+    mistyped = sorted(key for key, kind in ENTRY_TYPES.items() if not isinstance(content[key], kind) or isinstance(content[key], bool))
+    if mistyped:
+        raise ModelFileError(f"{path}: malformed model file, unexpected types of {', '.join(mistyped)}")
+    if not (math.isfinite(content["threshold"]) and content["threshold"] > 0):
+        raise ModelFileError(f"{path}: threshold {content['threshold']!r} is not a positive finite number")
     return content

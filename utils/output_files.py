@@ -46,10 +46,12 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(Path(tmp))
         os.chmod(tmp, _plain_write_mode())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-        raise OutputWriteError(f"cannot write {path}: {reason}") from err
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
+    except RuntimeError as err:  # torch.save's writer does not say why a write fell short
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputWriteError(f"cannot write {path}: the write fell short (disk full or a file size limit?)") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
