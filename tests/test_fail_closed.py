@@ -110,7 +110,7 @@ def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(train
     rng = np.random.default_rng(1)
     damaged, refused = tmp_path / "padim_model.pt", 0
     for low, high in gaps:
-        for position in rng.choice(np.arange(low, high), min(40, high - low), replace=False):
+        for position in rng.choice(np.arange(low, high), min(20, high - low), replace=False):
             data = bytearray(original)
             data[position] ^= 1 << int(rng.integers(0, 8))
             damaged.write_bytes(bytes(data))
@@ -341,21 +341,21 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
 
 def test_a_second_run_into_a_busy_results_folder_stops_naming_the_first(texture_root: Path, tmp_path: Path, capsys):
     """A real run holds its folder: a second one stops at once, the first finishes with consistent files."""
-    results = tmp_path / "res"
-    command = [sys.executable, str(ROOT / "run_experiment.py"), *FAST, "--data_path", str(texture_root),
+    results, data = tmp_path / "res", texture_root / "brick"
+    command = [sys.executable, str(ROOT / "run_experiment.py"), *FAST, "--data_path", str(data),
                "--base_results_dir", str(results)]
     first = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen = ""
     while "fit" not in seen and first.poll() is None:
         seen += first.stderr.read(1)
     capsys.readouterr()
-    code = run_experiment.main([*FAST, "--data_path", str(texture_root), "--base_results_dir", str(results)])
+    code = run_experiment.main([*FAST, "--data_path", str(data), "--base_results_dir", str(results)])
     err = capsys.readouterr().err
     first.communicate(timeout=300)
     assert code == 1 and err.startswith(f"error: results folder {results / 'r'} is in use by another run (pid {first.pid} ")
     assert first.returncode == 0
     table = pd.read_csv(results / "r" / "master_results.csv")
-    assert list(table.class_name) == ["brick", "gravel"] and list(table.status) == ["ok", "ok"]
+    assert list(table.class_name) == ["brick"] and list(table.status) == ["ok"]
 
 
 def test_predict_into_a_busy_output_folder_stops_and_a_killed_holder_does_not_block(trained: Trained,

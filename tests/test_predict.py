@@ -208,7 +208,7 @@ BROKEN = {
     "missing": "no model file",
     "several_classes": "but its class folders do (brick)",
     "truncated": "truncated or damaged",
-    "zero_bytes": "truncated or damaged",
+    "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
     "before_checksums": "model format version 4, this tool reads version 5 (earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",

@@ -154,8 +154,9 @@ def _read_content(path: Path):
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    """The first sentence of an exception's message (torch's go on with advice about checkpoints)."""
+    text = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(err).strip() else ""
+    return text or type(err).__name__
 
 
 def load_model(path: Path) -> dict:
@@ -165,6 +166,8 @@ def load_model(path: Path) -> dict:
         path = path / MODEL_FILENAME
     if not path.is_file():
         raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: empty file, not a model (an interrupted copy?)")
     content = _read_content(path)
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")
