@@ -25,8 +25,8 @@ from tqdm import tqdm
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
-from utils.backbones import BACKBONES, WeightsError, build_extractor, weights_digest
-from utils.cli import at_least, install_log_handler, pick_device, positive_float, run_main
+from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
+from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.padim import Padim
@@ -53,7 +53,7 @@ class LoadedModel:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its help; defaults shown by --help."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = StrictParser(__doc__)
     parser.add_argument("--model", type=Path, required=True,
                         help=f"a class results folder (holding {MODEL_FILENAME}) or the model file itself")
     parser.add_argument("--input", action="append", required=True, metavar="IMAGE|FOLDER|GLOB",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from importlib import import_module
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import bowtie, mvtec
+from datasets import DATASET_LAYOUTS
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset, Sample, build_flips, collate_skipping_failures
 from datasets.split import ClassSplit, DataError
 from utils import metrics
@@ -31,7 +32,7 @@ from utils.padim import GaussianStats, Padim
 
 log = logging.getLogger(__name__)
 
-DATASET_LOADERS = {"mvtec": mvtec.load_class, "bowtie": bowtie.load_class}
+DATASET_LOADERS = {name: import_module(f"datasets.{name}").load_class for name in DATASET_LAYOUTS}
 SCORES_FILENAME = "scores.csv"
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
 

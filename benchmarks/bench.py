@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+import experiment  # noqa: E402
 import run_experiment  # noqa: E402
 import trainer  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
@@ -211,7 +212,7 @@ def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devi
 
 def fit_peak_rss(pargs: argparse.Namespace, split: ClassSplit) -> tuple[float, float]:
     """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
-    devices = run_experiment.resolve_devices(pargs)
+    devices = experiment.resolve_devices(pargs)
     extractor, _ = build_extractor(pargs.model_architecture, pargs.weights, devices["backbone"], pargs.seed)
     model = new_model(extractor, pargs, devices)
     baseline = peak_rss_mib()
@@ -254,7 +255,7 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
     sees the same images (the split depends only on settings that are the same for all).
     """
     splits = []
-    for _, class_dir, _ in run_experiment.class_jobs(pargs):
+    for _, class_dir, _ in experiment.class_jobs(pargs):
         split = trainer.DATASET_LOADERS[pargs.dataset](class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed,
                                                        test_sample_ratio=pargs.test_sample_ratio)
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
@@ -264,7 +265,7 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
 def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[ClassSplit]) -> list[dict]:
     """One row per class for this backbone."""
     pargs = pipeline_args(args, backbone)
-    devices = run_experiment.resolve_devices(pargs)
+    devices = experiment.resolve_devices(pargs)
     extractor, _ = build_extractor(backbone, pargs.weights, devices["backbone"], pargs.seed)
     rows = []
     for split in splits:

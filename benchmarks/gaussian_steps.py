@@ -24,7 +24,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench import synchronize  # noqa: E402
-from utils.cli import at_least, pick_device  # noqa: E402
+from utils.backbones import pick_device  # noqa: E402
+from utils.cli import at_least  # noqa: E402
 from utils.embedding import embedding_blocks  # noqa: E402
 from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
                             mahalanobis, precision_factor_)

@@ -10,13 +10,21 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import experiment
 import run_experiment
 import trainer
 from datasets import bowtie
 from datasets.images import Geometry
 from datasets.split import DataError
-from run_experiment import RESULT_COLUMNS
-from utils.backbones import BACKBONES, FeatureExtractor, WeightsError, build_extractor, load_backbone
+from experiment import RESULT_COLUMNS
+from utils.backbones import (
+    BACKBONES,
+    TRUNKS,
+    FeatureExtractor,
+    WeightsError,
+    build_extractor,
+    load_backbone,
+)
 from utils.model_io import MODEL_FILENAME, load_model
 
 FAST = ["--model_architecture", "resnet18", "--weights", "none", "--resize", "64", "--cropsize", "56",
@@ -139,7 +147,8 @@ def test_missing_torchvision_weights_give_a_clear_message(tmp_path, monkeypatch)
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    with pytest.raises(WeightsError, match=r"resnet18 ImageNet weights .* put it at .*resnet18-f37072fd.pth.*--weights PATH"):
+    with pytest.raises(WeightsError, match=r"resnet18 ImageNet weights .* put it at .*resnet18-f37072fd.pth.*--weights PATH.*"
+                                          r"--model_architecture efficientnet_lite0, whose weights ship with its package"):
         load_backbone("resnet18", "imagenet")
 
 
@@ -170,7 +179,7 @@ def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
 
 def test_data_error_for_folder_without_classes(tmp_path):
     with pytest.raises(DataError, match="no class folder"):
-        run_experiment.class_jobs(run_experiment.parse_args([*FAST, "--data_path", str(tmp_path)]))
+        experiment.class_jobs(run_experiment.parse_args([*FAST, "--data_path", str(tmp_path)]))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "wide_resnet50_2", "efficientnet_b5"])
@@ -181,7 +190,7 @@ def test_batchnorm_folding_keeps_every_hooked_map(name):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     spec = BACKBONES[name]
-    unfused = spec.trunk(copy.deepcopy(model), spec.layers[-1]).eval()
+    unfused = TRUNKS[spec.family](copy.deepcopy(model), spec.layers[-1]).eval()
     captured = {}
     for layer in spec.layers:
         unfused.get_submodule(layer).register_forward_hook(lambda m, i, out, layer=layer: captured.update({layer: out}))

@@ -9,17 +9,16 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.models import efficientnet
+
+from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,48 +73,25 @@ def _efficientnet_trunk(model: nn.Module, last: str) -> nn.Sequential:
     return model.features[: int(last) + 1]
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """An architecture, the stages PaDiM hooks (as named in its trunk) and their total channels."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    trunk: Callable[[nn.Module, str], nn.Sequential]
-    layers: tuple[str, ...]
-    dims: int
-    default_reduced_dim: int
-    torchvision_weights: object | None
+TRUNKS = {"resnet": _resnet_trunk, "efficientnet": _efficientnet_trunk}
 
 
-BACKBONES = MappingProxyType({
-    "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", models.wide_resnet50_2, _resnet_trunk, ("layer1", "layer2", "layer3"), 1792, 550,
-        models.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
-    ),
-    "resnet18": BackboneSpec(
-        "resnet18", models.resnet18, _resnet_trunk, ("layer1", "layer2", "layer3"), 448, 100,
-        models.ResNet18_Weights.IMAGENET1K_V1,
-    ),
-    "efficientnet_b5": BackboneSpec(
-        "efficientnet_b5", models.efficientnet_b5, _efficientnet_trunk, ("2", "4", "6"), 472, 200,
-        models.EfficientNet_B5_Weights.IMAGENET1K_V1,
-    ),
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", _efficientnet_lite0, _efficientnet_trunk, ("2", "3", "4"), 144, 144, None,
-    ),
-})
+def _architecture(spec: BackboneSpec) -> nn.Module:
+    """The untrained model: torchvision's builder of that name, or our Lite0."""
+    return _efficientnet_lite0() if spec.name == "efficientnet_lite0" else getattr(models, spec.name)()
 
 
 def _torchvision_imagenet_state(spec: BackboneSpec) -> tuple[dict[str, torch.Tensor], str]:
     """torchvision's ImageNet weights from the hub cache, downloaded there once if the network allows."""
-    url = spec.torchvision_weights.url
+    url = models.get_model_weights(spec.name).IMAGENET1K_V1.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     try:
         state = torch.hub.load_state_dict_from_url(url, progress=True, weights_only=True, map_location="cpu")
     except Exception as err:  # any download or unpickling failure means the same thing to the user
         raise WeightsError(
             f"{spec.name} ImageNet weights are not on this machine and could not be downloaded ({err}); "
-            f"download {url} once and put it at {cached}, or pass --weights PATH to a state dict"
+            f"download {url} once and put it at {cached}, or pass --weights PATH to a state dict, "
+            f"or use --model_architecture {OFFLINE_BACKBONE}, whose weights ship with its package"
         ) from err
     return state, f"imagenet:{cached.name}"
 
@@ -148,11 +124,11 @@ def load_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, st
     """
     spec = BACKBONES[name]
     torch.manual_seed(seed)
-    model = spec.build()
+    model = _architecture(spec)
     if weights == "none":
         return model.eval(), "none"
     if weights == "imagenet":
-        state, weights_id = _lite0_imagenet_state(model) if spec.torchvision_weights is None else _torchvision_imagenet_state(spec)
+        state, weights_id = _lite0_imagenet_state(model) if spec.imagenet_weights == "lite0_wheel" else _torchvision_imagenet_state(spec)
     else:
         state, weights_id = _file_state(Path(weights))
     try:
@@ -186,7 +162,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, spec: BackboneSpec, model: nn.Module):
         super().__init__()
         self.spec = spec
-        self.trunk = fuse_batchnorm_(spec.trunk(model, spec.layers[-1]).eval())
+        self.trunk = fuse_batchnorm_(TRUNKS[spec.family](model, spec.layers[-1]).eval())
         self.captured: dict[str, torch.Tensor] = {}
         for layer in spec.layers:
             self.trunk.get_submodule(layer).register_forward_hook(partial(self._capture, layer))
@@ -208,3 +184,12 @@ def build_extractor(name: str, weights: str, device: torch.device, seed: int = 0
     model, weights_id = load_backbone(name, weights, seed)
     extractor = FeatureExtractor(BACKBONES[name], model).to(device, memory_format=torch.channels_last)
     return extractor.eval(), weights_id
+
+
+def pick_device(wanted: str, flag: str) -> torch.device:
+    """`wanted` is "auto" (CUDA when present), "cpu" or "cuda"; CUDA asked for but absent falls back
+    to the CPU with a warning naming the flag."""
+    cuda = torch.cuda.is_available()
+    if wanted == "cuda" and not cuda:
+        log.warning("%s but no CUDA device: using the CPU", flag)
+    return torch.device("cuda" if cuda and wanted != "cpu" else "cpu")

@@ -1,18 +1,49 @@
-"""What the command-line tools share: argparse value types (a bad value is exit 2) and the
-way a run ends (a user error is one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130
-after the atomic writes have cleaned up)."""
+"""What the command-line tools share: a strict parser and its value types (a bad flag or value is
+one line and exit 2, before any heavy library loads), and the way a run ends (a user error is
+one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130 after the atomic writes have
+cleaned up). Nothing here imports torch."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
+import re
 import signal
 import sys
-from typing import Callable
-
-import torch
+from typing import Callable, NoReturn
 
 log = logging.getLogger(__name__)
+
+
+class StrictParser(argparse.ArgumentParser):
+    """argparse without abbreviations (`--crop 300` must not silently set `--cropsize`), whose
+    errors are one line naming the closest flag instead of the whole usage."""
+
+    def __init__(self, description: str | None):
+        super().__init__(description=description, allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def closest_flag(self, word: str) -> str | None:
+        """The flag `word` most likely meant: one it starts, else the most similar one."""
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        started = [flag for flag in flags if flag.startswith(word)]
+        if len(started) == 1:
+            return started[0]
+        close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+        return close[0] if close else None
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            notes = []
+            for word in unknown.group(1).split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("-"):
+                    meant = self.closest_flag(flag)
+                    notes.append(f"{flag}" + (f" (did you mean {meant}?)" if meant else ""))
+            message = f"unknown flag {', '.join(notes)}" if notes else message
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -59,15 +90,6 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
-
-
-def pick_device(wanted: str, flag: str) -> torch.device:
-    """`wanted` is "auto" (CUDA when present), "cpu" or "cuda"; CUDA asked for but absent falls back
-    to the CPU with a warning naming the flag."""
-    cuda = torch.cuda.is_available()
-    if wanted == "cuda" and not cuda:
-        log.warning("%s but no CUDA device: using the CPU", flag)
-    return torch.device("cuda" if cuda and wanted != "cpu" else "cpu")
 
 
 def install_log_handler(name: str, handler: logging.Handler, level: int, message_format: str) -> None:

@@ -1,0 +1,136 @@
+"""One run of run_experiment.py once its flags are parsed: find the classes, build the backbone,
+hold the results folder, call trainer per class, write master_results.csv and the log."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from data.demo_data import make_demo_dataset
+from datasets.split import DataError, find_classes, is_class_dir
+from trainer import run_class_processing
+from utils.backbones import WeightsError, build_extractor, pick_device
+from utils.cli import install_log_handler
+from utils.model_io import ModelFileError
+from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
+from utils.plotting import plot_class_results
+
+log = logging.getLogger("padim")
+
+USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
+RESULT_COLUMNS = [
+    "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score",
+    "true_negatives", "false_positives", "false_negatives", "true_positives", "roc_auc_ci_low", "roc_auc_ci_high",
+    "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_test", "n_skipped",
+    "fit_seconds", "eval_seconds", "status",
+]
+
+
+def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
+    """Backbone, statistics and Mahalanobis devices; a GPU request without CUDA falls back with a warning."""
+    return {
+        "backbone": pick_device(args.device, "--device cuda"),
+        "stats": pick_device("cuda" if args.stats_on_gpu else "cpu", "--stats_on_gpu"),
+        "mahalanobis": pick_device("cuda" if args.mahalanobis_on_gpu else "cpu", "--mahalanobis_on_gpu"),
+    }
+
+
+def ensure_demo_data(root: Path) -> None:
+    """Build the demo dataset once; built in a temporary folder and renamed, so never half there."""
+    if root.is_dir():
+        return
+    log.info("building the demo dataset in %s", root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo_data.", dir=root.parent))
+    try:
+        make_demo_dataset(staging)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
+    """(result folder name, training class, test class or None) for every class to run."""
+    if not args.data_path.is_dir():
+        raise DataError(f"--data_path {args.data_path} is not a folder")
+    classes = find_classes(args.data_path)
+    if args.test_class_name:
+        if len(classes) != 1:
+            names = ", ".join(c.name for c in classes) or "none"
+            raise DataError(f"--test_class_name needs --data_path to be one class folder; found classes: {names}")
+        search_root = args.test_class_path or args.data_path.parent
+        test_dir = search_root if is_class_dir(search_root) and search_root.name == args.test_class_name else search_root / args.test_class_name
+        if not is_class_dir(test_dir):
+            raise DataError(f"test class {test_dir} has no train/ and test/ folders")
+        return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
+    if not classes:
+        raise DataError(f"no class folder (with train/ and test/) in {args.data_path}")
+    return [(c.name, c, None) for c in classes]
+
+
+def prepare_output(args: argparse.Namespace) -> Path:
+    """Create the results folder and prove it is writable before any heavy work."""
+    subdir = args.results_subdir or f"{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
+    out_dir = args.base_results_dir / subdir
+    prove_writable(out_dir, "results folder", DataError)
+    return out_dir
+
+
+def setup_logging(out_dir: Path) -> None:
+    """Everything to experiment_log.log, warnings and errors to the console."""
+    install_log_handler("padim-log-file", logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8"),
+                        logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s")
+
+
+def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
+    table = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    numeric = RESULT_COLUMNS[1:-1]
+    table[numeric] = table[numeric].apply(pd.to_numeric)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every class of the run, with the results folder held so that no other run writes there meanwhile."""
+    if args.demo:
+        ensure_demo_data(args.data_path)
+    out_dir = prepare_output(args)
+    with folder_lock(out_dir, "results folder", DataError):
+        return run_classes(args, out_dir)
+
+
+def run_classes(args: argparse.Namespace, out_dir: Path) -> int:
+    """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
+    jobs = class_jobs(args)
+    setup_logging(out_dir)
+    log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
+    devices = resolve_devices(args)
+    extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
+    log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
+    plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
+    rows = []
+    for name, class_dir, test_dir in jobs:
+        log.info("class %s: training on %s%s", name, class_dir, f", testing on {test_dir}" if test_dir else "")
+        try:
+            row = run_class_processing(args, class_dir, test_dir, extractor, weights_id, out_dir / name, devices, plot)
+        except (DataError, ModelFileError, ValueError) as err:
+            log.error("class %s failed: %s", name, err)
+            row = {"status": f"failed: {err}"}
+        rows.append({"class_name": name, **row})
+        log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
+        table = write_results(rows, out_dir / "master_results.csv")
+    summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_skipped", "status"]]
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"results: {out_dir / 'master_results.csv'}")
+    log.info("summary:\n%s", summary.to_string(index=False))
+    return 0 if any(row.get("status") == "ok" for row in rows) else 1
+
+
