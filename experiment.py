@@ -3,6 +3,7 @@ hold the results folder, call trainer per class, write master_results.csv and th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -18,7 +19,7 @@ from datasets.split import DataError, find_classes, is_class_dir
 from trainer import run_class_processing
 from utils.backbones import WeightsError, build_extractor, pick_device
 from utils.cli import install_log_handler
-from utils.model_io import ModelFileError
+from utils.model_io import MODEL_FILENAME, ModelFileError
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.plotting import plot_class_results
 
@@ -28,9 +29,10 @@ USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
 RESULT_COLUMNS = [
     "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score",
     "true_negatives", "false_positives", "false_negatives", "true_positives", "roc_auc_ci_low", "roc_auc_ci_high",
-    "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_test", "n_skipped",
+    "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_holdout", "n_test", "n_skipped",
     "fit_seconds", "eval_seconds", "status",
 ]
+EXPERIMENT_FILENAME = "experiment.json"
 
 
 def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
@@ -75,12 +77,58 @@ def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
     return [(c.name, c, None) for c in classes]
 
 
-def prepare_output(args: argparse.Namespace) -> Path:
-    """Create the results folder and prove it is writable before any heavy work."""
-    subdir = args.results_subdir or f"{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
-    out_dir = args.base_results_dir / subdir
-    prove_writable(out_dir, "results folder", DataError)
-    return out_dir
+def results_folder(args: argparse.Namespace) -> Path:
+    """<base_results_dir>/<results_subdir>; by default named after the layout, backbone, resize and crop."""
+    default = f"{args.dataset}_{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
+    return args.base_results_dir / (args.results_subdir or default)
+
+
+def experiment_settings(args: argparse.Namespace) -> dict:
+    """The settings that make two runs one experiment: only such runs may share a results folder."""
+    return {
+        "dataset": args.dataset, "data_path": str(args.data_path.resolve()),
+        "test_class_name": args.test_class_name,
+        "test_class_path": str(args.test_class_path.resolve()) if args.test_class_path else None,
+        "model_architecture": args.model_architecture,
+        "weights": args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve()),
+        "resize": args.resize, "cropsize": args.cropsize, "reduced_dim": args.reduced_dim, "seed": args.seed,
+        "holdout_ratio": args.holdout_ratio, "threshold_quantile": args.threshold_quantile,
+        "test_sample_ratio": args.test_sample_ratio if args.dataset == "bowtie" else None,
+        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob] if args.augmentations_enabled else None,
+    }
+
+
+def claim_results_folder(out_dir: Path, settings: dict) -> None:
+    """Record the experiment in experiment.json; a folder that holds another experiment's results is refused,
+    so that master_results.csv, scores.csv and the model files of a folder always come from one experiment."""
+    path = out_dir / EXPERIMENT_FILENAME
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = {}
+        changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
+        if changed:
+            raise DataError(f"results folder {out_dir} holds another experiment's results (it differs in "
+                            f"{'; '.join(changed)}): choose another --results_subdir, or remove that folder")
+    elif (out_dir / "master_results.csv").exists():
+        log.warning("results folder %s holds results of an earlier version that did not record its experiment; "
+                    "they are replaced class by class", out_dir)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
+
+
+def clear_class_folder(folder: Path) -> None:
+    """Remove an earlier run's files from a class folder, but for its model file (trainer decides whether it
+    still fits): the folder then only ever holds files of this run."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name == MODEL_FILENAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def setup_logging(out_dir: Path) -> None:
@@ -99,26 +147,31 @@ def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Every class of the run, with the results folder held so that no other run writes there meanwhile."""
+    """Check what can fail early (output writable, classes, weights) before creating anything, then run
+    every class with the results folder held, so that no other run writes there meanwhile."""
     if args.demo:
         ensure_demo_data(args.data_path)
-    out_dir = prepare_output(args)
-    with folder_lock(out_dir, "results folder", DataError):
-        return run_classes(args, out_dir)
-
-
-def run_classes(args: argparse.Namespace, out_dir: Path) -> int:
-    """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
+    out_dir = results_folder(args)
+    prove_writable(out_dir, "results folder", DataError)
     jobs = class_jobs(args)
-    setup_logging(out_dir)
-    log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
     devices = resolve_devices(args)
     extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
-    log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
+    with folder_lock(out_dir, "results folder", DataError):
+        setup_logging(out_dir)
+        claim_results_folder(out_dir, experiment_settings(args))
+        log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
+        log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
+        return run_classes(args, out_dir, jobs, extractor, weights_id, devices)
+
+
+def run_classes(args: argparse.Namespace, out_dir: Path, jobs: list[tuple[str, Path, Path | None]],
+                extractor, weights_id: str, devices: dict[str, torch.device]) -> int:
+    """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
     plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
     rows = []
     for name, class_dir, test_dir in jobs:
         log.info("class %s: training on %s%s", name, class_dir, f", testing on {test_dir}" if test_dir else "")
+        clear_class_folder(out_dir / name)
         try:
             row = run_class_processing(args, class_dir, test_dir, extractor, weights_id, out_dir / name, devices, plot)
         except (DataError, ModelFileError, ValueError) as err:
@@ -127,10 +180,8 @@ def run_classes(args: argparse.Namespace, out_dir: Path) -> int:
         rows.append({"class_name": name, **row})
         log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
         table = write_results(rows, out_dir / "master_results.csv")
-    summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_skipped", "status"]]
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped", "status"]]
+    print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     print(f"results: {out_dir / 'master_results.csv'}")
-    log.info("summary:\n%s", summary.to_string(index=False))
+    log.info("summary:\n%s", summary.to_string(index=False, na_rep="-"))
     return 0 if any(row.get("status") == "ok" for row in rows) else 1
-
-

@@ -213,12 +213,6 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def prepare_output(out_dir: Path, save_masks: bool) -> None:
-    """Create the output folders and prove they are writable before loading the backbone."""
-    for folder in (out_dir, out_dir / "heatmaps", out_dir / "overlays") + ((out_dir / "masks",) if save_masks else ()):
-        prove_writable(folder, "output folder", PredictError)
-
-
 class WithOriginal(Dataset):
     """ImageDataset items plus the original pixels they were made from (decoded once), which the
     original-resolution outputs need."""
@@ -353,9 +347,9 @@ def run(args: argparse.Namespace) -> int:
     """
     content, model_path, weights = read_model(args.model, args.weights)
     paths = collect_inputs(args.input)
-    prepare_output(args.output, args.save_masks)
+    prove_writable(args.output, "output folder", PredictError)
+    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
     with folder_lock(args.output, "output folder", PredictError):
-        model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:
             log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)

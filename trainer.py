@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DATASET_LOADERS = {name: import_module(f"datasets.{name}").load_class for name in DATASET_LAYOUTS}
 SCORES_FILENAME = "scores.csv"
+MIN_HOLDOUT_IMAGES = 20
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
 
 
@@ -166,6 +167,22 @@ def _training_config(args: argparse.Namespace, index: torch.Tensor) -> dict:
     }
 
 
+def log_split(split: ClassSplit, dims: int) -> None:
+    """How many images went where, and a warning when the fit or the hold-out is too small to mean much."""
+    defects = sum(sample.label for sample in split.test)
+    moved = f", {split.moved_to_test} moved to the test normals (--test_sample_ratio)" if split.moved_to_test else ""
+    log.info("%s: good training images: %d fit, %d held out for the threshold%s; test: %d good, %d defect",
+             split.name, len(split.fit), len(split.holdout), moved, len(split.test) - defects, defects)
+    if 0 < len(split.holdout) < MIN_HOLDOUT_IMAGES:
+        log.warning("%s: the threshold rests on %d held-out good images: its false-positive rate on new good parts "
+                    "may be far from the quantile's; hold out more (--holdout_ratio) or add good training images",
+                    split.name, len(split.holdout))
+    if len(split.fit) < dims:
+        log.warning("%s: %d images fitted for %d dimensions: each position's covariance rests mostly on its "
+                    "regulariser; add good training images (at least %d) or lower --reduced_dim",
+                    split.name, len(split.fit), dims, dims)
+
+
 def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
     """The saved model and its statistics when it was made from the same backbone, settings and training images."""
     if not path.is_file():
@@ -180,7 +197,7 @@ def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | No
     if changed:
         log.warning("cached model %s differs in %s: refitting", path, ", ".join(changed))
         return None
-    log.info("reusing cached model %s", path)
+    log.info("cached model %s matches this run", path)
     return content, stats
 
 
@@ -202,7 +219,13 @@ def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argpar
 def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geometry, args: argparse.Namespace,
                 identity: dict, model_path: Path) -> tuple[float, dict, int]:
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
-    cached = _cached_model(model_path, identity) if args.save_distribution else None
+    cached = _cached_model(model_path, identity)
+    if cached is not None and not args.save_distribution:
+        cached = None  # it matches this run and may stay beside its results, but is reused only when asked
+    elif cached is None and model_path.is_file() and not args.save_distribution:
+        model_path.unlink()
+        log.warning("removed %s: an earlier run's model that does not match this run's results "
+                    "(add --save_distribution to save this run's)", model_path)
     if cached is not None:
         content, stats = cached
         model.use(stats)
@@ -291,6 +314,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(args.resize, args.cropsize)
     index = channel_index(extractor.spec.dims, args.reduced_dim or extractor.spec.default_reduced_dim, args.seed)
+    log_split(split, index.numel())
     model = Padim(extractor, index, geometry.input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
     identity = {
         "backbone": extractor.spec.name, "weights_id": weights_id, "layers": list(extractor.spec.layers),
@@ -318,6 +342,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
     return {
         **result.summary,
         "n_train": model.stats.count,
+        "n_holdout": len(split.holdout),
         "n_test": int(scored.scores.size),
         "n_skipped": fit_skipped + scored.skipped + len(split.ignored_files),
         "fit_seconds": round(fit_seconds, 2),

@@ -32,6 +32,7 @@ class ClassSplit:
     test: list[Sample]
     has_ground_truth: bool
     ignored_files: list[Path]
+    moved_to_test: int = 0
 
 
 def is_class_dir(path: Path) -> bool:
@@ -104,4 +105,5 @@ def build_split(class_dir: Path, *, test_share_of_train: float, holdout_ratio: f
         test=test,
         has_ground_truth=has_ground_truth,
         ignored_files=ignored,
+        moved_to_test=len(moved_to_test),
     )

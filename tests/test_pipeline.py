@@ -69,7 +69,7 @@ def test_random_init_detects_planted_defects(tmp_path, texture_root):
     assert table.roc_auc[0] > 0.7 and table.pixel_roc_auc[0] > 0.7
 
 
-def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_root, caplog):
+def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_root, caplog, capsys):
     data = tmp_path / "brick"
     shutil.copytree(texture_root / "brick", data)
     run(tmp_path, "--save_distribution", data=data)
@@ -82,13 +82,21 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
 
     caplog.clear()
     code, table = run(tmp_path, "--save_distribution", data=data)
-    assert code == 0 and "reusing cached model" in caplog.text and model_path.stat().st_mtime_ns == first_mtime
+    assert code == 0 and "matches this run" in caplog.text and model_path.stat().st_mtime_ns == first_mtime
 
     (data / "train" / "good" / "000.png").write_bytes((data / "train" / "good" / "001.png").read_bytes())
     caplog.clear()
     run(tmp_path, "--save_distribution", data=data)
     assert "differs in fingerprint" in caplog.text and model_path.stat().st_mtime_ns != first_mtime
 
+    second_mtime = model_path.stat().st_mtime_ns
+    capsys.readouterr()
+    code = run_experiment.main([*FAST, "--dataset", "mvtec", "--data_path", str(data), "--base_results_dir",
+                                str(tmp_path / "results"), "--results_subdir", "r", "--save_distribution", "--seed", "7"])
+    assert code == 1 and "holds another experiment's results (it differs in seed 1024 -> 7)" in capsys.readouterr().err
+    assert model_path.stat().st_mtime_ns == second_mtime
+
+    (tmp_path / "results" / "r" / "experiment.json").unlink()  # a folder of an earlier version: the model file still guards
     caplog.clear()
     run(tmp_path, "--save_distribution", "--seed", "7", data=data)
     assert "differs in" in caplog.text and "training_config" in caplog.text

@@ -88,7 +88,9 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr)
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")  # off the progress bar's line
+        log.warning("interrupted: %s", interrupted)  # on the console and in the run's log
         return 130
 
 

@@ -138,6 +138,17 @@ def _archive_intact(path: Path) -> bool:
     return True
 
 
+def _looks_like_text(path: Path) -> bool:
+    """True for a file whose first 4 KB decode as UTF-8 without NUL bytes (a model file is a zip archive)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start > len(head) - 4 and b"\0" not in head  # a character cut at the 4 KB edge
+    return b"\0" not in head
+
+
 def _read_content(path: Path):
     """torch.load with tensors and plain data only; any failure to parse the bytes is damage, not a crash."""
     try:
@@ -168,6 +179,9 @@ def load_model(path: Path) -> dict:
         raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file, not a model (an interrupted copy?)")
+    if _looks_like_text(path):
+        raise ModelFileError(f"{path}: a text file (a CSV or a log?), not a model file; pass a class results "
+                             f"folder or its {MODEL_FILENAME}")
     content = _read_content(path)
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")

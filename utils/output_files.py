@@ -7,6 +7,7 @@ folder with folder_lock, so two runs can never interleave their files there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -58,10 +59,15 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
-    """Create `folder` and write a probe file in it, so an unwritable output fails before any heavy work."""
+    """Write a probe file where `folder` is or will be (its nearest existing ancestor), creating nothing:
+    an unwritable output fails before any heavy work, and an early error leaves no empty folder behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise error(f"{what} {folder} is not writable ({err.strerror})") from err
