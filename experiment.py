@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
     devices = resolve_devices(args)
     extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
     with folder_lock(out_dir, "results folder", DataError):
-        setup_logging(out_dir)
         claim_results_folder(out_dir, experiment_settings(args))
+        setup_logging(out_dir)
         log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
         log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
         return run_classes(args, out_dir, jobs, extractor, weights_id, devices)

@@ -266,8 +266,9 @@ def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_p
     while "score" not in seen and process.poll() is None:
         seen += process.stderr.read(1)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode != 0
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted: finished classes are in master_results.csv" in err
+    assert "interrupted: finished classes" in (results / "r" / "experiment_log.log").read_text()
     leftovers = [p for p in results.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     for model_path in results.rglob("padim_model.pt"):
