@@ -10,6 +10,7 @@ import csv
 import glob
 import logging
 import sys
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,13 +202,17 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """A distinct output file stem per image: its stem, then _1, _2 ... for repeats (case-insensitively)."""
+    """A distinct output file stem per image that says which image it is: its stem, or, for a stem that
+    several images share (test/good/000.png, test/crack/000.png), its folder and stem (good_000,
+    crack_000); _1, _2 ... only when even those repeat. Compared case-insensitively."""
+    shared = Counter(path.stem.casefold() for path in paths)
     used, names = set(), []
     for path in paths:
-        name, count = path.stem, 0
+        base = f"{path.parent.name}_{path.stem}" if shared[path.stem.casefold()] > 1 else path.stem
+        name, count = base, 0
         while name.casefold() in used:
             count += 1
-            name = f"{path.stem}_{count}"
+            name = f"{base}_{count}"
         used.add(name.casefold())
         names.append(name)
     return names

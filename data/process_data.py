@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder; must not be, or be inside, the input folder")
     parser.add_argument("-m", "--map", type=Path, metavar="MAP_JSON",
                         help="sort mode: JSON {\"<line>.csv\": \"<image folder>\"}, paths relative "
-                        f"to the input folder (default: {DEFAULT_MAP.name} next to this script)")
+                        f"to the input folder (default: the input folder's own {DEFAULT_MAP.name}, else the "
+                        "one next to this script)")
     parser.add_argument("--combine", nargs="+", metavar="NAME",
                         help="combine mode: sorted classes to merge, each an exact class name "
                         "or an unambiguous prefix of one")
@@ -289,8 +290,10 @@ def resolve_sources(input_dir: Path, mapping: dict[str, str],
             missing.append(f"{folder_name}/")
         sources[Path(csv_name).stem] = (csv_path.resolve(), image_dir.resolve())
     if missing:
-        raise UserError(f"{input_dir} lacks {', '.join(missing)} named in {map_path} "
-                        "(make the CSVs with convert_excel.py)")
+        unconverted = [name for name in missing if (input_dir / name).with_suffix(".xlsx").is_file()]
+        hint = ("make the CSVs with convert_excel.py" if len(unconverted) == len(missing)
+                else f"is {map_path} this folder's map? pass its own with -m MAP_JSON")
+        raise UserError(f"{input_dir} lacks {', '.join(missing)} named in {map_path} ({hint})")
     return sources
 
 
@@ -556,7 +559,8 @@ def run_sort(args: argparse.Namespace) -> None:
     """Sort mode: check every input, plan all lines, then write one class folder per line."""
     input_dir = existing_dir(args.input, "input")
     out_dir = args.output.resolve()
-    map_path = args.map if args.map is not None else DEFAULT_MAP
+    own_map = args.input / DEFAULT_MAP.name
+    map_path = args.map if args.map is not None else own_map if own_map.is_file() else DEFAULT_MAP
     check_output_location(out_dir, input_dir)
     sources = resolve_sources(input_dir, load_map(map_path), map_path)
     plans = {name: plan_line(name, read_labels(csv_path), index_images(image_dir),

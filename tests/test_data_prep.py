@@ -303,7 +303,7 @@ def test_user_errors_are_one_line(prepared_dir: Path, tmp_path: Path, capsys) ->
     cases = [
         (["-m", str(bad_map)], "not valid JSON"),
         (["-m", str(missing_map)], "118.csv"),
-        ([], "117.csv"),
+        (["-m", str(ROOT / "data" / "map.json")], "117.csv"),
     ]
     for extra, message in cases:
         args = ["-i", str(prepared_dir), "-o", str(tmp_path / "o2"), *extra]
@@ -425,3 +425,20 @@ def test_combine_named_and_normalized(tmp_path: Path) -> None:
     copied = out / "lines_F_G" / "train" / "good" / "27952G_001.jpg"
     original = sorted_dir / "27952G" / "train" / "good" / "001.jpg"
     assert copied.read_bytes() == original.read_bytes()
+
+
+def test_sort_uses_the_input_folders_own_map_by_default(prepared_dir: Path, tmp_path: Path) -> None:
+    """The shipped data/map.json names ten other lines: a raw folder's own map.json must win without -m."""
+    out = tmp_path / "sorted"
+    assert process_data.main(["-i", str(prepared_dir), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(name).stem for name in TEST_MAP)
+
+
+def test_missing_sources_get_the_hint_that_fixes_them(raw_dir: Path, tmp_path: Path, capsys) -> None:
+    """Workbooks not yet converted: run convert_excel.py; folders the map names but the input lacks: another map."""
+    assert process_data.main(sort_args(raw_dir, tmp_path / "a")) == 1
+    assert "(make the CSVs with convert_excel.py)" in capsys.readouterr().err
+    assert convert_excel.main(["-i", str(raw_dir)]) == 0
+    capsys.readouterr()
+    assert process_data.main(["-i", str(raw_dir), "-o", str(tmp_path / "b"), "-m", str(ROOT / "data" / "map.json")]) == 1
+    assert f"(is {ROOT / 'data' / 'map.json'} this folder's map? pass its own with -m MAP_JSON)" in capsys.readouterr().err

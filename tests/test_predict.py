@@ -94,7 +94,11 @@ def test_scores_equal_run_experiment(trained: Trained, texture_root: Path, tmp_p
         assert float(row["threshold"]) == pytest.approx(trained.threshold)
         assert row["is_anomalous"] == str(score > trained.threshold) and row["error"] == ""
     names = [row["output_name"] for row in rows]
-    assert len(set(names)) == len(rows) and {"000.png", "000_1.png", "000_2.png"} <= set(names)
+    assert len(set(names)) == len(rows) and {"good_000.png", "scratch_000.png"} <= set(names)
+    for row in rows:  # a stem shared by several images gets its folder's name; the others keep theirs
+        path = Path(row["path"])
+        shared = sum(Path(other["path"]).stem == path.stem for other in rows) > 1
+        assert row["output_name"] == (f"{path.parent.name}_{path.stem}.png" if shared else f"{path.stem}.png")
     for name in names:
         assert Image.open(out / "heatmaps" / name).size == (64, 64)
         assert Image.open(out / "overlays" / name).size == (64, 64)
@@ -285,3 +289,9 @@ def test_weights_file_must_be_the_training_one(trained: Trained, texture_root: P
 def test_no_input_image_is_an_error(trained: Trained, tmp_path: Path, capsys):
     code = predict.main(["--model", str(trained.model_dir), "--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "o")])
     assert code == 1 and "error: no image found in --input" in capsys.readouterr().err
+
+
+def test_output_names_say_which_image_they_are():
+    paths = [Path("a/good/000.png"), Path("a/crack/000.png"), Path("b/good/000.PNG"), Path("a/good/017.png"),
+             Path("c/x/Wide.png"), Path("c/y/wide.jpg")]
+    assert predict.output_names(paths) == ["good_000", "crack_000", "good_000_1", "017", "x_Wide", "y_wide"]
