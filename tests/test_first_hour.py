@@ -151,3 +151,16 @@ def test_predict_pointed_at_scores_csv_says_what_the_file_is(trained, texture_ro
                          "--output", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == (f"error: {scores}: a text file (a CSV or a log?), not a model file; pass a class "
                                        "results folder or its padim_model.pt\n")
+
+
+def test_the_summary_shows_a_dash_where_the_csv_is_empty(texture_root: Path, tmp_path: Path, capsys):
+    """Only good test images: AUROC is undefined, an empty cell in the CSV, and `-` (not NaN) in the summary."""
+    data = tmp_path / "brick"
+    shutil.copytree(texture_root / "brick", data)
+    for folder in (data / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    capsys.readouterr()
+    assert _main("--dataset", "mvtec", "--data_path", str(data), "--base_results_dir", str(tmp_path / "res")) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and out.splitlines()[1].split()[:2] == ["brick", "-"]
