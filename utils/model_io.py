@@ -189,7 +189,11 @@ def load_model(path: Path) -> dict:
     if version != MODEL_FORMAT_VERSION:
         raise ModelFileError(f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
                              "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution")
-    if content.get("checksum") != content_checksum(content) or not _archive_intact(path):
+    try:
+        intact = content.get("checksum") == content_checksum(content) and _archive_intact(path)
+    except ModelFileError as err:  # a type save_model never writes
+        raise ModelFileError(f"{path}: damaged ({err})") from err
+    if not intact:
         raise ModelFileError(f"{path}: damaged (checksum mismatch)")
     missing = REQUIRED_KEYS - content.keys()
     if missing:
