@@ -27,7 +27,9 @@ log = logging.getLogger("padim")
 
 USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
 RESULT_COLUMNS = [
-    "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score",
+    "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score", "false_positive_rate",
+    "precision_ci_low", "precision_ci_high", "recall_ci_low", "recall_ci_high",
+    "false_positive_rate_ci_low", "false_positive_rate_ci_high",
     "true_negatives", "false_positives", "false_negatives", "true_positives", "roc_auc_ci_low", "roc_auc_ci_high",
     "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_holdout", "n_test", "n_skipped",
     "fit_seconds", "eval_seconds", "status",
@@ -138,6 +140,15 @@ def setup_logging(out_dir: Path) -> None:
     install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s")
 
 
+def interval_column(table: pd.DataFrame, rate: str) -> pd.Series:
+    """'0.750 [0.47, 0.91]': a rate at the operating threshold with its 95% Wilson interval, for the summary."""
+    def text(row) -> str:
+        if pd.isna(row[rate]):
+            return "-"
+        return f"{row[rate]:.3f} [{row[f'{rate}_ci_low']:.2f}, {row[f'{rate}_ci_high']:.2f}]"
+    return table.apply(text, axis=1) if len(table) else pd.Series(dtype=str)
+
+
 def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
     numeric = RESULT_COLUMNS[1:-1]
@@ -181,6 +192,8 @@ def run_classes(args: argparse.Namespace, out_dir: Path, jobs: list[tuple[str, P
         log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
         table = write_results(rows, out_dir / "master_results.csv")
     summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped", "status"]]
+    summary.insert(5, "recall (95% CI)", interval_column(table, "recall"))
+    summary.insert(6, "FPR (95% CI)", interval_column(table, "false_positive_rate"))
     print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     print(f"results: {out_dir / 'master_results.csv'}")
     log.info("summary:\n%s", summary.to_string(index=False, na_rep="-"))

@@ -106,6 +106,18 @@ class Geometry:
     def input_size(self) -> int:
         return self.cropsize or self.resize
 
+    def kept_share(self, width: int, height: int) -> float:
+        """Share of a width x height image's area that the centre crop keeps (1 without a crop).
+
+        The short side is resized to `resize`, so the image becomes resize x (resize * aspect);
+        the crop keeps cropsize^2 of it (capped at the whole side when a side is shorter).
+        """
+        if self.cropsize == 0:
+            return 1.0
+        short = min(width, height)
+        new_width, new_height = self.resize * width / short, self.resize * height / short
+        return min(self.cropsize, new_width) * min(self.cropsize, new_height) / (new_width * new_height)
+
     def spatial(self, interpolation: v2.InterpolationMode) -> v2.Compose:
         if self.cropsize == 0:
             return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])

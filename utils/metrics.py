@@ -1,7 +1,8 @@
 """Detection and localization metrics as plain functions on arrays.
 
 Image level: AUROC (+ stratified bootstrap CI), average precision, F1-max (test-optimised),
-and the confusion at an operating threshold chosen from held-out normal images only.
+and the confusion at an operating threshold chosen from held-out normal images only, with
+Wilson intervals for its precision, recall and false-positive rate.
 Pixel level: AUROC and AUPRO up to a false-positive rate of 0.3, as in the MVTec AD evaluation.
 A metric that is undefined for the data returns None.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
+from statsmodels.stats.proportion import proportion_confint
 
 AUPRO_FPR_LIMIT = 0.3
 
@@ -56,6 +58,15 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None
     return float(f1[best]), float(thresholds[best])
 
 
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion: keeps its coverage for small counts and at 0 or all
+    successes, where the normal approximation collapses to a point. None without trials."""
+    if trials == 0:
+        return None
+    low, high = proportion_confint(successes, trials, alpha=1 - level, method="wilson")
+    return float(low), float(high)
+
+
 def threshold_from_normals(normal_scores: np.ndarray, quantile: float) -> float:
     """Operating threshold from scores of good images the model never saw in training."""
     return float(np.quantile(normal_scores, quantile))
@@ -80,6 +91,19 @@ class OperatingPoint:
     def recall(self) -> float | None:
         actual = self.true_positives + self.false_negatives
         return self.true_positives / actual if actual else None
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        normals = self.true_negatives + self.false_positives
+        return self.false_positives / normals if normals else None
+
+    def intervals(self) -> dict[str, tuple[float, float] | None]:
+        """95% Wilson intervals of precision, recall and false-positive rate (None where undefined)."""
+        return {
+            "precision": wilson_interval(self.true_positives, self.true_positives + self.false_positives),
+            "recall": wilson_interval(self.true_positives, self.true_positives + self.false_negatives),
+            "false_positive_rate": wilson_interval(self.false_positives, self.true_negatives + self.false_positives),
+        }
 
     @property
     def f1(self) -> float | None:

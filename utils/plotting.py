@@ -248,9 +248,12 @@ def _threshold_line(ax, threshold: float, labelled: bool) -> None:
 
 
 def score_distribution_figure(result: ClassEvaluation) -> Figure:
-    """Image scores of good vs defect (histogram) and per defect type (one dot per image), with the threshold."""
+    """Image scores of good vs defect (histogram) and per defect type (one dot per image, the type's
+    recall at the threshold in its label), with the threshold."""
     kinds = np.where(result.labels == 1, "defect", "good")
-    types = np.array([s.defect if s.label == 1 else "good" for s in result.samples])
+    recalls = {} if result.defect_types is None else {
+        row.defect: f"{row.defect}\nn={row.n_images}, recall {row.recall:.2f}" for row in result.defect_types.itertuples()}
+    types = np.array([recalls.get(s.defect, s.defect) if s.label == 1 else "good" for s in result.samples])
     type_order = [t for t in ["good", *sorted(set(types) - {"good"})] if t in types]
     figure = Figure(figsize=(8.0, 3.2 + 0.35 * len(type_order)), dpi=DPI)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.2, 0.4 + 0.15 * len(type_order)])
@@ -277,9 +280,12 @@ def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: 
                 xticklabels=["good", "defect"], yticklabels=["good", "defect"], annot_kws={"fontsize": 13}, ax=ax)
     ax.set_xlabel(f"called (score > {threshold:.3g} = defect)")
     ax.set_ylabel("true")
-    rates = [f"{shown} {summary[key]:.3f}" for key, shown in (("precision", "precision"), ("recall", "recall"),
-                                                             ("f1_score", "F1")) if summary.get(key) is not None]
-    ax.set_title(f"{name}: operating threshold\n{', '.join(rates)}", fontsize="medium")
+    rates = [f"{shown} {summary[key]:.3f}" + (f" [{summary[f'{key}_ci_low']:.2f}, {summary[f'{key}_ci_high']:.2f}]"
+                                             if summary.get(f"{key}_ci_low") is not None else "")
+             for key, shown in (("precision", "precision"), ("recall", "recall"), ("false_positive_rate", "FPR"),
+                                ("f1_score", "F1")) if summary.get(key) is not None]
+    ax.set_title(f"{name}: operating threshold, 95% Wilson intervals\n{', '.join(rates[:2])}\n{', '.join(rates[2:])}",
+                 fontsize="medium")
     figure.tight_layout()
     return figure
 

@@ -1,0 +1,110 @@
+"""Outputs an inspector can act on: intervals at the operating threshold, recall per defect type,
+and a warning when the centre crop hides much of each image."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from statsmodels.stats.proportion import proportion_confint
+
+from datasets.images import Geometry, Sample
+from trainer import ClassEvaluation, defect_type_table, warn_on_crop_losses
+from utils import metrics
+
+Z95 = 1.959963984540054
+
+
+def _wilson_closed_form(successes: int, trials: int) -> tuple[float, float]:
+    p, z2 = successes / trials, Z95 ** 2
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = Z95 / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials ** 2))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 10), (10, 10), (3, 10), (45, 50), (1, 1), (0, 1)])
+def test_wilson_interval_matches_statsmodels_and_the_closed_form(successes, trials):
+    low, high = metrics.wilson_interval(successes, trials)
+    assert (low, high) == pytest.approx(proportion_confint(successes, trials, alpha=0.05, method="wilson"), abs=1e-12)
+    assert (low, high) == pytest.approx(_wilson_closed_form(successes, trials), abs=1e-9)
+    assert -1e-12 <= low <= successes / trials + 1e-12 and successes / trials <= high + 1e-12 <= 1 + 2e-12
+    if successes == 0:
+        assert low == pytest.approx(0, abs=1e-12) and high > 0
+    if successes == trials:
+        assert high == pytest.approx(1) and low < 1
+
+
+def test_no_trials_give_no_interval():
+    assert metrics.wilson_interval(0, 0) is None
+
+
+def test_operating_point_rates_and_intervals():
+    labels = np.array([0] * 8 + [1] * 5)
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9, 1.2, 0.2, 0.8, 1.1, 1.5, 2.0])
+    point = metrics.operating_point(labels, scores, 0.7)
+    assert (point.true_negatives, point.false_positives, point.false_negatives, point.true_positives) == (6, 2, 1, 4)
+    assert point.false_positive_rate == pytest.approx(2 / 8)
+    intervals = point.intervals()
+    assert intervals["precision"] == pytest.approx(_wilson_closed_form(4, 6))
+    assert intervals["recall"] == pytest.approx(_wilson_closed_form(4, 5))
+    assert intervals["false_positive_rate"] == pytest.approx(_wilson_closed_form(2, 8))
+
+
+def _evaluation(has_ground_truth: bool = True) -> ClassEvaluation:
+    """A hand-made test set: 6 good images, 4 'crack' and 3 'dent', 8x8 maps with masks."""
+    rng = np.random.default_rng(0)
+    types = ["good"] * 6 + ["crack"] * 4 + ["dent"] * 3
+    samples = [Sample(Path(f"{i}.png"), int(t != "good"), t, Path(f"{i}_mask.png") if t != "good" else None)
+               for i, t in enumerate(types)]
+    scores = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 6.0, 2.2, 5.0, 7.0, 8.0, 1.2, 4.5, 9.0])
+    maps = rng.random((13, 8, 8)).astype(np.float32)
+    masks = np.zeros((13, 8, 8), bool)
+    for i in range(6, 13):
+        masks[i, 2:5, 3:6] = True
+        maps[i, 2:5, 3:6] += 0.5 * (i % 3)
+    return ClassEvaluation("part", samples, scores, maps, masks, np.zeros((13, 8, 8, 3), np.uint8), 4.0, has_ground_truth)
+
+
+def test_defect_types_recall_and_auroc_against_sklearn():
+    result = _evaluation()
+    table = defect_type_table(result).set_index("defect")
+    assert list(table.index) == ["crack", "dent"] and list(table.n_images) == [4, 3]
+    assert table.recall["crack"] == pytest.approx(3 / 4) and table.recall["dent"] == pytest.approx(2 / 3)
+    assert (table.recall_ci_low["crack"], table.recall_ci_high["crack"]) == pytest.approx(_wilson_closed_form(3, 4))
+    good = np.arange(6)
+    for defect, rows in (("crack", np.arange(6, 10)), ("dent", np.arange(10, 13))):
+        chosen = np.r_[good, rows]
+        labels = (np.arange(13) >= 6).astype(int)[chosen]
+        assert table.roc_auc[defect] == pytest.approx(roc_auc_score(labels, result.scores[chosen]))
+        pixels = roc_auc_score(result.masks[chosen].reshape(-1), result.maps[chosen].reshape(-1))
+        assert table.pixel_roc_auc[defect] == pytest.approx(pixels, abs=1e-9)
+
+
+def test_defect_types_without_masks_leave_pixel_columns_empty():
+    table = defect_type_table(_evaluation(has_ground_truth=False))
+    assert table.pixel_roc_auc.isna().all() and table.pixel_aupro.isna().all() and table.roc_auc.notna().all()
+
+
+@pytest.mark.parametrize("width, height, kept", [(512, 256, 224 ** 2 / (256 * 512)), (256, 256, 224 ** 2 / 256 ** 2),
+                                                 (300, 900, 224 ** 2 / (256 * 768)), (100, 50, 224 ** 2 / (256 * 512))])
+def test_kept_share_of_the_centre_crop(width, height, kept):
+    assert Geometry(256, 224).kept_share(width, height) == pytest.approx(kept)
+    assert Geometry(256, 0).kept_share(width, height) == 1.0
+
+
+@pytest.mark.parametrize("size, warned", [((448, 224), True), ((300, 300), False)])
+def test_crop_warning_for_elongated_images_only(tmp_path: Path, caplog, size, warned):
+    samples = []
+    for number in range(3):
+        path = tmp_path / f"{number}.png"
+        Image.new("RGB", size).save(path)
+        samples.append(Sample(path, 0, "good"))
+    with caplog.at_level(logging.WARNING):
+        warn_on_crop_losses(samples, Geometry(256, 224), "tiles")
+    assert ("tiles: the crop keeps 38% of each image on average; defects outside it are never seen; "
+            "--cropsize 0 keeps the whole part" in caplog.text) == warned
+    assert ("the crop keeps" in caplog.text) == warned
