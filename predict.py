@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
-from utils.anomaly_map import HEAT_COLORMAP, blend_overlay, to_original_resolution
+from utils.anomaly_map import HEAT_COLORMAP, Region, anomaly_regions, blend_overlay, draw_regions, to_original_resolution
 from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
 from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
@@ -34,7 +34,9 @@ from utils.padim import Padim
 
 log = logging.getLogger("padim.predict")
 
-CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "error", "output_name")
+CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "n_regions", "error", "output_name")
+REGION_COLUMNS = ("path", "region_id", "x", "y", "width", "height", "area_px", "peak_score", "mean_score")
+MIN_REGION_AREA = 25
 HEAT_SCALE_TOP = 2.0
 NON_FINITE_ERROR = "non-finite score or map (NaN or infinity): reported anomalous, the model or backbone is damaged"
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the backbone and the distances run (auto: CUDA when available)")
     parser.add_argument("--threshold", type=positive_float,
                         help="anomaly threshold, overriding the model's (held-out normal quantile)")
+    parser.add_argument("--min_region_area", type=at_least(1), default=MIN_REGION_AREA,
+                        help="regions above the threshold smaller than this many pixels (at the original "
+                             "resolution) are specks: not in regions.csv, not boxed")
     parser.add_argument("--save_masks", action="store_true",
                         help="also write masks/<stem>.png: 0/255 pixels above the threshold")
     parser.add_argument("--weights", type=Path,
@@ -270,19 +275,21 @@ class OutputWriter:
     geometry: Geometry
     save_masks: bool
     table: np.ndarray
+    min_region_area: int
 
-    def __call__(self, amap: torch.Tensor, original: np.ndarray, name: str) -> int:
-        """Write the files of one image; returns its pixels above the threshold."""
+    def __call__(self, amap: torch.Tensor, original: np.ndarray, name: str) -> tuple[int, list[Region]]:
+        """Write the files of one image; returns its pixels above the threshold and its regions."""
         height, width = original.shape[:2]
         full = to_original_resolution(amap, height, width, self.geometry.resize, self.geometry.cropsize).numpy()
         heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
-        overlay = blend_overlay(original, heat)
+        regions = anomaly_regions(full, self.threshold, self.min_region_area)
+        overlay = draw_regions(blend_overlay(original, heat), regions)
         _write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
         _write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
         above = full > self.threshold
         if self.save_masks:
             _write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
-        return int(above.sum())
+        return int(above.sum()), regions
 
 
 def _number(value: float) -> str:
@@ -290,15 +297,21 @@ def _number(value: float) -> str:
     return format(value, ".10g")
 
 
-def _finish(in_flight: list[tuple[int, Future]], rows: list[dict], names: list[str]) -> None:
-    """Wait for a batch's files and record their areas (a write error surfaces here)."""
+def _finish(in_flight: list[tuple[int, Future]], rows: list[dict], names: list[str], regions: list[dict]) -> None:
+    """Wait for a batch's files and record their areas and regions (a write error surfaces here)."""
     for index, future in in_flight:
-        rows[index].update(anomalous_area_px=str(future.result()), output_name=f"{names[index]}.png")
+        area, found = future.result()
+        rows[index].update(anomalous_area_px=str(area), n_regions=str(len(found)), output_name=f"{names[index]}.png")
+        regions.extend({"path": rows[index]["path"], "region_id": number, "x": region.x, "y": region.y,
+                        "width": region.width, "height": region.height, "area_px": region.area,
+                        "peak_score": _number(region.peak), "mean_score": _number(region.mean)}
+                       for number, region in enumerate(found, start=1))
 
 
 def score_images(model: LoadedModel, paths: list[Path], names: list[str], threshold: float,
-                 args: argparse.Namespace) -> list[dict]:
-    """One CSV row per path: score and outputs for readable images, the reason for the others.
+                 args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """One CSV row per path (score and outputs for readable images, the reason for the others), and
+    one row per region above the threshold.
 
     The model scores batch by batch (build) and at most one batch's files are in flight, so
     memory stays bounded by two batches of images.
@@ -308,8 +321,9 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
     loader = DataLoader(WithOriginal(ImageDataset(samples, model.geometry)), batch_size=args.batch_size,
                         num_workers=args.num_workers, collate_fn=collate_with_originals,
                         pin_memory=model.padim.device.type == "cuda")
-    write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table())
+    write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
     in_flight: list[tuple[int, Future]] = []
+    regions: list[dict] = []
 
     def readable_batches(bar: tqdm) -> Iterator[tuple[tuple[Batch, list], torch.Tensor]]:
         for batch, originals in loader:
@@ -322,7 +336,7 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
 
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
         for (batch, originals), maps, scores in model.padim.stream_anomaly_maps(readable_batches(bar)):
-            _finish(in_flight, rows, names)
+            _finish(in_flight, rows, names, regions)
             finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
             in_flight = [(index, writer.submit(write, amap, original, names[index]))
                          for index, amap, original, ok in zip(batch.indices, maps, originals, finite) if ok]
@@ -330,15 +344,15 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
                 rows[index].update(score=_number(score), is_anomalous=str(score > threshold or not ok))
                 if not ok:
                     rows[index]["error"] = NON_FINITE_ERROR
-        _finish(in_flight, rows, names)
-    return rows
+        _finish(in_flight, rows, names, regions)
+    return rows, regions
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    """Atomic: an interrupted run leaves the previous predictions.csv, never half a file."""
+def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
+    """Atomic: an interrupted run leaves the previous file, never half of one."""
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
     atomic_write(path, write)
@@ -359,9 +373,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threshold is not None:
             log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)
         log.info("heat map colour scale: 0 .. %.4f (%g x threshold)", HEAT_SCALE_TOP * threshold, HEAT_SCALE_TOP)
-        rows = score_images(model, paths, output_names(paths), threshold, args)
+        rows, regions = score_images(model, paths, output_names(paths), threshold, args)
         csv_path = args.output / "predictions.csv"
-        write_csv(rows, csv_path)
+        write_csv(regions, args.output / "regions.csv", REGION_COLUMNS)
+        write_csv(rows, csv_path, CSV_COLUMNS)
     scored = [row for row in rows if "score" in row]
     non_finite = sum(row.get("error") == NON_FINITE_ERROR for row in scored)
     anomalous = sum(row["is_anomalous"] == "True" for row in scored)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
@@ -15,6 +16,7 @@ from statsmodels.stats.proportion import proportion_confint
 from datasets.images import Geometry, Sample
 from trainer import ClassEvaluation, defect_type_table, warn_on_crop_losses
 from utils import metrics
+from utils.anomaly_map import anomaly_regions, to_original_resolution
 
 Z95 = 1.959963984540054
 
@@ -108,3 +110,28 @@ def test_crop_warning_for_elongated_images_only(tmp_path: Path, caplog, size, wa
     assert ("tiles: the crop keeps 38% of each image on average; defects outside it are never seen; "
             "--cropsize 0 keeps the whole part" in caplog.text) == warned
     assert ("the crop keeps" in caplog.text) == warned
+
+
+def test_regions_have_exact_boxes_areas_and_scores_and_specks_are_dropped():
+    amap = np.zeros((20, 30), np.float32)
+    amap[2:5, 3:9] = 5.0
+    amap[3, 4] = 6.5
+    amap[10:18, 20:22] = 7.0
+    amap[17, 22] = 7.0  # diagonal neighbour: the same 8-connected region
+    amap[15, 5] = 9.0  # a speck
+    regions = anomaly_regions(amap, 1.0, min_area=2)
+    assert [(r.x, r.y, r.width, r.height, r.area) for r in regions] == [(3, 2, 6, 3, 18), (20, 10, 3, 8, 17)]
+    assert regions[0].peak == 6.5 and regions[0].mean == pytest.approx((17 * 5.0 + 6.5) / 18)
+    assert regions[1].peak == 7.0 and regions[1].mean == 7.0
+    assert len(anomaly_regions(amap, 1.0, min_area=1)) == 3
+    assert anomaly_regions(amap, 10.0, min_area=1) == []
+
+
+def test_regions_at_the_original_resolution_of_a_cropped_non_square_image():
+    """A block of the 32 x 32 model input, mapped back through resize 32 / crop 32 of a 128 x 64 image
+    (scale 2, crop offset 16 resized columns): its box lands exactly at 2x its place plus the offset."""
+    amap = torch.zeros(32, 32)
+    amap[8:16, 8:16] = 10.0
+    full = to_original_resolution(amap, 64, 128, 32, 32).numpy()
+    [region] = anomaly_regions(full, 5.0, min_area=1)
+    assert (region.x, region.y, region.width, region.height, region.area) == (48, 16, 16, 16, 256)

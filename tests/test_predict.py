@@ -12,13 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Trained
 from PIL import Image
 from torchvision.transforms import v2
 
 import predict
-from conftest import Trained
 from datasets.images import Geometry
-from utils.anomaly_map import blend_overlay, input_geometry, to_original_resolution
+from utils.anomaly_map import (
+    REGION_BOX_COLOUR,
+    blend_overlay,
+    input_geometry,
+    to_original_resolution,
+)
 from utils.backbones import load_backbone
 from utils.model_io import save_model
 
@@ -126,6 +131,13 @@ def test_non_square_image_outputs_at_original_size(trained: Trained, texture_roo
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask == 255, box) and int(row["anomalous_area_px"]) == box.sum()
     assert (heat[~box] == predict.colour_table()[0]).all()
+    with (out / "regions.csv").open(newline="") as handle:
+        [region] = list(csv.DictReader(handle))
+    assert row["n_regions"] == "1" and Path(region["path"]) == image_dir / "wide.png"
+    box_fields = ("region_id", "x", "y", "width", "height", "area_px")
+    assert [int(region[field]) for field in box_fields] == [1, 23, 3, 44, 44, 44 * 44]
+    overlay = np.asarray(Image.open(out / "overlays" / "wide.png"))
+    assert (overlay[3, 23:67] == REGION_BOX_COLOUR).all() and (overlay[3:47, 66] == REGION_BOX_COLOUR).all()
 
 
 def test_unreadable_images_are_listed_and_the_rest_scored(trained: Trained, texture_root: Path, tmp_path: Path, capsys):

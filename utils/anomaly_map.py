@@ -1,11 +1,14 @@
-"""Patch distances -> smoothed anomaly maps at the model input size -> image scores."""
+"""Patch distances -> smoothed anomaly maps at the model input size -> image scores, and the
+regions of a map above the threshold at the image's original resolution."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from utils.grid import centred_weights, linear_weights, resample_centred, stride_ratio
 
@@ -124,3 +127,40 @@ def to_original_resolution(amap: torch.Tensor, height: int, width: int, resize: 
     rows = interpolation_matrix(height, new_height / height, top, size).to(amap.dtype)
     columns = interpolation_matrix(width, new_width / width, left, size).to(amap.dtype)
     return rows @ amap @ columns.T
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected area of a map above the threshold: its bounding box, pixel count, peak and mean score."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int
+    peak: float
+    mean: float
+
+
+def anomaly_regions(amap: np.ndarray, threshold: float, min_area: int) -> list[Region]:
+    """The 8-connected regions of `amap` above `threshold` (OpenCV), in scan order; regions under
+    `min_area` pixels are dropped as specks."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((amap > threshold).astype(np.uint8), connectivity=8)
+    kept = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= min_area]
+    peaks = ndimage.maximum(amap, labels, kept) if kept else []
+    means = ndimage.mean(amap, labels, kept) if kept else []
+    return [Region(*(int(value) for value in stats[label, :5]), float(peak), float(mean))
+            for label, peak, mean in zip(kept, peaks, means)]
+
+
+REGION_BOX_COLOUR = (0, 255, 255)  # cyan: apart from every colour of the inferno heat scale
+
+
+def draw_regions(image: np.ndarray, regions: list[Region]) -> np.ndarray:
+    """`image` (H, W, 3 uint8) with each region's bounding box drawn on it, 2 px wide (3 on large images)."""
+    thickness = 2 if max(image.shape[:2]) < 1500 else 3
+    boxed = np.ascontiguousarray(image)
+    for region in regions:
+        cv2.rectangle(boxed, (region.x, region.y), (region.x + region.width - 1, region.y + region.height - 1),
+                      REGION_BOX_COLOUR, thickness)
+    return boxed
