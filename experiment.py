@@ -17,6 +17,7 @@ import torch
 from data.demo_data import make_demo_dataset
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import run_class_processing
+from utils.backbone_specs import BACKBONES
 from utils.backbones import WeightsError, build_extractor, pick_device
 from utils.cli import install_log_handler
 from utils.model_io import MODEL_FILENAME, ModelFileError
@@ -80,8 +81,11 @@ def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
 
 
 def results_folder(args: argparse.Namespace) -> Path:
-    """<base_results_dir>/<results_subdir>; by default named after the layout, backbone, resize and crop."""
+    """<base_results_dir>/<results_subdir>; by default named after the layout, backbone, resize and crop
+    (and the hooked stages when they are not the backbone's default)."""
     default = f"{args.dataset}_{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
+    if tuple(args.layers) != BACKBONES[args.model_architecture].default_layers:
+        default += f"_layers-{'-'.join(args.layers)}"
     return args.base_results_dir / (args.results_subdir or default)
 
 
@@ -91,7 +95,7 @@ def experiment_settings(args: argparse.Namespace) -> dict:
         "dataset": args.dataset, "data_path": str(args.data_path.resolve()),
         "test_class_name": args.test_class_name,
         "test_class_path": str(args.test_class_path.resolve()) if args.test_class_path else None,
-        "model_architecture": args.model_architecture,
+        "model_architecture": args.model_architecture, "layers": args.layers,
         "weights": args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve()),
         "resize": args.resize, "cropsize": args.cropsize, "reduced_dim": args.reduced_dim, "seed": args.seed,
         "holdout_ratio": args.holdout_ratio, "threshold_quantile": args.threshold_quantile,
@@ -166,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
     prove_writable(out_dir, "results folder", DataError)
     jobs = class_jobs(args)
     devices = resolve_devices(args)
-    extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed)
+    extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed, args.layers)
+    if args.reduced_dim is not None and args.reduced_dim > extractor.dims:
+        raise DataError(f"--reduced_dim {args.reduced_dim} exceeds the {extractor.dims} channels of "
+                        f"{args.model_architecture} at stages {' '.join(args.layers)}")
     with folder_lock(out_dir, "results folder", DataError):
         claim_results_folder(out_dir, experiment_settings(args))
         setup_logging(out_dir)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
                              ImageReadError, Sample, collate_skipping_failures, list_images)
 from utils.anomaly_map import HEAT_COLORMAP, Region, anomaly_regions, blend_overlay, draw_regions, to_original_resolution
+from utils.backbone_specs import hooked_layers
 from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
 from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
@@ -123,16 +124,20 @@ def check_content(content: dict, path: Path) -> None:
     if name not in BACKBONES:
         raise PredictError(f"{path}: backbone {name!r} is unknown to this version (known: {', '.join(sorted(BACKBONES))})")
     spec = BACKBONES[name]
-    if list(content["layers"]) != list(spec.layers):
-        raise PredictError(f"{path}: hooked layers {content['layers']} differ from {name}'s {list(spec.layers)}")
+    try:
+        layers = hooked_layers(spec, content["layers"])
+    except ValueError as err:
+        raise PredictError(f"{path}: hooked layers {content['layers']}: {err}") from err
+    if list(layers) != list(content["layers"]):
+        raise PredictError(f"{path}: hooked layers {content['layers']} are not in {name}'s order")
     if not (np.allclose(content["normalization_mean"], IMAGENET_MEAN) and np.allclose(content["normalization_std"], IMAGENET_STD)):
         raise PredictError(f"{path}: normalisation other than ImageNet mean/std is not supported")
     resize, cropsize = content["resize"], content["cropsize"]
     if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
         raise PredictError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r}")
     index = torch.as_tensor(content["channel_index"])
-    if index.numel() == 0 or int(index.max()) >= spec.dims or int(index.min()) < 0:
-        raise PredictError(f"{path}: channel index does not fit {name}'s {spec.dims} channels")
+    if index.numel() == 0 or int(index.min()) < 0:
+        raise PredictError(f"{path}: channel index is empty or negative")
     try:
         stats_from_content(content)
     except ModelFileError as err:
@@ -159,12 +164,16 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
     each image's original stays in memory until its outputs are written, and 128 originals
     of a large camera (12 MB each at 4K) would take 1.5 GB.
     """
-    extractor, weights_id = build_extractor(content["backbone"], weights, device, content["training_config"].get("seed", 0))
+    extractor, weights_id = build_extractor(content["backbone"], weights, device, content["training_config"].get("seed", 0),
+                                            content["layers"])
     if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
         raise PredictError(f"the backbone weights here ({weights_id}) are not those the model was trained with "
                            f"({content['weights_id']})")
     geometry = Geometry(content["resize"], content["cropsize"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
+    if int(index.max()) >= extractor.dims:
+        raise PredictError(f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
+                           f"at stages {' '.join(content['layers'])}")
     padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
     padim.use(stats_from_content(content))
     log.info("model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s", path,

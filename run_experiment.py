@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE
+from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
 from utils.cli import StrictParser, at_least, run_main, unit_interval
 
 DEMO_DATA_DIR = Path("demo_data")
@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=at_least(0), default=256,
                         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")
-    parser.add_argument("--reduced_dim", type=at_least(1), help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2)")
+    parser.add_argument("--layers", nargs="+", metavar="STAGE",
+                        help="backbone stages to hook, by the backbone's names (layer1 layer2 layer3 for the "
+                             "ResNets, 2 3 4 for the EfficientNets' features); None: the backbone's default")
+    parser.add_argument("--reduced_dim", type=at_least(1),
+                        help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2, "
+                             "capped at the hooked stages' channels)")
     parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
     parser.add_argument("--save_distribution", action="store_true",
                         help="save the model file (needed by predict.py) and reuse it on reruns when it matches")
@@ -70,9 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--data_path is required (or --demo)")
     if args.cropsize > args.resize:
         parser.error(f"--cropsize {args.cropsize} is larger than --resize {args.resize}")
-    dims = BACKBONES[args.model_architecture].dims
-    if args.reduced_dim is not None and args.reduced_dim > dims:
-        parser.error(f"--reduced_dim {args.reduced_dim} exceeds the {dims} channels of {args.model_architecture}")
+    try:
+        args.layers = list(hooked_layers(BACKBONES[args.model_architecture], args.layers))
+    except ValueError as err:
+        parser.error(f"--layers: {err}")
     if args.augmentations_enabled and not (args.horizontal_flip or args.vertical_flip):
         parser.error("--augmentations_enabled needs --horizontal_flip and/or --vertical_flip")
     if args.test_class_path and not args.test_class_name:

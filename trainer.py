@@ -362,12 +362,12 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
         other = load_class(test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(args.resize, args.cropsize)
-    index = channel_index(extractor.spec.dims, args.reduced_dim or extractor.spec.default_reduced_dim, args.seed)
+    index = channel_index(extractor.dims, args.reduced_dim or min(extractor.spec.default_reduced_dim, extractor.dims), args.seed)
     log_split(split, index.numel())
     warn_on_crop_losses(split.test, geometry, split.name)
     model = Padim(extractor, index, geometry.input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
     identity = {
-        "backbone": extractor.spec.name, "weights_id": weights_id, "layers": list(extractor.spec.layers),
+        "backbone": extractor.spec.name, "weights_id": weights_id, "layers": list(extractor.layers),
         "resize": args.resize, "cropsize": args.cropsize,
         "fingerprint": training_fingerprint(split.fit + split.holdout, class_dir),
         "training_config": _training_config(args, index),

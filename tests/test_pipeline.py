@@ -198,16 +198,16 @@ def test_batchnorm_folding_keeps_every_hooked_map(name):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     spec = BACKBONES[name]
-    unfused = TRUNKS[spec.family](copy.deepcopy(model), spec.layers[-1]).eval()
+    unfused = TRUNKS[spec.family](copy.deepcopy(model), spec.default_layers[-1]).eval()
     captured = {}
-    for layer in spec.layers:
+    for layer in spec.default_layers:
         unfused.get_submodule(layer).register_forward_hook(lambda m, i, out, layer=layer: captured.update({layer: out}))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         unfused(images)
-    fused = FeatureExtractor(spec, model)
+    fused = FeatureExtractor(spec, model, spec.default_layers)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    for layer, got in zip(spec.layers, fused(images)):
+    for layer, got in zip(spec.default_layers, fused(images)):
         torch.testing.assert_close(got, captured[layer], rtol=1e-4, atol=1e-4)
 
 

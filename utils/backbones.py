@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.models import efficientnet
 
-from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec
+from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec, hooked_layers
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +157,21 @@ def fuse_batchnorm_(module: nn.Module) -> nn.Module:
 
 
 class FeatureExtractor(nn.Module):
-    """Runs a backbone up to its last hooked stage and returns the hooked stages' maps."""
+    """Runs a backbone up to its last hooked stage and returns the hooked stages' maps.
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module):
+    `dims`, the channels of all hooked maps together, is measured by one small forward pass
+    when the extractor is built, so it can never disagree with the maps.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, layers: tuple[str, ...]):
         super().__init__()
         self.spec = spec
-        self.trunk = fuse_batchnorm_(TRUNKS[spec.family](model, spec.layers[-1]).eval())
+        self.layers = layers
+        self.trunk = fuse_batchnorm_(TRUNKS[spec.family](model, layers[-1]).eval())
         self.captured: dict[str, torch.Tensor] = {}
-        for layer in spec.layers:
+        for layer in layers:
             self.trunk.get_submodule(layer).register_forward_hook(partial(self._capture, layer))
+        self.dims = sum(maps.shape[1] for maps in self(torch.zeros(1, 3, 64, 64)))
 
     def _capture(self, layer: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self.captured[layer] = output
@@ -174,15 +180,18 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         self.captured.clear()
         self.trunk(images)
-        maps = [self.captured[layer] for layer in self.spec.layers]
+        maps = [self.captured[layer] for layer in self.layers]
         self.captured.clear()
         return maps
 
 
-def build_extractor(name: str, weights: str, device: torch.device, seed: int = 0) -> tuple[FeatureExtractor, str]:
-    """Extractor on `device` in eval mode (channels_last: markedly faster convolutions on the CPU)."""
+def build_extractor(name: str, weights: str, device: torch.device, seed: int = 0,
+                    layers: list[str] | tuple[str, ...] | None = None) -> tuple[FeatureExtractor, str]:
+    """Extractor hooking `layers` (the backbone's default when None) on `device` in eval mode
+    (channels_last: markedly faster convolutions on the CPU). WeightsError for weights that cannot be had."""
+    spec = BACKBONES[name]
     model, weights_id = load_backbone(name, weights, seed)
-    extractor = FeatureExtractor(BACKBONES[name], model).to(device, memory_format=torch.channels_last)
+    extractor = FeatureExtractor(spec, model, hooked_layers(spec, layers)).to(device, memory_format=torch.channels_last)
     return extractor.eval(), weights_id
 
 
