@@ -189,7 +189,7 @@ def log_split(split: ClassSplit, dims: int) -> None:
 
 def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) -> None:
     """Warn when the centre crop drops more than a third of the images' area on average: a defect
-    there is never seen (magnetic_tile's elongated tiles lose about 0.1 image AUROC to it)."""
+    there is never seen, which elongated parts pay for in detection."""
     shares = []
     for sample in samples:
         try:
@@ -239,12 +239,12 @@ def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geom
                 identity: dict, model_path: Path) -> tuple[float, dict, int]:
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
     cached = _cached_model(model_path, identity)
-    if cached is not None and not args.save_distribution:
-        cached = None  # it matches this run and may stay beside its results, but is reused only when asked
-    elif cached is None and model_path.is_file() and not args.save_distribution:
-        model_path.unlink()
-        log.warning("removed %s: an earlier run's model that does not match this run's results "
-                    "(add --save_distribution to save this run's)", model_path)
+    if not args.save_distribution:  # a matching model may stay beside this run's results, but is reused only when asked
+        if cached is None and model_path.is_file():
+            model_path.unlink()
+            log.warning("removed %s: an earlier run's model that does not match this run's results "
+                        "(add --save_distribution to save this run's)", model_path)
+        cached = None
     if cached is not None:
         content, stats = cached
         model.use(stats)
@@ -362,7 +362,7 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
         other = load_class(test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(args.resize, args.cropsize)
-    index = channel_index(extractor.dims, args.reduced_dim or min(extractor.spec.default_reduced_dim, extractor.dims), args.seed)
+    index = channel_index(extractor.dims, args.reduced_dim or extractor.default_reduced_dim, args.seed)
     log_split(split, index.numel())
     warn_on_crop_losses(split.test, geometry, split.name)
     model = Padim(extractor, index, geometry.input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])

@@ -138,7 +138,7 @@ def synchronize(device: torch.device) -> None:
 
 def new_model(extractor, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> Padim:
     """A Padim built as run_class_processing builds it (same channel index, input size, devices)."""
-    index = channel_index(extractor.dims, pargs.reduced_dim or min(extractor.spec.default_reduced_dim, extractor.dims), pargs.seed)
+    index = channel_index(extractor.dims, pargs.reduced_dim or extractor.default_reduced_dim, pargs.seed)
     return Padim(extractor, index, Geometry(pargs.resize, pargs.cropsize).input_size,
                  devices["backbone"], devices["stats"], devices["mahalanobis"])
 

@@ -173,6 +173,11 @@ class FeatureExtractor(nn.Module):
             self.trunk.get_submodule(layer).register_forward_hook(partial(self._capture, layer))
         self.dims = sum(maps.shape[1] for maps in self(torch.zeros(1, 3, 64, 64)))
 
+    @property
+    def default_reduced_dim(self) -> int:
+        """The channels kept when --reduced_dim is not given: the backbone's default, capped at `dims`."""
+        return min(self.spec.default_reduced_dim, self.dims)
+
     def _capture(self, layer: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self.captured[layer] = output
 

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,39 +24,28 @@ class OutputWriteError(Exception):
     """A result file that could not be written (disk full, file too large, folder gone or read-only)."""
 
 
-def _plain_write_mode() -> int:
-    """0o666 less the process umask: what open() gives a new file (mkstemp's own 0o600 would hide
-    results from teammates on a shared server)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)` then rename onto `path`: an interrupted or failed write never leaves a half file.
 
+    The temporary file is created with mode 0o666 for the kernel to apply the umask, so results
+    get the permissions a plain write gives (mkstemp's 0o600 would hide them from teammates).
     A failure to write (OSError, or torch.save's RuntimeError for the same causes) becomes
     OutputWriteError naming `path`, not the temporary file.
     """
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as err:
-        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _plain_write_mode())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
     except RuntimeError as err:  # torch.save's writer does not say why a write fell short
-        Path(tmp).unlink(missing_ok=True)
         raise OutputWriteError(f"cannot write {path}: the write fell short (disk full or a file size limit?)") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
