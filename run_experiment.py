@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="bowtie", choices=sorted(DATASET_LAYOUTS), help="data layout")
     parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
     parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
-    parser.add_argument("--results_subdir", help="sub-folder of the results (None: <arch>_resize-<R>_crop-<C>)")
+    parser.add_argument("--results_subdir", help="sub-folder of the results, holding one experiment "
+                             "(None: <dataset>_<arch>_resize-<R>_crop-<C>, plus _layers-... for non-default --layers)")
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=at_least(0), default=256,
                         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")

@@ -139,6 +139,11 @@ def test_non_square_image_outputs_at_original_size(trained: Trained, texture_roo
     overlay = np.asarray(Image.open(out / "overlays" / "wide.png"))
     assert (overlay[3, 23:67] == REGION_BOX_COLOUR).all() and (overlay[3:47, 66] == REGION_BOX_COLOUR).all()
 
+    specks = tmp_path / "specks"
+    assert predict.main(["--model", str(trained.model_dir), "--input", str(image_dir), "--output", str(specks),
+                         "--threshold", "1.0", "--min_region_area", str(44 * 44 + 1), *PREDICT_FLAGS]) == 0
+    assert read_rows(specks)[0]["n_regions"] == "0" and (specks / "regions.csv").read_text().count("\n") == 1
+
 
 def test_unreadable_images_are_listed_and_the_rest_scored(trained: Trained, texture_root: Path, tmp_path: Path, capsys):
     folder = tmp_path / "mixed"
