@@ -1,5 +1,6 @@
 """One run of run_experiment.py once its flags are parsed: find the classes, build the backbone,
 hold the results folder, call trainer per class, write master_results.csv and the log."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,36 @@ log = logging.getLogger("padim")
 
 USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
 RESULT_COLUMNS = [
-    "class_name", "roc_auc", "optimal_threshold", "precision", "recall", "f1_score", "false_positive_rate",
-    "precision_ci_low", "precision_ci_high", "recall_ci_low", "recall_ci_high",
-    "false_positive_rate_ci_low", "false_positive_rate_ci_high",
-    "true_negatives", "false_positives", "false_negatives", "true_positives", "roc_auc_ci_low", "roc_auc_ci_high",
-    "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max", "n_train", "n_holdout", "n_test", "n_skipped",
-    "fit_seconds", "eval_seconds", "status",
+    "class_name",
+    "roc_auc",
+    "optimal_threshold",
+    "precision",
+    "recall",
+    "f1_score",
+    "false_positive_rate",
+    "precision_ci_low",
+    "precision_ci_high",
+    "recall_ci_low",
+    "recall_ci_high",
+    "false_positive_rate_ci_low",
+    "false_positive_rate_ci_high",
+    "true_negatives",
+    "false_positives",
+    "false_negatives",
+    "true_positives",
+    "roc_auc_ci_low",
+    "roc_auc_ci_high",
+    "pr_auc",
+    "pixel_roc_auc",
+    "pixel_aupro",
+    "f1_max",
+    "n_train",
+    "n_holdout",
+    "n_test",
+    "n_skipped",
+    "fit_seconds",
+    "eval_seconds",
+    "status",
 ]
 EXPERIMENT_FILENAME = "experiment.json"
 
@@ -71,7 +96,11 @@ def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
             names = ", ".join(c.name for c in classes) or "none"
             raise DataError(f"--test_class_name needs --data_path to be one class folder; found classes: {names}")
         search_root = args.test_class_path or args.data_path.parent
-        test_dir = search_root if is_class_dir(search_root) and search_root.name == args.test_class_name else search_root / args.test_class_name
+        test_dir = (
+            search_root
+            if is_class_dir(search_root) and search_root.name == args.test_class_name
+            else search_root / args.test_class_name
+        )
         if not is_class_dir(test_dir):
             raise DataError(f"test class {test_dir} has no train/ and test/ folders")
         return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
@@ -92,15 +121,23 @@ def results_folder(args: argparse.Namespace) -> Path:
 def experiment_settings(args: argparse.Namespace) -> dict:
     """The settings that make two runs one experiment: only such runs may share a results folder."""
     return {
-        "dataset": args.dataset, "data_path": str(args.data_path.resolve()),
+        "dataset": args.dataset,
+        "data_path": str(args.data_path.resolve()),
         "test_class_name": args.test_class_name,
         "test_class_path": str(args.test_class_path.resolve()) if args.test_class_path else None,
-        "model_architecture": args.model_architecture, "layers": args.layers,
+        "model_architecture": args.model_architecture,
+        "layers": args.layers,
         "weights": args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve()),
-        "resize": args.resize, "cropsize": args.cropsize, "reduced_dim": args.reduced_dim, "seed": args.seed,
-        "holdout_ratio": args.holdout_ratio, "threshold_quantile": args.threshold_quantile,
+        "resize": args.resize,
+        "cropsize": args.cropsize,
+        "reduced_dim": args.reduced_dim,
+        "seed": args.seed,
+        "holdout_ratio": args.holdout_ratio,
+        "threshold_quantile": args.threshold_quantile,
         "test_sample_ratio": args.test_sample_ratio if args.dataset == "bowtie" else None,
-        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob] if args.augmentations_enabled else None,
+        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob]
+        if args.augmentations_enabled
+        else None,
     }
 
 
@@ -113,13 +150,20 @@ def claim_results_folder(out_dir: Path, settings: dict) -> None:
             earlier = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             earlier = {}
-        changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
+        changed = [
+            f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value
+        ]
         if changed:
-            raise DataError(f"results folder {out_dir} holds another experiment's results (it differs in "
-                            f"{'; '.join(changed)}): choose another --results_subdir, or remove that folder")
+            raise DataError(
+                f"results folder {out_dir} holds another experiment's results (it differs in "
+                f"{'; '.join(changed)}): choose another --results_subdir, or remove that folder"
+            )
     elif (out_dir / "master_results.csv").exists():
-        log.warning("results folder %s holds results of an earlier version that did not record its experiment; "
-                    "they are replaced class by class", out_dir)
+        log.warning(
+            "results folder %s holds results of an earlier version that did not record its experiment; "
+            "they are replaced class by class",
+            out_dir,
+        )
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
 
 
@@ -139,17 +183,25 @@ def clear_class_folder(folder: Path) -> None:
 
 def setup_logging(out_dir: Path) -> None:
     """Everything to experiment_log.log, warnings and errors to the console."""
-    install_log_handler("padim-log-file", logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8"),
-                        logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s")
+    install_log_handler(
+        "padim-log-file",
+        logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8"),
+        logging.INFO,
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    install_log_handler(
+        "padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s"
+    )
 
 
 def interval_column(table: pd.DataFrame, rate: str) -> pd.Series:
     """'0.750 [0.47, 0.91]': a rate at the operating threshold with its 95% Wilson interval, for the summary."""
+
     def text(row) -> str:
         if pd.isna(row[rate]):
             return "-"
         return f"{row[rate]:.3f} [{row[f'{rate}_ci_low']:.2f}, {row[f'{rate}_ci_high']:.2f}]"
+
     return table.apply(text, axis=1) if len(table) else pd.Series(dtype=str)
 
 
@@ -170,20 +222,35 @@ def run(args: argparse.Namespace) -> int:
     prove_writable(out_dir, "results folder", DataError)
     jobs = class_jobs(args)
     devices = resolve_devices(args)
-    extractor, weights_id = build_extractor(args.model_architecture, args.weights, devices["backbone"], args.seed, args.layers)
+    extractor, weights_id = build_extractor(
+        args.model_architecture, args.weights, devices["backbone"], args.seed, args.layers
+    )
     if args.reduced_dim is not None and args.reduced_dim > extractor.dims:
-        raise DataError(f"--reduced_dim {args.reduced_dim} exceeds the {extractor.dims} channels of "
-                        f"{args.model_architecture} at stages {' '.join(args.layers)}")
+        raise DataError(
+            f"--reduced_dim {args.reduced_dim} exceeds the {extractor.dims} channels of "
+            f"{args.model_architecture} at stages {' '.join(args.layers)}"
+        )
     with folder_lock(out_dir, "results folder", DataError):
         claim_results_folder(out_dir, experiment_settings(args))
         setup_logging(out_dir)
         log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
-        log.info("backbone %s, weights %s, devices %s", args.model_architecture, weights_id, {k: str(v) for k, v in devices.items()})
+        log.info(
+            "backbone %s, weights %s, devices %s",
+            args.model_architecture,
+            weights_id,
+            {k: str(v) for k, v in devices.items()},
+        )
         return run_classes(args, out_dir, jobs, extractor, weights_id, devices)
 
 
-def run_classes(args: argparse.Namespace, out_dir: Path, jobs: list[tuple[str, Path, Path | None]],
-                extractor, weights_id: str, devices: dict[str, torch.device]) -> int:
+def run_classes(
+    args: argparse.Namespace,
+    out_dir: Path,
+    jobs: list[tuple[str, Path, Path | None]],
+    extractor,
+    weights_id: str,
+    devices: dict[str, torch.device],
+) -> int:
     """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
     plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
     rows = []
@@ -198,7 +265,9 @@ def run_classes(args: argparse.Namespace, out_dir: Path, jobs: list[tuple[str, P
         rows.append({"class_name": name, **row})
         log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
         table = write_results(rows, out_dir / "master_results.csv")
-    summary = table[["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped", "status"]]
+    summary = table[
+        ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped", "status"]
+    ]
     summary.insert(5, "recall (95% CI)", interval_column(table, "recall"))
     summary.insert(6, "FPR (95% CI)", interval_column(table, "false_positive_rate"))
     print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))

@@ -3,6 +3,7 @@
 Everything needed to score comes from the model file that `run_experiment.py --save_distribution`
 writes (<results>/<class>/padim_model.pt): no training data and no training flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,10 @@ import glob
 import logging
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,9 +24,26 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets.images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset,
-                             ImageReadError, Sample, collate_skipping_failures, list_images)
-from utils.anomaly_map import HEAT_COLORMAP, Region, anomaly_regions, blend_overlay, draw_regions, to_original_resolution
+from datasets.images import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    Geometry,
+    ImageDataset,
+    ImageReadError,
+    Sample,
+    collate_skipping_failures,
+    list_images,
+)
+from utils.anomaly_map import (
+    HEAT_COLORMAP,
+    Region,
+    anomaly_regions,
+    blend_overlay,
+    draw_regions,
+    to_original_resolution,
+)
 from utils.backbone_specs import hooked_layers
 from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
 from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
@@ -58,26 +76,52 @@ class LoadedModel:
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its help; defaults shown by --help."""
     parser = StrictParser(__doc__)
-    parser.add_argument("--model", type=Path, required=True,
-                        help=f"a class results folder (holding {MODEL_FILENAME}) or the model file itself")
-    parser.add_argument("--input", action="append", required=True, metavar="IMAGE|FOLDER|GLOB",
-                        help="an image file, a folder (its images, not sub-folders) or a quoted glob "
-                             "('**' recurses); repeat the flag for more")
-    parser.add_argument("--output", type=Path, default=Path("./predictions"),
-                        help="folder for predictions.csv, heatmaps/, overlays/ and masks/")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help=f"a class results folder (holding {MODEL_FILENAME}) or the model file itself",
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="IMAGE|FOLDER|GLOB",
+        help="an image file, a folder (its images, not sub-folders) or a quoted glob "
+        "('**' recurses); repeat the flag for more",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("./predictions"),
+        help="folder for predictions.csv, heatmaps/, overlays/ and masks/",
+    )
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
     parser.add_argument("--num_workers", type=at_least(0), default=0, help="image decoding processes")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where the backbone and the distances run (auto: CUDA when available)")
-    parser.add_argument("--threshold", type=positive_float,
-                        help="anomaly threshold, overriding the model's (held-out normal quantile)")
-    parser.add_argument("--min_region_area", type=at_least(1), default=MIN_REGION_AREA,
-                        help="regions above the threshold smaller than this many pixels (at the original "
-                             "resolution) are specks: not in regions.csv, not boxed")
-    parser.add_argument("--save_masks", action="store_true",
-                        help="also write masks/<stem>.png: 0/255 pixels above the threshold")
-    parser.add_argument("--weights", type=Path,
-                        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the backbone and the distances run (auto: CUDA when available)",
+    )
+    parser.add_argument(
+        "--threshold", type=positive_float, help="anomaly threshold, overriding the model's (held-out normal quantile)"
+    )
+    parser.add_argument(
+        "--min_region_area",
+        type=at_least(1),
+        default=MIN_REGION_AREA,
+        help="regions above the threshold smaller than this many pixels (at the original "
+        "resolution) are specks: not in regions.csv, not boxed",
+    )
+    parser.add_argument(
+        "--save_masks", action="store_true", help="also write masks/<stem>.png: 0/255 pixels above the threshold"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
+    )
     return parser
 
 
@@ -87,27 +131,33 @@ def setup_logging() -> None:
 
 
 def model_file(path: Path) -> Path:
-    """The model file for --model; a run's results folder (above the class folders) gets a hint, not a bare 'missing'."""
+    """The model file for --model; a run's results folder (above the class folders) gets a hint,
+    not a bare 'missing'."""
     if path.is_dir() and not (path / MODEL_FILENAME).exists():
         classes = sorted(p.parent.name for p in path.glob(f"*/{MODEL_FILENAME}"))
         if classes:
-            raise PredictError(f"{path} has no {MODEL_FILENAME} but its class folders do ({', '.join(classes)}): "
-                               f"pass one of them, e.g. --model {path / classes[0]}")
+            raise PredictError(
+                f"{path} has no {MODEL_FILENAME} but its class folders do ({', '.join(classes)}): "
+                f"pass one of them, e.g. --model {path / classes[0]}"
+            )
     return path / MODEL_FILENAME if path.is_dir() else path
 
 
 def weights_argument(weights_id: str, weights_path: Path | None) -> str:
     """build_extractor's `weights` for the model's weights id; a weights file must be byte-identical to training's."""
     if weights_id.startswith("file:"):
-        name, expected = weights_id[len("file:"):].rsplit(":", 1)
+        name, expected = weights_id[len("file:") :].rsplit(":", 1)
         if weights_path is None:
-            raise PredictError(f"the model was trained with the weights file {name} (sha256 {expected}...): "
-                               "pass that file with --weights PATH")
+            raise PredictError(
+                f"the model was trained with the weights file {name} (sha256 {expected}...): "
+                "pass that file with --weights PATH"
+            )
         if not weights_path.is_file():
             raise PredictError(f"--weights {weights_path} is not a file")
         if weights_digest(weights_path) != expected:
-            raise PredictError(f"--weights {weights_path} is not the file the model was trained with "
-                               f"({name}, sha256 {expected}...)")
+            raise PredictError(
+                f"--weights {weights_path} is not the file the model was trained with ({name}, sha256 {expected}...)"
+            )
         return str(weights_path)
     if weights_path is not None:
         raise PredictError(f"--weights is only for models trained with a weights file; this one uses {weights_id!r}")
@@ -122,7 +172,9 @@ def check_content(content: dict, path: Path) -> None:
     """Refuse a model this code cannot reproduce exactly, before any heavy work."""
     name = content["backbone"]
     if name not in BACKBONES:
-        raise PredictError(f"{path}: backbone {name!r} is unknown to this version (known: {', '.join(sorted(BACKBONES))})")
+        raise PredictError(
+            f"{path}: backbone {name!r} is unknown to this version (known: {', '.join(sorted(BACKBONES))})"
+        )
     spec = BACKBONES[name]
     try:
         layers = hooked_layers(spec, content["layers"])
@@ -130,7 +182,10 @@ def check_content(content: dict, path: Path) -> None:
         raise PredictError(f"{path}: hooked layers {content['layers']}: {err}") from err
     if list(layers) != list(content["layers"]):
         raise PredictError(f"{path}: hooked layers {content['layers']} are not in {name}'s order")
-    if not (np.allclose(content["normalization_mean"], IMAGENET_MEAN) and np.allclose(content["normalization_std"], IMAGENET_STD)):
+    if not (
+        np.allclose(content["normalization_mean"], IMAGENET_MEAN)
+        and np.allclose(content["normalization_std"], IMAGENET_STD)
+    ):
         raise PredictError(f"{path}: normalisation other than ImageNet mean/std is not supported")
     resize, cropsize = content["resize"], content["cropsize"]
     if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
@@ -164,21 +219,36 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
     each image's original stays in memory until its outputs are written, and 128 originals
     of a large camera (12 MB each at 4K) would take 1.5 GB.
     """
-    extractor, weights_id = build_extractor(content["backbone"], weights, device, content["training_config"].get("seed", 0),
-                                            content["layers"])
+    extractor, weights_id = build_extractor(
+        content["backbone"], weights, device, content["training_config"].get("seed", 0), content["layers"]
+    )
     if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
-        raise PredictError(f"the backbone weights here ({weights_id}) are not those the model was trained with "
-                           f"({content['weights_id']})")
+        raise PredictError(
+            f"the backbone weights here ({weights_id}) are not those the model was trained with "
+            f"({content['weights_id']})"
+        )
     geometry = Geometry(content["resize"], content["cropsize"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
     if int(index.max()) >= extractor.dims:
-        raise PredictError(f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
-                           f"at stages {' '.join(content['layers'])}")
-    padim = Padim(extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
+        raise PredictError(
+            f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
+            f"at stages {' '.join(content['layers'])}"
+        )
+    padim = Padim(
+        extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size
+    )
     padim.use(stats_from_content(content))
-    log.info("model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s", path,
-             content["class_name"], content["backbone"], weights_id, geometry.resize, geometry.cropsize,
-             content["threshold"], content["threshold_provenance"].get("source", "?"))
+    log.info(
+        "model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s",
+        path,
+        content["class_name"],
+        content["backbone"],
+        weights_id,
+        geometry.resize,
+        geometry.cropsize,
+        content["threshold"],
+        content["threshold_provenance"].get("source", "?"),
+    )
     return LoadedModel(padim, geometry, float(content["threshold"]))
 
 
@@ -194,8 +264,11 @@ def _expand(text: str) -> list[Path]:
     if path.is_dir():
         found = list_images(path)
         if not found:
-            hint = f" (sub-folders are not searched: use a quoted glob such as '{path}/*/*.png')" if any(
-                p.is_dir() for p in path.iterdir()) else ""
+            hint = (
+                f" (sub-folders are not searched: use a quoted glob such as '{path}/*/*.png')"
+                if any(p.is_dir() for p in path.iterdir())
+                else ""
+            )
             log.warning("--input %s: no image files in this folder%s", text, hint)
         return found
     return [path]
@@ -267,7 +340,8 @@ def heat_colours(amap: np.ndarray, top: float, table: np.ndarray) -> np.ndarray:
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
-    """Atomic PNG; compression level 1 encodes ~2.5x faster than the default for ~1.5x the bytes."""
+    """Atomic PNG at zlib level 1: encoding dominates writing, and level 1 is much faster for larger files
+    (tuning; figures in benchmarks/README.md)."""
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
 
 
@@ -311,14 +385,25 @@ def _finish(in_flight: list[tuple[int, Future]], rows: list[dict], names: list[s
     for index, future in in_flight:
         area, found = future.result()
         rows[index].update(anomalous_area_px=str(area), n_regions=str(len(found)), output_name=f"{names[index]}.png")
-        regions.extend({"path": rows[index]["path"], "region_id": number, "x": region.x, "y": region.y,
-                        "width": region.width, "height": region.height, "area_px": region.area,
-                        "peak_score": _number(region.peak), "mean_score": _number(region.mean)}
-                       for number, region in enumerate(found, start=1))
+        regions.extend(
+            {
+                "path": rows[index]["path"],
+                "region_id": number,
+                "x": region.x,
+                "y": region.y,
+                "width": region.width,
+                "height": region.height,
+                "area_px": region.area,
+                "peak_score": _number(region.peak),
+                "mean_score": _number(region.mean),
+            }
+            for number, region in enumerate(found, start=1)
+        )
 
 
-def score_images(model: LoadedModel, paths: list[Path], names: list[str], threshold: float,
-                 args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def score_images(
+    model: LoadedModel, paths: list[Path], names: list[str], threshold: float, args: argparse.Namespace
+) -> tuple[list[dict], list[dict]]:
     """One CSV row per path (score and outputs for readable images, the reason for the others), and
     one row per region above the threshold.
 
@@ -327,9 +412,13 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
     """
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
-    loader = DataLoader(WithOriginal(ImageDataset(samples, model.geometry)), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=collate_with_originals,
-                        pin_memory=model.padim.device.type == "cuda")
+    loader = DataLoader(
+        WithOriginal(ImageDataset(samples, model.geometry)),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=collate_with_originals,
+        pin_memory=model.padim.device.type == "cuda",
+    )
     write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
     in_flight: list[tuple[int, Future]] = []
     regions: list[dict] = []
@@ -347,8 +436,11 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
         for (batch, originals), maps, scores in model.padim.stream_anomaly_maps(readable_batches(bar)):
             _finish(in_flight, rows, names, regions)
             finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
-            in_flight = [(index, writer.submit(write, amap, original, names[index]))
-                         for index, amap, original, ok in zip(batch.indices, maps, originals, finite) if ok]
+            in_flight = [
+                (index, writer.submit(write, amap, original, names[index]))
+                for index, amap, original, ok in zip(batch.indices, maps, originals, finite)
+                if ok
+            ]
             for index, score, ok in zip(batch.indices, scores.tolist(), finite):
                 rows[index].update(score=_number(score), is_anomalous=str(score > threshold or not ok))
                 if not ok:
@@ -359,11 +451,13 @@ def score_images(model: LoadedModel, paths: list[Path], names: list[str], thresh
 
 def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
     """Atomic: an interrupted run leaves the previous file, never half of one."""
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
+
     atomic_write(path, write)
 
 
@@ -389,12 +483,17 @@ def run(args: argparse.Namespace) -> int:
     scored = [row for row in rows if "score" in row]
     non_finite = sum(row.get("error") == NON_FINITE_ERROR for row in scored)
     anomalous = sum(row["is_anomalous"] == "True" for row in scored)
-    print(f"{len(scored) - non_finite} of {len(rows)} images scored, {anomalous} anomalous (threshold {threshold:.4f}), "
-          f"{len(rows) - len(scored)} unreadable, {non_finite} non-finite (reported anomalous)")
+    print(
+        f"{len(scored) - non_finite} of {len(rows)} images scored, {anomalous} anomalous (threshold {threshold:.4f}), "
+        f"{len(rows) - len(scored)} unreadable, {non_finite} non-finite (reported anomalous)"
+    )
     print(f"predictions: {csv_path}")
     if non_finite:
-        print(f"error: {non_finite} images got a non-finite score: the model or backbone is damaged "
-              "(they are reported anomalous in predictions.csv)", file=sys.stderr)
+        print(
+            f"error: {non_finite} images got a non-finite score: the model or backbone is damaged "
+            "(they are reported anomalous in predictions.csv)",
+            file=sys.stderr,
+        )
         return 1
     if not scored:
         print("error: no image could be read (reasons in predictions.csv)", file=sys.stderr)
@@ -405,7 +504,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    return run_main(run, args, (PredictError, ModelFileError, WeightsError, OutputWriteError), "predictions.csv was not written")
+    return run_main(
+        run, args, (PredictError, ModelFileError, WeightsError, OutputWriteError), "predictions.csv was not written"
+    )
 
 
 if __name__ == "__main__":

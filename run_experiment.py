@@ -4,6 +4,7 @@ Writes <base_results_dir>/<results_subdir>/master_results.csv (one row per class
 experiment_log.log and a folder per class with its model file and plots. This file is the
 command line: it checks every flag before the heavy libraries load (experiment.py runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,49 +20,100 @@ DEMO_DATA_DIR = Path("demo_data")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(__doc__)
-    parser.add_argument("--model_architecture", default="wide_resnet50_2", choices=sorted(BACKBONES),
-                        help=f"backbone; {OFFLINE_BACKBONE} has ImageNet weights that work offline")
-    parser.add_argument("--weights", default="imagenet",
-                        help="'imagenet', 'none' (random init, for tests only) or a path to a state dict")
+    parser.add_argument(
+        "--model_architecture",
+        default="wide_resnet50_2",
+        choices=sorted(BACKBONES),
+        help=f"backbone; {OFFLINE_BACKBONE} has ImageNet weights that work offline",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet', 'none' (random init, for tests only) or a path to a state dict",
+    )
     parser.add_argument("--dataset", default="bowtie", choices=sorted(DATASET_LAYOUTS), help="data layout")
     parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
     parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
-    parser.add_argument("--results_subdir", help="sub-folder of the results, holding one experiment "
-                             "(None: <dataset>_<arch>_resize-<R>_crop-<C>, plus _layers-... for non-default --layers)")
+    parser.add_argument(
+        "--results_subdir",
+        help="sub-folder of the results, holding one experiment "
+        "(None: <dataset>_<arch>_resize-<R>_crop-<C>, plus _layers-... for non-default --layers)",
+    )
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
-    parser.add_argument("--cropsize", type=at_least(0), default=256,
-                        help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part")
-    parser.add_argument("--layers", nargs="+", metavar="STAGE",
-                        help="backbone stages to hook, by the backbone's names (layer1 layer2 layer3 for the "
-                             "ResNets, 2 3 4 for the EfficientNets' features); None: the backbone's default")
-    parser.add_argument("--reduced_dim", type=at_least(1),
-                        help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2, "
-                             "capped at the hooked stages' channels)")
+    parser.add_argument(
+        "--cropsize",
+        type=at_least(0),
+        default=256,
+        help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part",
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="STAGE",
+        help="backbone stages to hook, by the backbone's names (layer1 layer2 layer3 for the "
+        "ResNets, 2 3 4 for the EfficientNets' features); None: the backbone's default",
+    )
+    parser.add_argument(
+        "--reduced_dim",
+        type=at_least(1),
+        help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2, "
+        "capped at the hooked stages' channels)",
+    )
     parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
-    parser.add_argument("--save_distribution", action="store_true",
-                        help="save the model file (needed by predict.py) and reuse it on reruns when it matches")
+    parser.add_argument(
+        "--save_distribution",
+        action="store_true",
+        help="save the model file (needed by predict.py) and reuse it on reruns when it matches",
+    )
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
     parser.add_argument("--num_workers", type=at_least(0), default=2, help="data loading processes")
     parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
     parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
     parser.add_argument("--vertical_flip", action="store_true", help="with augmentations: vertical flips")
-    parser.add_argument("--augmentation_prob", type=unit_interval(True, True), default=0.5,
-                        help="probability of each flip, applied independently")
+    parser.add_argument(
+        "--augmentation_prob",
+        type=unit_interval(True, True),
+        default=0.5,
+        help="probability of each flip, applied independently",
+    )
     parser.add_argument("--test_class_name", help="train on --data_path's class, test on this class")
-    parser.add_argument("--test_class_path", type=Path, help="folder that holds the test class (None: the folder that holds --data_path)")
+    parser.add_argument(
+        "--test_class_path",
+        type=Path,
+        help="folder that holds the test class (None: the folder that holds --data_path)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
-    parser.add_argument("--test_sample_ratio", type=unit_interval(True, False), default=0.2,
-                        help="bowtie: share of train/good moved (seeded, disjoint) to the test normals")
-    parser.add_argument("--holdout_ratio", type=unit_interval(True, False), default=0.1,
-                        help="share of training normals held out of the fit to choose the operating threshold")
-    parser.add_argument("--threshold_quantile", type=unit_interval(False, True), default=0.99,
-                        help="operating threshold = this quantile of the held-out normal scores")
-    parser.add_argument("--max_visualizations", type=at_least(-1), default=20,
-                        help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all")
-    parser.add_argument("--demo", action="store_true",
-                        help="build a small texture dataset (once, in ./demo_data) and run efficientnet_lite0 on it")
+    parser.add_argument(
+        "--test_sample_ratio",
+        type=unit_interval(True, False),
+        default=0.2,
+        help="bowtie: share of train/good moved (seeded, disjoint) to the test normals",
+    )
+    parser.add_argument(
+        "--holdout_ratio",
+        type=unit_interval(True, False),
+        default=0.1,
+        help="share of training normals held out of the fit to choose the operating threshold",
+    )
+    parser.add_argument(
+        "--threshold_quantile",
+        type=unit_interval(False, True),
+        default=0.99,
+        help="operating threshold = this quantile of the held-out normal scores",
+    )
+    parser.add_argument(
+        "--max_visualizations",
+        type=at_least(-1),
+        default=20,
+        help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="build a small texture dataset (once, in ./demo_data) and run efficientnet_lite0 on it",
+    )
     return parser
 
 
@@ -90,8 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import experiment  # torch, pandas, matplotlib: only once the flags are known to be good
-    return run_main(experiment.run, args, experiment.USER_ERRORS,
-                    "finished classes are in master_results.csv; rerun to complete")
+
+    return run_main(
+        experiment.run, args, experiment.USER_ERRORS, "finished classes are in master_results.csv; rerun to complete"
+    )
 
 
 if __name__ == "__main__":

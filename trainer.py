@@ -3,15 +3,16 @@
 An orchestrator: the math lives in utils/, the data in datasets/; this file only wires
 them together, times them and turns the outcome into one master_results.csv row.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import import_module
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,13 +22,30 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import DATASET_LAYOUTS
-from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Batch, Geometry, ImageDataset, Sample, build_flips, collate_skipping_failures
+from datasets.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    Geometry,
+    ImageDataset,
+    Sample,
+    build_flips,
+    collate_skipping_failures,
+)
 from datasets.split import ClassSplit, DataError
 from utils import metrics
 from utils.backbones import FeatureExtractor
 from utils.embedding import channel_index
-from utils.model_io import (MODEL_FILENAME, ModelFileError, load_model, save_model, stats_content,
-                            stats_from_content, training_fingerprint)
+from utils.evaluation import ClassEvaluation
+from utils.model_io import (
+    MODEL_FILENAME,
+    ModelFileError,
+    load_model,
+    save_model,
+    stats_content,
+    stats_from_content,
+    training_fingerprint,
+)
 from utils.output_files import atomic_write
 from utils.padim import GaussianStats, Padim
 
@@ -39,32 +57,6 @@ DEFECT_TYPES_FILENAME = "defect_types.csv"
 MIN_HOLDOUT_IMAGES = 20
 MIN_KEPT_SHARE = 2 / 3
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
-
-
-@dataclass
-class ClassEvaluation:
-    """Everything the metrics and plots need about one class's test set, computed once."""
-
-    name: str
-    samples: list[Sample]
-    scores: np.ndarray
-    maps: np.ndarray
-    masks: np.ndarray
-    images: np.ndarray
-    threshold: float
-    has_ground_truth: bool
-    summary: dict = field(default_factory=dict)
-    pixel_curves: metrics.PixelCurves | None = None
-    defect_types: pd.DataFrame | None = None
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], dtype=int)
-
-    @property
-    def with_mask(self) -> np.ndarray:
-        """Images that count in the pixel metrics: good ones, and defect ones that have a mask."""
-        return np.array([s.label == 0 or s.mask_path is not None for s in self.samples], dtype=bool)
 
 
 @dataclass
@@ -90,7 +82,8 @@ def require_finite_scores(scores: np.ndarray, what: str) -> None:
         raise NonFiniteError(f"{bad} of {scores.size} {what} got a non-finite score (NaN or infinity)")
 
 
-def _loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace, augment=None) -> DataLoader:
+def image_loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace, augment=None) -> DataLoader:
+    """The DataLoader every pass over images uses (fit, hold-out, test, and the benchmark's forward-only pass)."""
     return DataLoader(
         ImageDataset(samples, geometry, augment),
         batch_size=args.batch_size,
@@ -101,7 +94,7 @@ def _loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace,
     )
 
 
-def _batches(loader: DataLoader, description: str, skipped: list[str]) -> Iterator[Batch]:
+def readable_batches(loader: DataLoader, description: str, skipped: list[str]) -> Iterator[Batch]:
     """Readable batches with a progress bar; each unreadable image is warned about once and recorded."""
     with tqdm(total=len(loader.dataset), desc=description, unit="img", leave=False) as bar:
         for batch in loader:
@@ -116,22 +109,22 @@ def _batches(loader: DataLoader, description: str, skipped: list[str]) -> Iterat
 def _write_display_images(images: torch.Tensor, out: np.ndarray) -> None:
     """Normalised model inputs (B, 3, H, W) back to uint8 RGB, written into `out` (B, H, W, 3) for the visualizations.
 
-    One arithmetic pass in the output's layout, straight into the caller's array: a
-    batch of 32 at 224 in 3.3 ms against 7-18 ms through separate products, a permuted
-    uint8 copy and a second copy into the array.
+    One arithmetic pass in the output's layout, straight into the caller's array, where
+    separate products, a permuted copy and a second copy into the array cost several times
+    as much (benchmarks/README.md).
     """
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     pixels = torch.addcmul(mean, images.cpu().permute(0, 2, 3, 1), std)
     torch.from_numpy(out).copy_(pixels.mul_(255).clamp_(0, 255).round_())
 
 
-def score_samples(model: Padim, samples: list[Sample], geometry: Geometry, args: argparse.Namespace,
-                  description: str, keep_maps: bool) -> ScoredSet:
+def score_samples(
+    model: Padim, samples: list[Sample], geometry: Geometry, args: argparse.Namespace, description: str, keep_maps: bool
+) -> ScoredSet:
     """Anomaly maps and scores of every readable sample (maps, masks and images only when asked).
 
     Maps, masks and images are written into arrays made for the whole set, not joined from
-    per-batch parts at the end: 582 images at 224 take 250 MB, and joining them cost a
-    second copy (0.4 s on 2 cores).
+    per-batch parts at the end, which would copy them all a second time.
     """
     skipped: list[str] = []
     size, capacity = geometry.input_size, len(samples) if keep_maps else 0
@@ -139,7 +132,9 @@ def score_samples(model: Padim, samples: list[Sample], geometry: Geometry, args:
     masks = np.empty((capacity, size, size), bool)
     images = np.empty((capacity, size, size, 3), np.uint8)
     kept, scores = [], []
-    batches = ((batch, batch.images) for batch in _batches(_loader(samples, geometry, args), description, skipped))
+    batches = (
+        (batch, batch.images) for batch in readable_batches(image_loader(samples, geometry, args), description, skipped)
+    )
     for batch, batch_maps, batch_scores in model.stream_anomaly_maps(batches):
         if keep_maps:
             rows = slice(len(kept), len(kept) + len(batch.indices))
@@ -167,7 +162,9 @@ def _training_config(args: argparse.Namespace, index: torch.Tensor) -> dict:
         "seed": args.seed,
         "holdout_ratio": args.holdout_ratio,
         "threshold_quantile": args.threshold_quantile,
-        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob] if args.augmentations_enabled else None,
+        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob]
+        if args.augmentations_enabled
+        else None,
     }
 
 
@@ -175,16 +172,31 @@ def log_split(split: ClassSplit, dims: int) -> None:
     """How many images went where, and a warning when the fit or the hold-out is too small to mean much."""
     defects = sum(sample.label for sample in split.test)
     moved = f", {split.moved_to_test} moved to the test normals (--test_sample_ratio)" if split.moved_to_test else ""
-    log.info("%s: good training images: %d fit, %d held out for the threshold%s; test: %d good, %d defect",
-             split.name, len(split.fit), len(split.holdout), moved, len(split.test) - defects, defects)
+    log.info(
+        "%s: good training images: %d fit, %d held out for the threshold%s; test: %d good, %d defect",
+        split.name,
+        len(split.fit),
+        len(split.holdout),
+        moved,
+        len(split.test) - defects,
+        defects,
+    )
     if 0 < len(split.holdout) < MIN_HOLDOUT_IMAGES:
-        log.warning("%s: the threshold rests on %d held-out good images: its false-positive rate on new good parts "
-                    "may be far from the quantile's; hold out more (--holdout_ratio) or add good training images",
-                    split.name, len(split.holdout))
+        log.warning(
+            "%s: the threshold rests on %d held-out good images: its false-positive rate on new good parts "
+            "may be far from the quantile's; hold out more (--holdout_ratio) or add good training images",
+            split.name,
+            len(split.holdout),
+        )
     if len(split.fit) < dims:
-        log.warning("%s: %d images fitted for %d dimensions: each position's covariance rests mostly on its "
-                    "regulariser; add good training images (at least %d) or lower --reduced_dim",
-                    split.name, len(split.fit), dims, dims)
+        log.warning(
+            "%s: %d images fitted for %d dimensions: each position's covariance rests mostly on its "
+            "regulariser; add good training images (at least %d) or lower --reduced_dim",
+            split.name,
+            len(split.fit),
+            dims,
+            dims,
+        )
 
 
 def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) -> None:
@@ -198,8 +210,12 @@ def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) ->
         except (OSError, ValueError, SyntaxError):  # unreadable: skipped and reported when it is read
             continue
     if shares and np.mean(shares) < MIN_KEPT_SHARE:
-        log.warning("%s: the crop keeps %.0f%% of each image on average; defects outside it are never seen; "
-                    "--cropsize 0 keeps the whole part", name, 100 * np.mean(shares))
+        log.warning(
+            "%s: the crop keeps %.0f%% of each image on average; defects outside it are never seen; "
+            "--cropsize 0 keeps the whole part",
+            name,
+            100 * np.mean(shares),
+        )
 
 
 def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
@@ -220,7 +236,9 @@ def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | No
     return content, stats
 
 
-def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace) -> tuple[float, dict, int]:
+def _threshold(
+    model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace
+) -> tuple[float, dict, int]:
     """Operating threshold from held-out good images; from the fit images only when there are none."""
     source, samples = "held-out normal training images", split.holdout
     if not samples:
@@ -235,64 +253,99 @@ def _threshold(model: Padim, split: ClassSplit, geometry: Geometry, args: argpar
     return value, provenance, scored.skipped
 
 
-def fit_or_load(model: Padim, split: ClassSplit, class_dir: Path, geometry: Geometry, args: argparse.Namespace,
-                identity: dict, model_path: Path) -> tuple[float, dict, int]:
+def build_model(extractor: FeatureExtractor, args: argparse.Namespace, devices: dict[str, torch.device]) -> Padim:
+    """The untrained model of a run: the seeded channel subset of the extractor's dims, the input size, the devices."""
+    index = channel_index(extractor.dims, args.reduced_dim or extractor.default_reduced_dim, args.seed)
+    input_size = Geometry(args.resize, args.cropsize).input_size
+    return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
+
+
+def fit_or_load(
+    model: Padim,
+    split: ClassSplit,
+    class_dir: Path,
+    geometry: Geometry,
+    args: argparse.Namespace,
+    identity: dict,
+    model_path: Path,
+) -> tuple[float, dict, int]:
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
     cached = _cached_model(model_path, identity)
     if not args.save_distribution:  # a matching model may stay beside this run's results, but is reused only when asked
         if cached is None and model_path.is_file():
             model_path.unlink()
-            log.warning("removed %s: an earlier run's model that does not match this run's results "
-                        "(add --save_distribution to save this run's)", model_path)
+            log.warning(
+                "removed %s: an earlier run's model that does not match this run's results "
+                "(add --save_distribution to save this run's)",
+                model_path,
+            )
         cached = None
     if cached is not None:
         content, stats = cached
         model.use(stats)
         return content["threshold"], content["threshold_provenance"], 0
-    augment = build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob) if args.augmentations_enabled else None
+    augment = (
+        build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob)
+        if args.augmentations_enabled
+        else None
+    )
     skipped: list[str] = []
     torch.manual_seed(args.seed)
-    batches = _batches(_loader(split.fit, geometry, args, augment), "fit", skipped)
+    batches = readable_batches(image_loader(split.fit, geometry, args, augment), "fit", skipped)
     stats = model.fit(batch.images for batch in batches)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
     threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args)
     if args.save_distribution:
-        save_model(model_path, {
-            **identity,
-            "channel_index": model.index,
-            "normalization_mean": list(IMAGENET_MEAN),
-            "normalization_std": list(IMAGENET_STD),
-            **stats_content(stats),
-            "threshold": threshold,
-            "threshold_provenance": provenance,
-            "class_name": split.name,
-        })
+        save_model(
+            model_path,
+            {
+                **identity,
+                "channel_index": model.index,
+                "normalization_mean": list(IMAGENET_MEAN),
+                "normalization_std": list(IMAGENET_STD),
+                **stats_content(stats),
+                "threshold": threshold,
+                "threshold_provenance": provenance,
+                "class_name": split.name,
+            },
+        )
         log.info("saved model %s", model_path)
     return threshold, provenance, len(skipped) + threshold_skipped
 
 
 def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: bool) -> ClassEvaluation:
     """All metrics of one class; an undefined one is None and the reason is logged."""
-    result = ClassEvaluation(name, scored.samples, scored.scores, scored.maps, scored.masks, scored.images,
-                             threshold, has_ground_truth)
+    result = ClassEvaluation(
+        name, scored.samples, scored.scores, scored.maps, scored.masks, scored.images, threshold, has_ground_truth
+    )
     labels, scores = result.labels, result.scores
     summary = {
         "roc_auc": metrics.image_auroc(labels, scores),
         "pr_auc": metrics.average_precision(labels, scores),
     }
     if summary["roc_auc"] is None:
-        log.warning("%s: image AUROC/AP undefined: the test set has only %s images", name,
-                    "good" if labels.sum() == 0 else "defect")
+        log.warning(
+            "%s: image AUROC/AP undefined: the test set has only %s images",
+            name,
+            "good" if labels.sum() == 0 else "defect",
+        )
     ci = metrics.bootstrap_auroc_ci(labels, scores, seed=0)
     summary["roc_auc_ci_low"], summary["roc_auc_ci_high"] = ci if ci else (None, None)
     point = metrics.operating_point(labels, scores, threshold)
-    summary.update({
-        "optimal_threshold": threshold, "precision": point.precision, "recall": point.recall, "f1_score": point.f1,
-        "false_positive_rate": point.false_positive_rate,
-        "true_negatives": point.true_negatives, "false_positives": point.false_positives,
-        "false_negatives": point.false_negatives, "true_positives": point.true_positives,
-    })
+    summary.update(
+        {
+            "optimal_threshold": threshold,
+            "precision": point.precision,
+            "recall": point.recall,
+            "f1_score": point.f1,
+            "false_positive_rate": point.false_positive_rate,
+            "true_negatives": point.true_negatives,
+            "false_positives": point.false_positives,
+            "false_negatives": point.false_negatives,
+            "true_positives": point.true_positives,
+        }
+    )
     for rate, interval in point.intervals().items():
         summary[f"{rate}_ci_low"], summary[f"{rate}_ci_high"] = interval if interval else (None, None)
     best = metrics.f1_max(labels, scores)
@@ -313,8 +366,16 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     return result
 
 
-DEFECT_TYPE_COLUMNS = ["defect", "n_images", "recall", "recall_ci_low", "recall_ci_high", "roc_auc",
-                       "pixel_roc_auc", "pixel_aupro"]
+DEFECT_TYPE_COLUMNS = [
+    "defect",
+    "n_images",
+    "recall",
+    "recall_ci_low",
+    "recall_ci_high",
+    "roc_auc",
+    "pixel_roc_auc",
+    "pixel_aupro",
+]
 
 
 def defect_type_table(result: ClassEvaluation) -> pd.DataFrame:
@@ -327,9 +388,14 @@ def defect_type_table(result: ClassEvaluation) -> pd.DataFrame:
         of_type = (types == defect) & (labels == 1)
         caught = int((result.scores[of_type] > result.threshold).sum())
         interval = metrics.wilson_interval(caught, int(of_type.sum()))
-        row = {"defect": defect, "n_images": int(of_type.sum()), "recall": caught / of_type.sum(),
-               "recall_ci_low": interval[0], "recall_ci_high": interval[1],
-               "roc_auc": metrics.image_auroc(labels[good | of_type], result.scores[good | of_type])}
+        row = {
+            "defect": defect,
+            "n_images": int(of_type.sum()),
+            "recall": caught / of_type.sum(),
+            "recall_ci_low": interval[0],
+            "recall_ci_high": interval[1],
+            "roc_auc": metrics.image_auroc(labels[good | of_type], result.scores[good | of_type]),
+        }
         if result.has_ground_truth:
             selected = (good | of_type) & result.with_mask
             curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
@@ -341,43 +407,65 @@ def defect_type_table(result: ClassEvaluation) -> pd.DataFrame:
 
 def write_scores(result: ClassEvaluation, path: Path) -> None:
     """Per-image scores and calls, the numbers behind every metric and the ones predict.py reproduces."""
-    table = pd.DataFrame({
-        "path": [str(s.path) for s in result.samples],
-        "defect": [s.defect for s in result.samples],
-        "label": result.labels,
-        "score": result.scores,
-        "is_anomalous": result.scores > result.threshold,
-    })
+    table = pd.DataFrame(
+        {
+            "path": [str(s.path) for s in result.samples],
+            "defect": [s.defect for s in result.samples],
+            "label": result.labels,
+            "score": result.scores,
+            "is_anomalous": result.scores > result.threshold,
+        }
+    )
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
 
-def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_dir: Path | None,
-                         extractor: FeatureExtractor, weights_id: str, out_dir: Path,
-                         devices: dict[str, torch.device], plot=None) -> dict:
+def run_class_processing(
+    args: argparse.Namespace,
+    class_dir: Path,
+    test_class_dir: Path | None,
+    extractor: FeatureExtractor,
+    weights_id: str,
+    out_dir: Path,
+    devices: dict[str, torch.device],
+    plot=None,
+) -> dict:
     """Process one class end to end and return its master_results row (raises DataError for a bad class)."""
     load_class = DATASET_LOADERS[args.dataset]
-    split = load_class(class_dir, holdout_ratio=args.holdout_ratio, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
+    split = load_class(
+        class_dir, holdout_ratio=args.holdout_ratio, seed=args.seed, test_sample_ratio=args.test_sample_ratio
+    )
     has_ground_truth = split.has_ground_truth
     if test_class_dir is not None:
         other = load_class(test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(args.resize, args.cropsize)
-    index = channel_index(extractor.dims, args.reduced_dim or extractor.default_reduced_dim, args.seed)
+    model = build_model(extractor, args, devices)
+    index = model.index
     log_split(split, index.numel())
     warn_on_crop_losses(split.test, geometry, split.name)
-    model = Padim(extractor, index, geometry.input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
     identity = {
-        "backbone": extractor.spec.name, "weights_id": weights_id, "layers": list(extractor.layers),
-        "resize": args.resize, "cropsize": args.cropsize,
+        "backbone": extractor.spec.name,
+        "weights_id": weights_id,
+        "layers": list(extractor.layers),
+        "resize": args.resize,
+        "cropsize": args.cropsize,
         "fingerprint": training_fingerprint(split.fit + split.holdout, class_dir),
         "training_config": _training_config(args, index),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    threshold, provenance, fit_skipped = fit_or_load(model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME)
+    threshold, provenance, fit_skipped = fit_or_load(
+        model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME
+    )
     fit_seconds = time.perf_counter() - start
-    log.info("%s: threshold %.4f from %s (quantile %.3f of %d images)", split.name, threshold,
-             provenance["source"], provenance["quantile"], provenance["n_images"])
+    log.info(
+        "%s: threshold %.4f from %s (quantile %.3f of %d images)",
+        split.name,
+        threshold,
+        provenance["source"],
+        provenance["quantile"],
+        provenance["n_images"],
+    )
 
     start = time.perf_counter()
     scored = score_samples(model, split.test, geometry, args, "score", keep_maps=True)
@@ -388,10 +476,15 @@ def run_class_processing(args: argparse.Namespace, class_dir: Path, test_class_d
     eval_seconds = time.perf_counter() - start
     write_scores(result, out_dir / SCORES_FILENAME)
     if len(result.defect_types):
-        log.info("%s: per defect type at threshold %.4f:\n%s", split.name, threshold,
-                 result.defect_types.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
-    atomic_write(out_dir / DEFECT_TYPES_FILENAME,
-                 lambda tmp: result.defect_types.to_csv(tmp, index=False, float_format="%.6g"))
+        log.info(
+            "%s: per defect type at threshold %.4f:\n%s",
+            split.name,
+            threshold,
+            result.defect_types.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"),
+        )
+    atomic_write(
+        out_dir / DEFECT_TYPES_FILENAME, lambda tmp: result.defect_types.to_csv(tmp, index=False, float_format="%.6g")
+    )
     if plot is not None:
         plot(result, out_dir)
     return {

@@ -11,6 +11,7 @@ in a fresh process next to that process's baseline after the model is loaded.
 Every step calls the project's own code (trainer, utils.padim, build_extractor), so the
 numbers are those of `run_experiment.py`, not of a copy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,6 @@ from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.embedding import channel_index  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.plotting import plot_class_results  # noqa: E402
 
@@ -59,27 +59,48 @@ log = logging.getLogger("padim.bench")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_path", type=Path, default=DEFAULT_DATA,
-                        help="MVTec-layout class folder, or a folder of classes (one row per backbone and class)")
-    parser.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES),
-                        help=f"backbones to measure (default: {' '.join(DEFAULT_BACKBONES)}; with --quick: "
-                             f"{' '.join(QUICK_BACKBONES)}); only efficientnet_lite0 loads ImageNet weights, the "
-                             "others run with random weights, which cost the same")
+    parser.add_argument(
+        "--data_path",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="MVTec-layout class folder, or a folder of classes (one row per backbone and class)",
+    )
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        choices=sorted(BACKBONES),
+        help=f"backbones to measure (default: {' '.join(DEFAULT_BACKBONES)}; with --quick: "
+        f"{' '.join(QUICK_BACKBONES)}); only efficientnet_lite0 loads ImageNet weights, the "
+        "others run with random weights, which cost the same",
+    )
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
     parser.add_argument("--num_workers", type=at_least(0), default=2, help="DataLoader processes")
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=int, default=224, help="centre crop; 0 = no crop (resize x resize)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a quick subset: {QUICK_IMAGES} train / {QUICK_IMAGES} test images, "
-                             f"{' and '.join(QUICK_BACKBONES)} unless --backbones/--max_* say otherwise")
-    parser.add_argument("--max_train", type=at_least(1),
-                        help="at most this many training images per class (fit and hold-out shares kept), spread evenly")
-    parser.add_argument("--max_test", type=at_least(1),
-                        help="at most this many test images per class, spread evenly so every defect type stays")
-    parser.add_argument("--repeat", type=at_least(1), default=1,
-                        help="time forward-only and pipeline this many times, alternating, and report the median of "
-                             "each (the run with the median total for the pipeline's columns): with the loader's "
-                             "workers sharing the cores, single timings of the same code spread by 10-20%%")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a quick subset: {QUICK_IMAGES} train / {QUICK_IMAGES} test images, "
+        f"{' and '.join(QUICK_BACKBONES)} unless --backbones/--max_* say otherwise",
+    )
+    parser.add_argument(
+        "--max_train",
+        type=at_least(1),
+        help="at most this many training images per class (fit and hold-out shares kept), spread evenly",
+    )
+    parser.add_argument(
+        "--max_test",
+        type=at_least(1),
+        help="at most this many test images per class, spread evenly so every defect type stays",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=at_least(1),
+        default=1,
+        help="time forward-only and pipeline this many times, alternating, and report the median of "
+        "each (the run with the median total for the pipeline's columns): with the loader's "
+        "workers sharing the cores, single timings of the same code spread by 10-20%%",
+    )
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory fits (two extra fits per row)")
     parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
     return parser
@@ -101,11 +122,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def pipeline_args(args: argparse.Namespace, backbone: str) -> argparse.Namespace:
     """The namespace `run_experiment.py` would build for this run: every other setting at the users' default."""
     weights = "imagenet" if backbone in OFFLINE_PRETRAINED else "none"
-    return run_experiment.parse_args([
-        "--dataset", "mvtec", "--data_path", str(args.data_path), "--model_architecture", backbone,
-        "--weights", weights, "--resize", str(args.resize), "--cropsize", str(args.cropsize),
-        "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
-    ])
+    return run_experiment.parse_args(
+        [
+            "--dataset",
+            "mvtec",
+            "--data_path",
+            str(args.data_path),
+            "--model_architecture",
+            backbone,
+            "--weights",
+            weights,
+            "--resize",
+            str(args.resize),
+            "--cropsize",
+            str(args.cropsize),
+            "--batch_size",
+            str(args.batch_size),
+            "--num_workers",
+            str(args.num_workers),
+        ]
+    )
 
 
 def evenly(items: list, count: int | None) -> list:
@@ -136,17 +172,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def new_model(extractor, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> Padim:
-    """A Padim built as run_class_processing builds it (same channel index, input size, devices)."""
-    index = channel_index(extractor.dims, pargs.reduced_dim or extractor.default_reduced_dim, pargs.seed)
-    return Padim(extractor, index, Geometry(pargs.resize, pargs.cropsize).input_size,
-                 devices["backbone"], devices["stats"], devices["mahalanobis"])
-
-
 def fit(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
     """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out threshold."""
-    threshold, _, _ = trainer.fit_or_load(model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs,
-                                          identity={}, model_path=Path())
+    threshold, _, _ = trainer.fit_or_load(
+        model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs, identity={}, model_path=Path()
+    )
     return threshold
 
 
@@ -165,7 +195,7 @@ def warm_up(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> None:
     first timing would pay for every shape and the second would get them free.
     """
     geometry = Geometry(pargs.resize, pargs.cropsize)
-    first = next(iter(trainer._loader(split.fit, geometry, pargs))).images
+    first = next(iter(trainer.image_loader(split.fit, geometry, pargs))).images
     sizes = {min(len(samples), pargs.batch_size) for samples in (split.fit, split.holdout, split.test) if samples}
     sizes |= {len(samples) % pargs.batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
     for size in sorted(sizes):
@@ -181,7 +211,7 @@ def forward_only(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> 
     skipped: list[str] = []
     start = time.perf_counter()
     for samples in (split.fit, split.holdout, split.test):
-        for batch in trainer._batches(trainer._loader(samples, geometry, pargs), "forward", skipped):
+        for batch in trainer.readable_batches(trainer.image_loader(samples, geometry, pargs), "forward", skipped):
             model.features(batch.images)
     synchronize(model.device)
     return time.perf_counter() - start
@@ -190,7 +220,7 @@ def forward_only(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> 
 def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> dict:
     """Seconds of fit, scoring, metrics and plots, each through the project's own functions."""
     geometry = Geometry(pargs.resize, pargs.cropsize)
-    model = new_model(extractor, pargs, devices)
+    model = trainer.build_model(extractor, pargs, devices)
     start = time.perf_counter()
     threshold = fit(model, split, pargs)
     fitted = time.perf_counter()
@@ -214,7 +244,7 @@ def fit_peak_rss(pargs: argparse.Namespace, split: ClassSplit) -> tuple[float, f
     """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
     devices = experiment.resolve_devices(pargs)
     extractor, _ = build_extractor(pargs.model_architecture, pargs.weights, devices["backbone"], pargs.seed)
-    model = new_model(extractor, pargs, devices)
+    model = trainer.build_model(extractor, pargs, devices)
     baseline = peak_rss_mib()
     fit(model, split, pargs)
     return baseline, peak_rss_mib()
@@ -256,8 +286,9 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
     """
     splits = []
     for _, class_dir, _ in experiment.class_jobs(pargs):
-        split = trainer.DATASET_LOADERS[pargs.dataset](class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed,
-                                                       test_sample_ratio=pargs.test_sample_ratio)
+        split = trainer.DATASET_LOADERS[pargs.dataset](
+            class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed, test_sample_ratio=pargs.test_sample_ratio
+        )
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
     return splits
 
@@ -272,25 +303,41 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
         n_train, n_test = len(split.fit) + len(split.holdout), len(split.test)
         log.info("%s / %s: %d train, %d test images", backbone, split.name, n_train, n_test)
         warm_file_cache(split)
-        backbone_only = new_model(extractor, pargs, devices)
+        backbone_only = trainer.build_model(extractor, pargs, devices)
         warm_up(backbone_only, split, pargs)
         forwards, attempts = [], []
         for run in range(1, args.repeat + 1):
             forwards.append(forward_only(backbone_only, split, pargs))
             attempts.append(timed_pipeline(extractor, split, pargs, devices))
             pipeline_run_s = attempts[-1]["fit_s"] + attempts[-1]["score_s"]
-            log.info("%s / %s run %d: forward %.2f s, pipeline %.2f s, ratio %.3f", backbone, split.name, run,
-                     forwards[-1], pipeline_run_s, pipeline_run_s / forwards[-1])
+            log.info(
+                "%s / %s run %d: forward %.2f s, pipeline %.2f s, ratio %.3f",
+                backbone,
+                split.name,
+                run,
+                forwards[-1],
+                pipeline_run_s,
+                pipeline_run_s / forwards[-1],
+            )
         forward_s = float(np.median(forwards))
         times = sorted(attempts, key=lambda attempt: attempt["fit_s"] + attempt["score_s"])[len(attempts) // 2]
         pipeline_s = times["fit_s"] + times["score_s"]
         row = {
-            "backbone": backbone, "class_name": split.name, "weights": pargs.weights, "device": devices["backbone"].type,
-            "n_train": n_train, "n_test": n_test,
-            "forward_s": forward_s, "pipeline_s": pipeline_s, "ratio": pipeline_s / forward_s,
-            "fit_s": times["fit_s"], "score_s": times["score_s"],
-            "fit_img_s": n_train / times["fit_s"], "score_img_s": n_test / times["score_s"],
-            "metrics_s": times["metrics_s"], "plots_s": times["plots_s"],
+            "backbone": backbone,
+            "class_name": split.name,
+            "weights": pargs.weights,
+            "device": devices["backbone"].type,
+            "n_train": n_train,
+            "n_test": n_test,
+            "forward_s": forward_s,
+            "pipeline_s": pipeline_s,
+            "ratio": pipeline_s / forward_s,
+            "fit_s": times["fit_s"],
+            "score_s": times["score_s"],
+            "fit_img_s": n_train / times["fit_s"],
+            "score_img_s": n_test / times["score_s"],
+            "metrics_s": times["metrics_s"],
+            "plots_s": times["plots_s"],
         }
         if not args.skip_memory:
             row.update(memory_columns(pargs, split))
@@ -300,22 +347,32 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
 
 def target_report(table: pd.DataFrame) -> list[str]:
     """One line per target of the issue that this table can judge (PASS/FAIL, with the figure)."""
+
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
     lines = []
     for row in table.itertuples(index=False):
         where = f"{row.backbone}/{row.class_name}"
-        lines.append(f"{verdict(row.ratio <= TARGET_RATIO)} {where}: pipeline / forward {row.ratio:.3f} (target <= {TARGET_RATIO})")
+        lines.append(
+            f"{verdict(row.ratio <= TARGET_RATIO)} {where}: pipeline / forward {row.ratio:.3f} "
+            f"(target <= {TARGET_RATIO})"
+        )
         if row.n_test >= 500:
-            lines.append(f"{verdict(row.metrics_s < TARGET_METRICS_S)} {where}: metrics of {row.n_test} test images "
-                         f"{row.metrics_s:.1f} s (target < {TARGET_METRICS_S:g} s)")
+            lines.append(
+                f"{verdict(row.metrics_s < TARGET_METRICS_S)} {where}: metrics of {row.n_test} test images "
+                f"{row.metrics_s:.1f} s (target < {TARGET_METRICS_S:g} s)"
+            )
         if "all_vs_small" in table.columns:
-            lines.append(f"{verdict(row.all_vs_small <= TARGET_MEMORY_GROWTH)} {where}: fit peak with {row.n_train} "
-                         f"images / with {row.mem_n_small} = {row.all_vs_small:.2f} (target <= {TARGET_MEMORY_GROWTH})")
+            lines.append(
+                f"{verdict(row.all_vs_small <= TARGET_MEMORY_GROWTH)} {where}: fit peak with {row.n_train} "
+                f"images / with {row.mem_n_small} = {row.all_vs_small:.2f} (target <= {TARGET_MEMORY_GROWTH})"
+            )
             if row.backbone == "wide_resnet50_2":
-                lines.append(f"{verdict(row.rss_all_mib < TARGET_WIDE_PEAK_MIB)} {where}: fit peak "
-                             f"{row.rss_all_mib / 1024:.2f} GiB (target < {TARGET_WIDE_PEAK_MIB / 1024:g} GiB)")
+                lines.append(
+                    f"{verdict(row.rss_all_mib < TARGET_WIDE_PEAK_MIB)} {where}: fit peak "
+                    f"{row.rss_all_mib / 1024:.2f} GiB (target < {TARGET_WIDE_PEAK_MIB / 1024:g} GiB)"
+                )
     return lines
 
 
@@ -326,8 +383,10 @@ def run(args: argparse.Namespace) -> int:
     for backbone in args.backbones:
         rows.extend(benchmark_backbone(args, backbone, splits))
     table = pd.DataFrame(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.num_workers} workers, resize {args.resize} / crop {args.cropsize}, median of {args.repeat}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{args.num_workers} workers, resize {args.resize} / crop {args.cropsize}, median of {args.repeat}"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\n".join(target_report(table)))
     if args.output is not None:

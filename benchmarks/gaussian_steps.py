@@ -9,6 +9,7 @@ Padim scores together (GROUP_IMAGES images). The defaults are
 wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
 batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,9 @@ import torch  # noqa: E402
 from benchmarks.bench import synchronize  # noqa: E402
 from utils.backbones import pick_device  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.embedding import embedding_blocks  # noqa: E402
-from utils.gaussian import (CHUNK_ELEMENTS, GROUP_IMAGES, GaussianAccumulator, band_positions,  # noqa: E402
-                            mahalanobis, precision_factor_)
-from utils.padim import image_groups  # noqa: E402
+from utils.embedding import embedding_bands  # noqa: E402
+from utils.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_  # noqa: E402
+from utils.padim import BAND_ELEMENTS, GROUP_IMAGES, image_groups  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """One run: fit (accumulate + finalize), factor, scoring; seconds of each."""
-    every_channel = torch.arange(args.dims, device=device)
-    feature_map = embedding.permute(0, 3, 1, 2)  # channels_last memory, as the backbones' maps lie
+    batches = [([embedding], args.batch_size)]  # one batch's chosen maps: the embedding itself, channels last
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    batches = [([feature_map], args.batch_size)] * args.fit_batches
-    for group in [[[feature_map]]] + list(image_groups(batches[1:], GROUP_IMAGES)):  # the first batch alone, as Padim.fit
-        accumulator.update(embedding_blocks(group, every_channel, CHUNK_ELEMENTS))
+    for group in image_groups(batches * args.fit_batches, GROUP_IMAGES):
+        accumulator.update(embedding_bands(group, BAND_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for group in image_groups([([feature_map], args.batch_size)] * args.score_batches, GROUP_IMAGES):
-        for top, band in embedding_blocks(group, every_channel, CHUNK_ELEMENTS):
+    for group in image_groups(batches * args.score_batches, GROUP_IMAGES):
+        for top, band in embedding_bands(group, BAND_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
     synchronize(device)
@@ -75,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     embedding = torch.randn(args.batch_size, args.grid, args.grid, args.dims, generator=generator).to(device)
     runs = pd.DataFrame([time_steps(embedding, args, device) for _ in range(args.repeat)])
     runs["total_s"] = runs.sum(axis=1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}, {args.dims} dims, "
-          f"{args.grid}x{args.grid} grid, batch {args.batch_size}, {args.fit_batches} fit / {args.score_batches} "
-          f"scoring batches, median of {args.repeat} (each run: {', '.join(f'{v:.3f}' for v in runs.total_s)} s)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}, {args.dims} dims, "
+        f"{args.grid}x{args.grid} grid, batch {args.batch_size}, {args.fit_batches} fit / {args.score_batches} "
+        f"scoring batches, median of {args.repeat} (each run: {', '.join(f'{v:.3f}' for v in runs.total_s)} s)"
+    )
     print(runs.median().to_frame().T.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

@@ -4,6 +4,7 @@ Every `<name>.xlsx` becomes `<name>.csv` with the header `img,pos,type,comments`
 columns are taken by position (the first four under the title row), because real sheets
 name them differently (`Position`, `Result`, `Comments`, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,26 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert BowTie XLSX sheets (sheet 0: title row, header row, then rows) "
         "into CSV files with the header img,pos,type,comments.",
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, metavar="DIR",
-                        help="folder holding the .xlsx files")
-    parser.add_argument("-o", "--output", type=Path, metavar="DIR",
-                        help="folder for the .csv files (created if missing; "
-                        "default: the input folder)")
-    parser.add_argument("-s", "--sheets", nargs="+", metavar="NAME",
-                        help="convert only these workbooks, given as '116' or '116.xlsx' "
-                        "(default: every .xlsx in the input folder)")
-    parser.add_argument("--remove", action="store_true",
-                        help="delete each .xlsx once its CSV has been written and read back "
-                        "successfully")
+    parser.add_argument("-i", "--input", required=True, type=Path, metavar="DIR", help="folder holding the .xlsx files")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="folder for the .csv files (created if missing; default: the input folder)",
+    )
+    parser.add_argument(
+        "-s",
+        "--sheets",
+        nargs="+",
+        metavar="NAME",
+        help="convert only these workbooks, given as '116' or '116.xlsx' (default: every .xlsx in the input folder)",
+    )
+    parser.add_argument(
+        "--remove",
+        action="store_true",
+        help="delete each .xlsx once its CSV has been written and read back successfully",
+    )
     return parser
 
 
 def select_workbooks(input_dir: Path, names: list[str] | None) -> tuple[list[Path], list[str]]:
     """Pick the workbooks to convert; a named one that is missing is reported, not fatal."""
     if names is None:
-        found = sorted(path for path in input_dir.iterdir()
-                       if path.is_file() and path.suffix.lower() == ".xlsx"
-                       and not path.name.startswith("~$"))
+        found = sorted(
+            path
+            for path in input_dir.iterdir()
+            if path.is_file() and path.suffix.lower() == ".xlsx" and not path.name.startswith("~$")
+        )
         return found, []
     paths, errors = [], []
     for name in dict.fromkeys(names):
@@ -74,9 +86,8 @@ def read_sheet(path: Path) -> pd.DataFrame:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, InvalidFileException) as exc:
         raise SheetError(f"cannot read the workbook ({one_line(exc)})") from exc
     if raw.shape[1] < len(COLUMNS):
-        raise SheetError(f"sheet 0 has {raw.shape[1]} column(s), need at least 4 "
-                         f"({', '.join(COLUMNS)})")
-    table = raw.iloc[2:, :len(COLUMNS)].dropna(how="all")
+        raise SheetError(f"sheet 0 has {raw.shape[1]} column(s), need at least 4 ({', '.join(COLUMNS)})")
+    table = raw.iloc[2:, : len(COLUMNS)].dropna(how="all")
     if table.empty:
         raise SheetError("sheet 0 has no data rows under the title and header rows")
     table.columns = COLUMNS
@@ -100,8 +111,10 @@ def verify_csv(dest: Path, expected_rows: int) -> None:
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise SheetError(f"{dest} could not be read back ({one_line(exc)})") from exc
     if list(back.columns) != COLUMNS or len(back) != expected_rows:
-        raise SheetError(f"{dest} read back with {len(back)} rows and columns "
-                         f"{list(back.columns)}, expected {expected_rows} rows of {COLUMNS}")
+        raise SheetError(
+            f"{dest} read back with {len(back)} rows and columns "
+            f"{list(back.columns)}, expected {expected_rows} rows of {COLUMNS}"
+        )
 
 
 def convert_workbook(path: Path, out_dir: Path, remove: bool) -> str:

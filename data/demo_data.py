@@ -4,6 +4,7 @@ Used by `run_experiment.py --demo` and by the test fixtures: real textures (bric
 gravel), random crops as good parts, and defect images with a scratch or a blob whose
 masks are exact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
     """A random crop with a little brightness jitter: normal variation between good parts."""
     top = rng.integers(0, texture.shape[0] - size + 1)
     left = rng.integers(0, texture.shape[1] - size + 1)
-    patch = texture[top:top + size, left:left + size].astype(np.float64)
+    patch = texture[top : top + size, left : left + size].astype(np.float64)
     return np.clip(patch * rng.uniform(0.9, 1.1), 0, 255)
 
 
@@ -53,8 +54,15 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(array).astype(np.uint8)).save(path)
 
 
-def make_demo_dataset(root: Path, textures=TEXTURES, n_train: int = 60, n_test_good: int = 15,
-                      n_test_defect: int = 10, size: int = 128, seed: int = 0) -> Path:
+def make_demo_dataset(
+    root: Path,
+    textures=TEXTURES,
+    n_train: int = 60,
+    n_test_good: int = 15,
+    n_test_defect: int = 10,
+    size: int = 128,
+    seed: int = 0,
+) -> Path:
     """Write <root>/<texture>/{train/good,test/good,test/<defect>,ground_truth/<defect>}; returns root."""
     rng = np.random.default_rng(seed)
     for name in textures:

@@ -5,6 +5,7 @@ and writes `<out>/<line>/train/good` (type A) and `<out>/<line>/test/<defect>` (
 Combine mode merges several sorted classes into one class folder. Inputs are only read;
 each class folder is built under a temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -166,48 +167,99 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without pixel flags (--grayscale, --canny, --equalize-*, --normalize) images are "
         "byte copies; with any of them they are decoded, processed and written as PNG.",
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, metavar="DIR",
-                        help="sort mode: folder with the CSVs and image folders; "
-                        "combine mode: folder with the sorted class folders")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
-                        help="output folder; must not be, or be inside, the input folder")
-    parser.add_argument("-m", "--map", type=Path, metavar="MAP_JSON",
-                        help="sort mode: JSON {\"<line>.csv\": \"<image folder>\"}, paths relative "
-                        f"to the input folder (default: the input folder's own {DEFAULT_MAP.name}, else the "
-                        "one next to this script)")
-    parser.add_argument("--combine", nargs="+", metavar="NAME",
-                        help="combine mode: sorted classes to merge, each an exact class name "
-                        "or an unambiguous prefix of one")
-    parser.add_argument("--name", metavar="NAME",
-                        help="combine mode: name of the combined class "
-                        "(default: the resolved class names joined with '_')")
-    parser.add_argument("--grayscale", action="store_true",
-                        help="convert images to 8-bit grey")
-    parser.add_argument("--canny", action="store_true",
-                        help="replace images by their Canny edge map (0/255); implies --grayscale")
-    parser.add_argument("--canny-sigma", type=positive_float, default=1.0, metavar="SIGMA",
-                        help="Gaussian sigma of the Canny detector (default: 1.0)")
-    parser.add_argument("--equalize-global", action="store_true",
-                        help="global histogram equalization (each channel of a colour image)")
-    parser.add_argument("--equalize-local", action="store_true",
-                        help="local (rank) histogram equalization over a disk "
-                        "(each channel of a colour image)")
-    parser.add_argument("--equalize-disk-size", type=positive_int, default=30, metavar="RADIUS",
-                        help="disk radius in pixels for --equalize-local (default: 30)")
-    parser.add_argument("--split-ratio", type=ratio, default=0.0, metavar="SHARE",
-                        help="sort mode: share of each line's good images moved to test/good, "
-                        "in [0, 1) (default: 0.0)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="sort mode: random seed of the --split-ratio choice (default: 0)")
-    parser.add_argument("--normalize", action="store_true",
-                        help="combine mode: histogram-match every other source's images to the "
-                        "first train/good image of the reference class")
-    parser.add_argument("--norm-reference", metavar="NAME",
-                        help="combine mode: reference class for --normalize, one of the combined "
-                        "NAMEs (default: the first one)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow a non-empty output folder: this run's class folders are "
-                        "deleted and rebuilt; nothing else there is touched")
+    parser.add_argument(
+        "-i",
+        "--input",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="sort mode: folder with the CSVs and image folders; combine mode: folder with the sorted class folders",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output folder; must not be, or be inside, the input folder",
+    )
+    parser.add_argument(
+        "-m",
+        "--map",
+        type=Path,
+        metavar="MAP_JSON",
+        help='sort mode: JSON {"<line>.csv": "<image folder>"}, paths relative '
+        f"to the input folder (default: the input folder's own {DEFAULT_MAP.name}, else the "
+        "one next to this script)",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="NAME",
+        help="combine mode: sorted classes to merge, each an exact class name or an unambiguous prefix of one",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="combine mode: name of the combined class (default: the resolved class names joined with '_')",
+    )
+    parser.add_argument("--grayscale", action="store_true", help="convert images to 8-bit grey")
+    parser.add_argument(
+        "--canny", action="store_true", help="replace images by their Canny edge map (0/255); implies --grayscale"
+    )
+    parser.add_argument(
+        "--canny-sigma",
+        type=positive_float,
+        default=1.0,
+        metavar="SIGMA",
+        help="Gaussian sigma of the Canny detector (default: 1.0)",
+    )
+    parser.add_argument(
+        "--equalize-global", action="store_true", help="global histogram equalization (each channel of a colour image)"
+    )
+    parser.add_argument(
+        "--equalize-local",
+        action="store_true",
+        help="local (rank) histogram equalization over a disk (each channel of a colour image)",
+    )
+    parser.add_argument(
+        "--equalize-disk-size",
+        type=positive_int,
+        default=30,
+        metavar="RADIUS",
+        help="disk radius in pixels for --equalize-local (default: 30)",
+    )
+    parser.add_argument(
+        "--split-ratio",
+        type=ratio,
+        default=0.0,
+        metavar="SHARE",
+        help="sort mode: share of each line's good images moved to test/good, in [0, 1) (default: 0.0)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sort mode: random seed of the --split-ratio choice (default: 0)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="combine mode: histogram-match every other source's images to the "
+        "first train/good image of the reference class",
+    )
+    parser.add_argument(
+        "--norm-reference",
+        metavar="NAME",
+        help="combine mode: reference class for --normalize, one of the combined NAMEs (default: the first one)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow a non-empty output folder: this run's class folders are "
+        "deleted and rebuilt; nothing else there is touched",
+    )
     return parser
 
 
@@ -219,8 +271,11 @@ def check_mode_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if args.split_ratio:
             parser.error("--split-ratio is for sort mode, not --combine")
     else:
-        for flag, value in (("--name", args.name), ("--normalize", args.normalize),
-                            ("--norm-reference", args.norm_reference)):
+        for flag, value in (
+            ("--name", args.name),
+            ("--normalize", args.normalize),
+            ("--norm-reference", args.norm_reference),
+        ):
             if value:
                 parser.error(f"{flag} works with --combine only")
     if args.norm_reference and not args.normalize:
@@ -242,8 +297,9 @@ def is_within(path: Path, folder: Path) -> bool:
 def check_output_location(out_dir: Path, input_dir: Path) -> None:
     """Writing into the input tree could mix outputs with inputs, so refuse it."""
     if is_within(out_dir, input_dir):
-        raise UserError(f"output folder {out_dir} is the input folder or inside it; "
-                        f"choose a folder outside {input_dir}")
+        raise UserError(
+            f"output folder {out_dir} is the input folder or inside it; choose a folder outside {input_dir}"
+        )
 
 
 def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -266,20 +322,17 @@ def load_map(path: Path) -> dict[str, str]:
     except ValueError as exc:
         raise UserError(f"map file {path} is not valid JSON: {one_line(exc)}") from exc
     if not isinstance(mapping, dict) or not mapping:
-        raise UserError(f"map file {path} must be a non-empty JSON object like "
-                        '{"116.csv": "116_zoomed_in"}')
+        raise UserError(f'map file {path} must be a non-empty JSON object like {{"116.csv": "116_zoomed_in"}}')
     for key, value in mapping.items():
         if not key.lower().endswith(".csv") or not isinstance(value, str) or not value.strip():
-            raise UserError(f"map file {path}: entry {key!r}: {value!r} must map a .csv name "
-                            "to an image folder name")
+            raise UserError(f"map file {path}: entry {key!r}: {value!r} must map a .csv name to an image folder name")
     stems = [Path(key).stem for key in mapping]
     if len(set(stems)) != len(stems):
         raise UserError(f"map file {path} names two CSVs with the same class name")
     return mapping
 
 
-def resolve_sources(input_dir: Path, mapping: dict[str, str],
-                    map_path: Path) -> dict[str, tuple[Path, Path]]:
+def resolve_sources(input_dir: Path, mapping: dict[str, str], map_path: Path) -> dict[str, tuple[Path, Path]]:
     """Check that every CSV and image folder named in the map exists before writing anything."""
     sources, missing = {}, []
     for csv_name, folder_name in mapping.items():
@@ -291,8 +344,11 @@ def resolve_sources(input_dir: Path, mapping: dict[str, str],
         sources[Path(csv_name).stem] = (csv_path.resolve(), image_dir.resolve())
     if missing:
         unconverted = [name for name in missing if (input_dir / name).with_suffix(".xlsx").is_file()]
-        hint = ("make the CSVs with convert_excel.py" if len(unconverted) == len(missing)
-                else f"is {map_path} this folder's map? pass its own with -m MAP_JSON")
+        hint = (
+            "make the CSVs with convert_excel.py"
+            if len(unconverted) == len(missing)
+            else f"is {map_path} this folder's map? pass its own with -m MAP_JSON"
+        )
         raise UserError(f"{input_dir} lacks {', '.join(missing)} named in {map_path} ({hint})")
     return sources
 
@@ -306,8 +362,10 @@ def read_labels(path: Path) -> pd.DataFrame:
     table.columns = [str(name).strip().lower() for name in table.columns]
     missing = [name for name in REQUIRED_COLUMNS if name not in table.columns]
     if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; expected the header "
-                        "img,pos,type,comments written by convert_excel.py")
+        raise UserError(
+            f"{path} lacks column(s) {', '.join(missing)}; expected the header "
+            "img,pos,type,comments written by convert_excel.py"
+        )
     return table
 
 
@@ -341,8 +399,7 @@ def index_images(folder: Path) -> dict[str, list[Path]]:
     return index
 
 
-def locate_row(img: str, kind: str, comment: str,
-               images: dict[str, list[Path]]) -> tuple[str, Path, str]:
+def locate_row(img: str, kind: str, comment: str, images: dict[str, list[Path]]) -> tuple[str, Path, str]:
     """Turn one CSV row into (stem, image file, class sub-folder) or raise SkippedRow."""
     kind_key = kind.strip().casefold()
     if kind_key not in ("a", "r"):
@@ -373,8 +430,9 @@ def held_out(stems: list[str], split_ratio: float, seed: int) -> set[str]:
     return {ordered[index] for index in picks}
 
 
-def plan_line(name: str, labels: pd.DataFrame, images: dict[str, list[Path]],
-              split_ratio: float, seed: int) -> tuple[list[Item], list[Skip]]:
+def plan_line(
+    name: str, labels: pd.DataFrame, images: dict[str, list[Path]], split_ratio: float, seed: int
+) -> tuple[list[Item], list[Skip]]:
     """Decide where every row of one product line goes, before any file is written."""
     items, skips, seen = [], [], set()
     rows = labels[list(REQUIRED_COLUMNS)].itertuples(index=False, name=None)
@@ -394,15 +452,19 @@ def plan_line(name: str, labels: pd.DataFrame, images: dict[str, list[Path]],
 def hold_out_good(items: list[Item], split_ratio: float, seed: int) -> list[Item]:
     """Move the seeded share of train/good items to test/good."""
     chosen = held_out([item.stem for item in items if item.folder == GOOD_TRAIN], split_ratio, seed)
-    return [dataclasses.replace(item, folder=GOOD_TEST)
-            if item.folder == GOOD_TRAIN and item.stem in chosen else item
-            for item in items]
+    return [
+        dataclasses.replace(item, folder=GOOD_TEST) if item.folder == GOOD_TRAIN and item.stem in chosen else item
+        for item in items
+    ]
 
 
 def list_classes(sorted_dir: Path) -> list[str]:
     """Class folders of a sorted tree: sub-folders holding train/ or test/."""
-    return sorted(path.name for path in sorted_dir.iterdir()
-                  if path.is_dir() and any((path / split).is_dir() for split in CLASS_SPLITS))
+    return sorted(
+        path.name
+        for path in sorted_dir.iterdir()
+        if path.is_dir() and any((path / split).is_dir() for split in CLASS_SPLITS)
+    )
 
 
 def resolve_class(name: str, classes: list[str], where: str) -> str:
@@ -417,8 +479,7 @@ def resolve_class(name: str, classes: list[str], where: str) -> str:
     raise UserError(f"no class {name!r} in {where}; classes there: {', '.join(classes) or 'none'}")
 
 
-def plan_combine(sorted_dir: Path, sources: list[str],
-                 normalized: set[str]) -> tuple[list[Item], list[Skip]]:
+def plan_combine(sorted_dir: Path, sources: list[str], normalized: set[str]) -> tuple[list[Item], list[Skip]]:
     """List every image under <source>/train|test/<category>/ with a '<source>_' prefix."""
     items, skips = [], []
     for source in sources:
@@ -426,14 +487,19 @@ def plan_combine(sorted_dir: Path, sources: list[str],
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
             relative = path.relative_to(class_dir)
             if len(relative.parts) != 3 or relative.parts[0] not in CLASS_SPLITS:
-                skips.append(Skip(source, str(relative),
-                                  "not in train/<category>/ or test/<category>/"))
+                skips.append(Skip(source, str(relative), "not in train/<category>/ or test/<category>/"))
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skips.append(Skip(source, str(relative), "not an image file"))
             else:
-                items.append(Item(source=path, folder="/".join(relative.parts[:2]),
-                                  stem=f"{source}_{path.stem}", origin=source,
-                                  normalize=source in normalized))
+                items.append(
+                    Item(
+                        source=path,
+                        folder="/".join(relative.parts[:2]),
+                        stem=f"{source}_{path.stem}",
+                        origin=source,
+                        normalize=source in normalized,
+                    )
+                )
     return items, skips
 
 
@@ -442,11 +508,11 @@ def load_reference(class_dir: Path, mode: str) -> np.ndarray:
 
     One real image keeps a real histogram; a mean image would have a narrowed one.
     """
-    candidates = sorted(p for p in (class_dir / GOOD_TRAIN).glob("*")
-                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    candidates = sorted(
+        p for p in (class_dir / GOOD_TRAIN).glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not candidates:
-        raise UserError(f"reference class {class_dir.name} has no train/good images "
-                        "for --normalize")
+        raise UserError(f"reference class {class_dir.name} has no train/good images for --normalize")
     try:
         return load_image(candidates[0], mode)
     except SkippedImage as exc:
@@ -469,15 +535,13 @@ def remove_old_output(path: Path, protected: list[Path]) -> None:
     shutil.rmtree(path)
 
 
-def prepare_output(out_dir: Path, class_names: list[str], overwrite: bool,
-                   protected: list[Path]) -> None:
+def prepare_output(out_dir: Path, class_names: list[str], overwrite: bool, protected: list[Path]) -> None:
     """Refuse a non-empty output folder unless --overwrite, which removes this run's classes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
-            raise UserError(f"output folder {out_dir} is not empty; pass --overwrite to rebuild "
-                            "its class folders")
+            raise UserError(f"output folder {out_dir} is not empty; pass --overwrite to rebuild its class folders")
         for name in class_names:
             remove_old_output(out_dir / name, protected)
             remove_old_output(partial_dir(out_dir, name), protected)
@@ -499,8 +563,7 @@ def write_item(item: Item, dest_dir: Path, processing: Processing) -> None:
     Image.fromarray(pixels).save(dest)
 
 
-def build_class(out_dir: Path, name: str, items: list[Item],
-                processing: Processing) -> tuple[Counter, list[Skip]]:
+def build_class(out_dir: Path, name: str, items: list[Item], processing: Processing) -> tuple[Counter, list[Skip]]:
     """Write one class folder under a temporary name, then rename it into place."""
     staging = partial_dir(out_dir, name)
     counts, skips = Counter(), []
@@ -523,12 +586,10 @@ def build_class(out_dir: Path, name: str, items: list[Item],
     return counts, skips
 
 
-def summary_table(rows: list[str], counts: Counter, skips: list[Skip],
-                  total_label: str) -> pd.DataFrame:
+def summary_table(rows: list[str], counts: Counter, skips: list[Skip], total_label: str) -> pd.DataFrame:
     """Per-class counts: train/good, test/good, each test/<defect>, skipped (+ a total row)."""
     defects = sorted({folder for _, folder in counts} - {GOOD_TRAIN, GOOD_TEST})
-    table = pd.DataFrame(0, index=pd.Index(rows, name="class"),
-                         columns=[GOOD_TRAIN, GOOD_TEST, *defects, "skipped"])
+    table = pd.DataFrame(0, index=pd.Index(rows, name="class"), columns=[GOOD_TRAIN, GOOD_TEST, *defects, "skipped"])
     for (row, folder), count in counts.items():
         table.loc[row, folder] = count
     for skip in skips:
@@ -544,15 +605,23 @@ def print_report(table: pd.DataFrame, skips: list[Skip], out_dir: Path) -> None:
     print(table.to_string())
     if skips:
         print(f"\nSkipped ({len(skips)}):")
-        print(pd.DataFrame([dataclasses.asdict(s) for s in skips])
-              .rename(columns={"origin": "class"}).to_string(index=False))
+        print(
+            pd.DataFrame([dataclasses.asdict(s) for s in skips])
+            .rename(columns={"origin": "class"})
+            .to_string(index=False)
+        )
 
 
 def processing_from_args(args: argparse.Namespace) -> Processing:
     """Collect the pixel flags into one immutable object."""
-    return Processing(grayscale=args.grayscale, canny=args.canny, canny_sigma=args.canny_sigma,
-                      equalize_global=args.equalize_global, equalize_local=args.equalize_local,
-                      equalize_disk_size=args.equalize_disk_size)
+    return Processing(
+        grayscale=args.grayscale,
+        canny=args.canny,
+        canny_sigma=args.canny_sigma,
+        equalize_global=args.equalize_global,
+        equalize_local=args.equalize_local,
+        equalize_disk_size=args.equalize_disk_size,
+    )
 
 
 def run_sort(args: argparse.Namespace) -> None:
@@ -563,9 +632,10 @@ def run_sort(args: argparse.Namespace) -> None:
     map_path = args.map if args.map is not None else own_map if own_map.is_file() else DEFAULT_MAP
     check_output_location(out_dir, input_dir)
     sources = resolve_sources(input_dir, load_map(map_path), map_path)
-    plans = {name: plan_line(name, read_labels(csv_path), index_images(image_dir),
-                             args.split_ratio, args.seed)
-             for name, (csv_path, image_dir) in sources.items()}
+    plans = {
+        name: plan_line(name, read_labels(csv_path), index_images(image_dir), args.split_ratio, args.seed)
+        for name, (csv_path, image_dir) in sources.items()
+    }
     protected = [input_dir, *(path for pair in sources.values() for path in pair)]
     prepare_output(out_dir, list(plans), args.overwrite, protected)
     processing = processing_from_args(args)
@@ -591,8 +661,7 @@ def run_combine(args: argparse.Namespace) -> None:
         raise UserError(f"--name {target!r} must be a plain folder name")
     processing, normalized = processing_from_args(args), set()
     if args.normalize:
-        reference_name = resolve_class(args.norm_reference or sources[0], sources,
-                                       "the combined classes")
+        reference_name = resolve_class(args.norm_reference or sources[0], sources, "the combined classes")
         reference = load_reference(sorted_dir / reference_name, processing.mode)
         processing = dataclasses.replace(processing, reference=reference)
         normalized = set(sources) - {reference_name}

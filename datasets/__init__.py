@@ -2,4 +2,5 @@
 
 DATASET_LAYOUTS names the layouts `--dataset` takes, each a module here with `load_class`.
 """
+
 DATASET_LAYOUTS = ("bowtie", "mvtec")

@@ -3,6 +3,7 @@
 Test normals are test/good plus a seeded, disjoint `test_sample_ratio` share of train/good,
 so a product line with few set-aside good parts still has normals to test on.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 Every path to a tensor goes through here, so training, evaluation and predict.py see
 identical pixels for the same file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -121,18 +122,22 @@ class Geometry:
     def spatial(self, interpolation: v2.InterpolationMode) -> v2.Compose:
         if self.cropsize == 0:
             return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])
-        return v2.Compose([
-            v2.Resize(self.resize, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(self.cropsize),
-        ])
+        return v2.Compose(
+            [
+                v2.Resize(self.resize, interpolation=interpolation, antialias=True),
+                v2.CenterCrop(self.cropsize),
+            ]
+        )
 
     def image_transform(self) -> v2.Compose:
-        return v2.Compose([
-            v2.ToImage(),
-            self.spatial(v2.InterpolationMode.BILINEAR),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                self.spatial(v2.InterpolationMode.BILINEAR),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     def mask_transform(self) -> v2.Compose:
         return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.NEAREST)])

@@ -1,4 +1,5 @@
 """MVTec AD layout: <class>/train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png."""
+
 from __future__ import annotations
 
 from pathlib import Path

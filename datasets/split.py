@@ -3,6 +3,7 @@
 Shared by the MVTec and BowTie layouts; they differ only in whether a share of train/good
 moves to the test set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,7 +72,9 @@ def test_samples(class_dir: Path) -> tuple[list[Sample], bool]:
             missing += has_ground_truth and mask is None
             samples.append(Sample(path, 1, defect_dir.name, mask))
     if missing:
-        log.warning("%s: %d defect images have no mask; they are left out of the pixel metrics", class_dir.name, missing)
+        log.warning(
+            "%s: %d defect images have no mask; they are left out of the pixel metrics", class_dir.name, missing
+        )
     return samples, has_ground_truth
 
 

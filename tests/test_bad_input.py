@@ -1,4 +1,5 @@
 """Messy folders, odd images, bad flags, hostile model files, interrupts: clear errors, nothing lost."""
+
 from __future__ import annotations
 
 import pickle
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SMALL_MODEL_FLAGS
 from PIL import Image
 
 import run_experiment
@@ -19,8 +21,7 @@ from datasets.images import Geometry, ImageDataset, ImageReadError, Sample, read
 from utils.model_io import ModelFileError, load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model_architecture", "resnet18", "--weights", "none", "--resize", "64", "--cropsize", "56",
-        "--batch_size", "8", "--num_workers", "0", "--max_visualizations", "0", "--dataset", "mvtec"]
+FAST = [*SMALL_MODEL_FLAGS, "--dataset", "mvtec"]
 
 
 def _texture(size=(80, 60), seed=0) -> np.ndarray:
@@ -103,8 +104,9 @@ def _class_copy(texture_root: Path, tmp_path: Path) -> Path:
 
 
 def _run(tmp_path, data, *extra):
-    code = run_experiment.main([*FAST, "--data_path", str(data), "--base_results_dir", str(tmp_path / "res"),
-                                "--results_subdir", "r", *extra])
+    code = run_experiment.main(
+        [*FAST, "--data_path", str(data), "--base_results_dir", str(tmp_path / "res"), "--results_subdir", "r", *extra]
+    )
     return code, pd.read_csv(tmp_path / "res" / "r" / "master_results.csv")
 
 
@@ -166,17 +168,23 @@ def test_one_test_image(tmp_path, texture_root):
     assert code == 0 and table.n_test[0] == 1 and table.status[0] == "ok"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--resize", "0"], "must be >= 1"),
-    (["--resize", "64", "--cropsize", "128"], "larger than --resize"),
-    (["--augmentation_prob", "2"], "must be in [0, 1]"),
-    (["--model_architecture", "vgg16"], "invalid choice"),
-    (["--layers", "layer5"], "--layers: unknown stage layer5 for resnet18; its stages are layer1 layer2 layer3 layer4"),
-    (["--layers", "layer2", "layer2"], "each stage once"),
-    (["--test_sample_ratio", "1.5"], "must be in [0, 1)"),
-    (["--batch_size", "0"], "must be >= 1"),
-    (["--augmentations_enabled"], "needs --horizontal_flip"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resize", "0"], "must be >= 1"),
+        (["--resize", "64", "--cropsize", "128"], "larger than --resize"),
+        (["--augmentation_prob", "2"], "must be in [0, 1]"),
+        (["--model_architecture", "vgg16"], "invalid choice"),
+        (
+            ["--layers", "layer5"],
+            "--layers: unknown stage layer5 for resnet18; its stages are layer1 layer2 layer3 layer4",
+        ),
+        (["--layers", "layer2", "layer2"], "each stage once"),
+        (["--test_sample_ratio", "1.5"], "must be in [0, 1)"),
+        (["--batch_size", "0"], "must be >= 1"),
+        (["--augmentations_enabled"], "needs --horizontal_flip"),
+    ],
+)
 def test_nonsense_flags_exit_2_with_an_argparse_error(tmp_path, capsys, flags, message):
     base = ["--model_architecture", "resnet18", "--data_path", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
@@ -214,9 +222,14 @@ def test_model_files_that_are_damaged_foreign_or_malicious_are_refused(tmp_path)
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(old.read_bytes()[:40])
-    for path, message in [(malicious, "refused, not a model file"), (torch_malicious, "could run code"),
-                          (old, "format version 0"), (foreign, "not a PaDiM suite model"),
-                          (truncated, "truncated or damaged"), (tmp_path / "missing.pt", "no model file")]:
+    for path, message in [
+        (malicious, "refused, not a model file"),
+        (torch_malicious, "could run code"),
+        (old, "format version 0"),
+        (foreign, "not a PaDiM suite model"),
+        (truncated, "truncated or damaged"),
+        (tmp_path / "missing.pt", "no model file"),
+    ]:
         with pytest.raises(ModelFileError, match=message):
             load_model(path)
     assert not marker.exists()
@@ -239,9 +252,14 @@ def _flip_a_bit_of_the_mean(model_path: Path) -> None:
     torch.save(content, model_path)
 
 
-@pytest.mark.parametrize("damage, reason", [(_truncate, "truncated or damaged"),
-                                            (_drop_a_factor_block, "statistics shapes do not match"),
-                                            (_flip_a_bit_of_the_mean, "damaged (checksum mismatch)")])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncate, "truncated or damaged"),
+        (_drop_a_factor_block, "statistics shapes do not match"),
+        (_flip_a_bit_of_the_mean, "damaged (checksum mismatch)"),
+    ],
+)
 def test_a_damaged_cached_model_is_refitted_not_trusted(tmp_path, texture_root, caplog, damage, reason):
     data = _class_copy(texture_root, tmp_path)
     _run(tmp_path, data, "--save_distribution")
@@ -254,15 +272,28 @@ def test_a_damaged_cached_model_is_refitted_not_trusted(tmp_path, texture_root, 
 
 
 def _cli(data: Path, results: Path, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "run_experiment.py"), *FAST, "--data_path", str(data),
-            "--base_results_dir", str(results), "--results_subdir", "r", "--save_distribution", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "run_experiment.py"),
+        *FAST,
+        "--data_path",
+        str(data),
+        "--base_results_dir",
+        str(results),
+        "--results_subdir",
+        "r",
+        "--save_distribution",
+        *extra,
+    ]
 
 
 def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_path, texture_root):
     data = tmp_path / "classes"
     shutil.copytree(texture_root, data)
     results = tmp_path / "res"
-    process = subprocess.Popen(_cli(data, results), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        _cli(data, results), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     seen = ""
     while "score" not in seen and process.poll() is None:
         seen += process.stderr.read(1)

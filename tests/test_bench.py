@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/bench.py on a tiny synthetic class: one consistent row, the CSV, the verdicts."""
+
 from __future__ import annotations
 
 import math
@@ -12,10 +13,24 @@ from benchmarks import bench, gaussian_steps
 def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
     """Every column the README explains is there and adds up; the memory fits ran in fresh processes."""
     output = tmp_path / "bench.csv"
-    code = bench.main([
-        "--data_path", str(texture_root / "brick"), "--backbones", "efficientnet_lite0",
-        "--resize", "64", "--cropsize", "56", "--batch_size", "8", "--num_workers", "0", "--output", str(output),
-    ])
+    code = bench.main(
+        [
+            "--data_path",
+            str(texture_root / "brick"),
+            "--backbones",
+            "efficientnet_lite0",
+            "--resize",
+            "64",
+            "--cropsize",
+            "56",
+            "--batch_size",
+            "8",
+            "--num_workers",
+            "0",
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     table = pd.read_csv(output)
     assert len(table) == 1
@@ -55,7 +70,7 @@ def test_quick_fills_in_only_what_was_not_given():
 def test_subsets_keep_every_defect_type_and_the_holdout_share(texture_root):
     """--max_test spreads over the sorted test list; --max_train keeps fit and hold-out in proportion."""
     args = bench.parse_args(["--data_path", str(texture_root / "gravel"), "--max_train", "10", "--max_test", "4"])
-    split, = bench.class_splits(args, bench.pipeline_args(args, "resnet18"))
+    (split,) = bench.class_splits(args, bench.pipeline_args(args, "resnet18"))
     assert split.has_ground_truth
     assert len(split.fit) + len(split.holdout) == 10 and len(split.holdout) == 1
     assert len(split.test) == 4 and {s.label for s in split.test} == {0, 1}
@@ -67,8 +82,10 @@ def test_missing_folder_is_one_line_and_an_exit_code(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--cropsize", "300"], ["--max_train", "0"], ["--backbones", "vgg"],
-                                   ["--num_workers", "-1"], ["--repeat", "0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--cropsize", "300"], ["--max_train", "0"], ["--backbones", "vgg"], ["--num_workers", "-1"], ["--repeat", "0"]],
+)
 def test_bad_flags_are_refused(flags):
     with pytest.raises(SystemExit):
         bench.parse_args(flags)
@@ -77,17 +94,38 @@ def test_bad_flags_are_refused(flags):
 def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
     """The row takes the median forward pass and the pipeline run with the median total, with that run's columns."""
     forwards = iter([3.0, 2.0, 4.0])
-    pipelines = iter([
-        {"fit_s": 4.0, "score_s": 1.0, "metrics_s": 0.1, "plots_s": 0.2},
-        {"fit_s": 2.0, "score_s": 5.0, "metrics_s": 0.3, "plots_s": 0.4},
-        {"fit_s": 2.5, "score_s": 1.5, "metrics_s": 0.5, "plots_s": 0.6},
-    ])
+    pipelines = iter(
+        [
+            {"fit_s": 4.0, "score_s": 1.0, "metrics_s": 0.1, "plots_s": 0.2},
+            {"fit_s": 2.0, "score_s": 5.0, "metrics_s": 0.3, "plots_s": 0.4},
+            {"fit_s": 2.5, "score_s": 1.5, "metrics_s": 0.5, "plots_s": 0.6},
+        ]
+    )
     monkeypatch.setattr(bench, "forward_only", lambda *args: next(forwards))
     monkeypatch.setattr(bench, "timed_pipeline", lambda *args: next(pipelines))
     output = tmp_path / "bench.csv"
-    assert bench.main(["--data_path", str(texture_root / "brick"), "--backbones", "efficientnet_lite0", "--resize", "64",
-                       "--cropsize", "56", "--num_workers", "0", "--skip_memory", "--repeat", "3",
-                       "--output", str(output)]) == 0
+    assert (
+        bench.main(
+            [
+                "--data_path",
+                str(texture_root / "brick"),
+                "--backbones",
+                "efficientnet_lite0",
+                "--resize",
+                "64",
+                "--cropsize",
+                "56",
+                "--num_workers",
+                "0",
+                "--skip_memory",
+                "--repeat",
+                "3",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     row = pd.read_csv(output).iloc[0]
     assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (3.0, 4.0, 1.0, 5.0, 0.1)
     assert math.isclose(row.ratio, 5.0 / 3.0, rel_tol=1e-3)
@@ -95,8 +133,25 @@ def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
 
 def test_gaussian_steps_prints_the_median_of_its_runs(capsys):
     """benchmarks/gaussian_steps.py on a tiny shape (odd dims: 3 blocks; several staged additions)."""
-    assert gaussian_steps.main(["--dims", "7", "--grid", "5", "--batch_size", "30", "--fit_batches", "5",
-                                "--score_batches", "2", "--repeat", "3"]) == 0
+    assert (
+        gaussian_steps.main(
+            [
+                "--dims",
+                "7",
+                "--grid",
+                "5",
+                "--batch_size",
+                "30",
+                "--fit_batches",
+                "5",
+                "--score_batches",
+                "2",
+                "--repeat",
+                "3",
+            ]
+        )
+        == 0
+    )
     header, columns, values = capsys.readouterr().out.strip().splitlines()
     assert "7 dims, 5x5 grid, batch 30, 5 fit / 2 scoring batches, median of 3" in header
     runs = [float(value) for value in header.split("each run: ")[1].rstrip(" s)").split(", ")]

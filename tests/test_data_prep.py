@@ -4,6 +4,7 @@ Fixtures build small XLSX workbooks (title row, differently named header row, me
 and numbered image folders in tmp_path. End-to-end tests run the scripts as a user would
 (subprocess, sys.executable); unit tests import their functions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,19 +28,18 @@ PROCESS = ROOT / "data" / "process_data.py"
 # (img, pos, type, comments) as a person types them into the sheet.
 ROWS_116 = [
     (1, "L1", "A", None),
-    (2.0, "L1", "a", None),            # number stored as float, lower-case type
-    (" 3 ", "L2", " A ", None),        # padded cells
+    (2.0, "L1", "a", None),  # number stored as float, lower-case type
+    (" 3 ", "L2", " A ", None),  # padded cells
     (4, "L2", "R", "Scratch Deep"),
-    (5, "L3", "r", None),              # reject without comment -> test/reject
-    (6, "L3", "R", "Dent/Bent"),       # slash -> '-'
-    (None, "L4", "A", None),           # empty img -> skipped
-    (7, "L4", "A", None),              # 007 has no image -> skipped
-    (8, "L5", "X", "?"),               # unknown type -> skipped
-    (9, "L5", "A", None),              # image is 009.PNG
+    (5, "L3", "r", None),  # reject without comment -> test/reject
+    (6, "L3", "R", "Dent/Bent"),  # slash -> '-'
+    (None, "L4", "A", None),  # empty img -> skipped
+    (7, "L4", "A", None),  # 007 has no image -> skipped
+    (8, "L5", "X", "?"),  # unknown type -> skipped
+    (9, "L5", "A", None),  # image is 009.PNG
     (10, "L6", "R", " scratch  deep "),
 ]
-IMAGES_116 = ["001.jpg", "002.jpg", "003.jpg", "004.jpg", "005.jpg", "006.jpg", "008.jpg",
-              "009.PNG", "010.jpg"]
+IMAGES_116 = ["001.jpg", "002.jpg", "003.jpg", "004.jpg", "005.jpg", "006.jpg", "008.jpg", "009.PNG", "010.jpg"]
 EXPECTED_116 = {
     "train/good": {"001.jpg", "002.jpg", "003.jpg", "009.png"},
     "test/good": set(),
@@ -77,20 +77,23 @@ def write_image(path: Path, seed: int) -> None:
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """Hash of every file under root, to prove a tree was left byte-identical."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def class_listing(class_dir: Path) -> dict[str, set[str]]:
     """File names in each <split>/<category> folder of a class."""
-    return {f"{d.parent.name}/{d.name}": {f.name for f in d.iterdir()}
-            for d in class_dir.glob("*/*") if d.is_dir()}
+    return {f"{d.parent.name}/{d.name}": {f.name for f in d.iterdir()} for d in class_dir.glob("*/*") if d.is_dir()}
 
 
 def run_script(script: Path, *args) -> subprocess.CompletedProcess:
     """Run a script as a user would, with this interpreter."""
-    return subprocess.run([sys.executable, str(script), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.fixture
@@ -98,8 +101,7 @@ def raw_dir(tmp_path: Path) -> Path:
     """Raw BowTie data: two workbooks, their image folders and a two-line map.json."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    write_workbook(raw / "116.xlsx", ["Image", "Position", "Result", "Comments", "Inspector"],
-                   ROWS_116)
+    write_workbook(raw / "116.xlsx", ["Image", "Position", "Result", "Comments", "Inspector"], ROWS_116)
     write_workbook(raw / "27952G.xlsx", ["No.", "Pos", "Type", "Remark"], ROWS_27952G)
     folder = raw / "116_zoomed_in"
     folder.mkdir()
@@ -127,6 +129,7 @@ def sort_args(raw: Path, out: Path, *extra: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- convert_excel.py
+
 
 def test_convert_writes_csv_by_position(raw_dir: Path) -> None:
     result = run_script(CONVERT, "-i", raw_dir)
@@ -177,15 +180,18 @@ def test_remove_keeps_workbook_when_read_back_fails(raw_dir: Path, monkeypatch) 
 
 def test_read_sheet_ignores_header_names_and_blank_rows(tmp_path: Path) -> None:
     path = tmp_path / "x.xlsx"
-    write_workbook(path, ["Nr", "Where", "Verdict", "Notes", "Extra"],
-                   [(1, "a", "A", None, "z"), (None, None, None, None),
-                    (2, "b", "R", "hole", None)])
+    write_workbook(
+        path,
+        ["Nr", "Where", "Verdict", "Notes", "Extra"],
+        [(1, "a", "A", None, "z"), (None, None, None, None), (2, "b", "R", "hole", None)],
+    )
     table = convert_excel.read_sheet(path)
     assert list(table.columns) == ["img", "pos", "type", "comments"]
     assert table["img"].tolist() == [1, 2]
 
 
 # ---------------------------------------------------------------- map.json and helpers
+
 
 def test_shipped_map_json() -> None:
     mapping = json.loads((ROOT / "data" / "map.json").read_text())
@@ -196,18 +202,36 @@ def test_shipped_map_json() -> None:
     assert process_data.load_map(ROOT / "data" / "map.json") == expected
 
 
-@pytest.mark.parametrize("text, number", [
-    ("7", 7), (" 7 ", 7), ("7.0", 7), ("007", 7), ("1000", 1000),
-    ("7.5", None), ("abc", None), ("-1", None), ("nan", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("7", 7),
+        (" 7 ", 7),
+        ("7.0", 7),
+        ("007", 7),
+        ("1000", 1000),
+        ("7.5", None),
+        ("abc", None),
+        ("-1", None),
+        ("nan", None),
+    ],
+)
 def test_parse_img_number(text: str, number: int | None) -> None:
     assert process_data.parse_img_number(text) == number
 
 
-@pytest.mark.parametrize("comment, folder", [
-    ("Scratch Deep", "scratch_deep"), (" Dent/Bent ", "dent-bent"), ("", "reject"),
-    ("  ", "reject"), ("..", "reject"), ("Good", "reject"), ("a\\b", "a-b"),
-])
+@pytest.mark.parametrize(
+    "comment, folder",
+    [
+        ("Scratch Deep", "scratch_deep"),
+        (" Dent/Bent ", "dent-bent"),
+        ("", "reject"),
+        ("  ", "reject"),
+        ("..", "reject"),
+        ("Good", "reject"),
+        ("a\\b", "a-b"),
+    ],
+)
 def test_defect_folder(comment: str, folder: str) -> None:
     assert process_data.defect_folder(comment) == folder
 
@@ -221,6 +245,7 @@ def test_held_out_is_seeded_and_keeps_one_for_training() -> None:
 
 
 # ---------------------------------------------------------------- sort mode
+
 
 def test_sort_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sorted"
@@ -242,12 +267,14 @@ def test_sort_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
 
 
 def test_sort_reads_float_and_padded_img_cells(prepared_dir: Path, tmp_path: Path) -> None:
-    (prepared_dir / "27952G.csv").write_text(
-        "img,pos,type,comments\n1.0,P,a,\n\" 2 \",P, A ,\n3,P,R,\n")
+    (prepared_dir / "27952G.csv").write_text('img,pos,type,comments\n1.0,P,a,\n" 2 ",P, A ,\n3,P,R,\n')
     out = tmp_path / "sorted"
     assert process_data.main(sort_args(prepared_dir, out)) == 0
     assert class_listing(out / "27952G") == {
-        "train/good": {"001.jpg", "002.jpg"}, "test/good": set(), "test/reject": {"003.jpg"}}
+        "train/good": {"001.jpg", "002.jpg"},
+        "test/good": set(),
+        "test/reject": {"003.jpg"},
+    }
 
 
 def test_rerun_refused_then_overwrite_rebuilds(prepared_dir: Path, tmp_path: Path, capsys) -> None:
@@ -297,7 +324,7 @@ def test_user_errors_are_one_line(prepared_dir: Path, tmp_path: Path, capsys) ->
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     bad_map = tmp_path / "bad.json"
-    bad_map.write_text("{\"116.csv\": ")
+    bad_map.write_text('{"116.csv": ')
     missing_map = tmp_path / "missing.json"
     missing_map.write_text(json.dumps({"116.csv": "116_zoomed_in", "118.csv": "118_zoomed_in"}))
     cases = [
@@ -315,10 +342,10 @@ def test_user_errors_are_one_line(prepared_dir: Path, tmp_path: Path, capsys) ->
 
 # ---------------------------------------------------------------- preprocessing
 
+
 def test_grayscale_and_canny_write_edge_pngs(prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "edges"
-    result = run_script(PROCESS, *sort_args(prepared_dir, out, "--grayscale", "--canny",
-                                            "--canny-sigma", "1.5"))
+    result = run_script(PROCESS, *sort_args(prepared_dir, out, "--grayscale", "--canny", "--canny-sigma", "1.5"))
     assert result.returncode == 0, result.stderr
     files = sorted((out / "116").rglob("*.*"))
     assert len(files) == 8 and all(f.suffix == ".png" for f in files)
@@ -329,11 +356,12 @@ def test_grayscale_and_canny_write_edge_pngs(prepared_dir: Path, tmp_path: Path)
         assert set(np.unique(pixels)) == {0, 255}
 
 
-def test_equalization_flags_and_unreadable_image(prepared_dir: Path, tmp_path: Path,
-                                                 capsys) -> None:
+def test_equalization_flags_and_unreadable_image(prepared_dir: Path, tmp_path: Path, capsys) -> None:
     (prepared_dir / "27952G_zoomed_in_more" / "002.jpg").write_bytes(b"not a jpeg")
-    for run, flags in (("local", ["--equalize-local", "--equalize-disk-size", "3"]),
-                       ("global", ["--grayscale", "--equalize-global"])):
+    for run, flags in (
+        ("local", ["--equalize-local", "--equalize-disk-size", "3"]),
+        ("global", ["--grayscale", "--equalize-global"]),
+    ):
         out = tmp_path / run
         assert process_data.main(sort_args(prepared_dir, out, *flags)) == 0
         report = capsys.readouterr().out.splitlines()
@@ -365,11 +393,13 @@ def test_processing_steps_on_arrays() -> None:
 
 # ---------------------------------------------------------------- combine mode
 
+
 def make_sorted_tree(root: Path, classes: list[str]) -> None:
     """A hand-made sorted tree: each class has 2 train/good, 1 test/good, 1 test/crack image."""
     for offset, name in enumerate(classes):
-        for seed, rel in enumerate(["train/good/001.jpg", "train/good/002.jpg",
-                                    "test/good/003.jpg", "test/crack/004.jpg"]):
+        for seed, rel in enumerate(
+            ["train/good/001.jpg", "train/good/002.jpg", "test/good/003.jpg", "test/crack/004.jpg"]
+        ):
             path = root / name / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             write_image(path, 10 * offset + seed)
@@ -391,8 +421,13 @@ def test_combine_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
             expected.setdefault(folder, set()).update(f"{source}_{name}" for name in names)
     assert listing == expected
     assert {folder: len(names) for folder, names in listing.items()} == {
-        "train/good": 7, "test/good": 3, "test/scratch_deep": 2, "test/reject": 1,
-        "test/dent-bent": 1, "test/crack": 1}
+        "train/good": 7,
+        "test/good": 3,
+        "test/scratch_deep": 2,
+        "test/reject": 1,
+        "test/dent-bent": 1,
+        "test/crack": 1,
+    }
 
 
 def test_combine_name_errors(tmp_path: Path, capsys) -> None:
@@ -415,12 +450,23 @@ def test_combine_named_and_normalized(tmp_path: Path) -> None:
     sorted_dir = tmp_path / "sorted"
     make_sorted_tree(sorted_dir, ["116", "27952F", "27952G"])
     out = tmp_path / "out"
-    args = ["--combine", "27952F", "27952G", "-i", str(sorted_dir), "-o", str(out),
-            "--name", "lines_F_G", "--normalize", "--norm-reference", "27952G"]
+    args = [
+        "--combine",
+        "27952F",
+        "27952G",
+        "-i",
+        str(sorted_dir),
+        "-o",
+        str(out),
+        "--name",
+        "lines_F_G",
+        "--normalize",
+        "--norm-reference",
+        "27952G",
+    ]
     assert process_data.main(args) == 0
     listing = class_listing(out / "lines_F_G")
-    assert listing["train/good"] == {"27952F_001.png", "27952F_002.png",
-                                     "27952G_001.jpg", "27952G_002.jpg"}
+    assert listing["train/good"] == {"27952F_001.png", "27952F_002.png", "27952G_001.jpg", "27952G_002.jpg"}
     assert listing["test/crack"] == {"27952F_004.png", "27952G_004.jpg"}
     copied = out / "lines_F_G" / "train" / "good" / "27952G_001.jpg"
     original = sorted_dir / "27952G" / "train" / "good" / "001.jpg"
@@ -440,5 +486,9 @@ def test_missing_sources_get_the_hint_that_fixes_them(raw_dir: Path, tmp_path: P
     assert "(make the CSVs with convert_excel.py)" in capsys.readouterr().err
     assert convert_excel.main(["-i", str(raw_dir)]) == 0
     capsys.readouterr()
-    assert process_data.main(["-i", str(raw_dir), "-o", str(tmp_path / "b"), "-m", str(ROOT / "data" / "map.json")]) == 1
-    assert f"(is {ROOT / 'data' / 'map.json'} this folder's map? pass its own with -m MAP_JSON)" in capsys.readouterr().err
+    assert (
+        process_data.main(["-i", str(raw_dir), "-o", str(tmp_path / "b"), "-m", str(ROOT / "data" / "map.json")]) == 1
+    )
+    assert (
+        f"(is {ROOT / 'data' / 'map.json'} this folder's map? pass its own with -m MAP_JSON)" in capsys.readouterr().err
+    )

@@ -1,4 +1,5 @@
 """Fail closed: a damaged model, a NaN, a failed write or a second run never reads as a good result."""
+
 from __future__ import annotations
 
 import errno
@@ -15,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TRAIN_FLAGS, Trained
 from PIL import Image
 
 import predict
 import run_experiment
 import trainer
-from conftest import TRAIN_FLAGS, Trained
 from utils import output_files
 from utils.model_io import ENTRY_TYPES, ModelFileError, content_checksum, load_model, save_model
 from utils.padim import Padim
@@ -56,26 +57,28 @@ def _mutations(original: bytes, spans: dict[str, tuple[int, int]], seed: int = 0
     def zeroed() -> bytes:
         while True:
             start, length = int(rng.integers(0, len(original))), int(rng.integers(16, 4096))
-            if any(original[start:start + length]):
+            if any(original[start : start + length]):
                 data = bytearray(original)
-                data[start:start + length] = bytes(len(data[start:start + length]))
+                data[start : start + length] = bytes(len(data[start : start + length]))
                 return bytes(data)
 
     def swapped() -> bytes:
         first, second = (tensors[i] for i in rng.choice(len(tensors), 2, replace=False))
         i, j = int(rng.integers(first[0], first[1] - 64)), int(rng.integers(second[0], second[1] - 64))
         data = bytearray(original)
-        data[i:i + 64], data[j:j + 64] = original[j:j + 64], original[i:i + 64]
+        data[i : i + 64], data[j : j + 64] = original[j : j + 64], original[i : i + 64]
         return bytes(data)
 
     cases = [("empty", b"")]
-    cases += [("truncated", original[:int(rng.integers(0, len(original)))]) for _ in range(20)]
+    cases += [("truncated", original[: int(rng.integers(0, len(original)))]) for _ in range(20)]
     cases += [("bit in tensor data", flipped(*tensors[int(rng.integers(len(tensors)))])) for _ in range(25)]
     cases += [("bit in metadata", flipped(*spans["data.pkl"])) for _ in range(25)]
     cases += [("zeroed block", zeroed()) for _ in range(15)]
     cases += [("swapped records", swapped()) for _ in range(10)]
-    cases += [("appended bytes", original + rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes())
-              for _ in range(10)]
+    cases += [
+        ("appended bytes", original + rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes())
+        for _ in range(10)
+    ]
     assert all(data != original for _, data in cases)
     return cases
 
@@ -91,8 +94,9 @@ def test_damaged_model_files_are_refused_with_one_line(trained: Trained, texture
     for number, (kind, data) in enumerate(cases):
         damaged.write_bytes(data)
         capsys.readouterr()
-        code = predict.main(["--model", str(damaged), "--input", str(image), "--output", str(tmp_path / f"out{number}"),
-                             *PREDICT_FLAGS])
+        code = predict.main(
+            ["--model", str(damaged), "--input", str(image), "--output", str(tmp_path / f"out{number}"), *PREDICT_FLAGS]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 1, kind
         assert err.startswith(f"error: {damaged}: ") and "\n" not in err, (kind, err)
@@ -125,24 +129,48 @@ def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(train
 
 
 ODD_ENTRIES = [(key, None) for key in ENTRY_TYPES if key != "checksum"] + [
-    ("layers", [1, 2, 3]), ("normalization_mean", ["a", "b", "c"]), ("normalization_std", [0.2]), ("grid", [0, -1]),
-    ("grid", ["14", 14]), ("channel_index", torch.zeros(0)), ("channel_index", torch.full((100,), 10**6)),
-    ("mean", torch.zeros(3)), ("precision_factor", [torch.zeros(2)]), ("precision_factor", ["x"]),
-    ("resize", -5), ("cropsize", 10**6), ("threshold", -1.0), ("threshold", float("inf")),
-    ("training_config", {"seed": "x"}), ("n_train", True),
+    ("layers", [1, 2, 3]),
+    ("normalization_mean", ["a", "b", "c"]),
+    ("normalization_std", [0.2]),
+    ("grid", [0, -1]),
+    ("grid", ["14", 14]),
+    ("channel_index", torch.zeros(0)),
+    ("channel_index", torch.full((100,), 10**6)),
+    ("mean", torch.zeros(3)),
+    ("precision_factor", [torch.zeros(2)]),
+    ("precision_factor", ["x"]),
+    ("resize", -5),
+    ("cropsize", 10**6),
+    ("threshold", -1.0),
+    ("threshold", float("inf")),
+    ("training_config", {"seed": "x"}),
+    ("n_train", True),
 ]
 
 
 @pytest.mark.parametrize("key, value", ODD_ENTRIES, ids=[f"{key}={value!r}"[:40] for key, value in ODD_ENTRIES])
-def test_sealed_files_with_odd_entries_are_refused_with_one_line(trained: Trained, texture_root: Path, tmp_path: Path,
-                                                                   capsys, key, value):
-    """Content that passes the checksum because it was sealed as it is (hand-made): still one line, never a traceback."""
-    content = {k: v for k, v in torch.load(trained.model_dir / "padim_model.pt", weights_only=True).items() if k != "checksum"}
+def test_sealed_files_with_odd_entries_are_refused_with_one_line(
+    trained: Trained, texture_root: Path, tmp_path: Path, capsys, key, value
+):
+    """Content that passes the checksum because it was sealed as it is (hand-made): still one line,
+    never a traceback."""
+    content = {
+        k: v for k, v in torch.load(trained.model_dir / "padim_model.pt", weights_only=True).items() if k != "checksum"
+    }
     model = tmp_path / "model" / "padim_model.pt"
     save_model(model, {**content, key: value})
     capsys.readouterr()
-    code = predict.main(["--model", str(model), "--input", str(texture_root / "brick" / "test" / "good" / "000.png"),
-                         "--output", str(tmp_path / "out"), *PREDICT_FLAGS])
+    code = predict.main(
+        [
+            "--model",
+            str(model),
+            "--input",
+            str(texture_root / "brick" / "test" / "good" / "000.png"),
+            "--output",
+            str(tmp_path / "out"),
+            *PREDICT_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"error: {model}: ") and err.count("\n") == 1, err
 
@@ -166,10 +194,10 @@ def _mutated_images(folder: Path, seed: int = 0) -> list[Path]:
             for position in rng.integers(0, len(data), int(rng.integers(1, 20))):
                 data[position] ^= 1 << int(rng.integers(0, 8))
         elif kind == 1:
-            data = data[:int(rng.integers(0, len(data)))]
+            data = data[: int(rng.integers(0, len(data)))]
         elif kind == 2:
             start, length = int(rng.integers(0, len(data))), int(rng.integers(4, 200))
-            data[start:start + length] = bytes(len(data[start:start + length]))
+            data[start : start + length] = bytes(len(data[start : start + length]))
         else:
             data += rng.integers(0, 256, int(rng.integers(1, 500)), dtype=np.uint8).tobytes()
         path = folder / f"{number:03d}{suffix}"
@@ -181,8 +209,9 @@ def _mutated_images(folder: Path, seed: int = 0) -> list[Path]:
 def test_damaged_images_are_scored_or_skipped_never_a_crash(trained: Trained, tmp_path: Path, capsys):
     paths = _mutated_images(tmp_path / "images")
     out = tmp_path / "out"
-    code = predict.main(["--model", str(trained.model_dir), "--input", str(tmp_path / "images"), "--output", str(out),
-                         *PREDICT_FLAGS])
+    code = predict.main(
+        ["--model", str(trained.model_dir), "--input", str(tmp_path / "images"), "--output", str(out), *PREDICT_FLAGS]
+    )
     assert code == 0, capsys.readouterr().err
     rows = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False)
     assert sorted(rows.path) == sorted(map(str, paths))
@@ -195,21 +224,33 @@ def test_damaged_images_are_scored_or_skipped_never_a_crash(trained: Trained, tm
 
 def _poisoned_stream(original):
     """Padim.stream_anomaly_maps with the first image's score NaN and an infinity in the second image's map."""
+
     def stream(self, batches):
         for number, (key, maps, scores) in enumerate(original(self, batches)):
             if number == 0:
                 scores[0] = float("nan")
                 maps[1, 3, 3] = float("inf")
             yield key, maps, scores
+
     return stream
 
 
-def test_non_finite_scores_are_reported_anomalous_never_good(trained: Trained, texture_root: Path, tmp_path: Path,
-                                                             capsys, monkeypatch):
+def test_non_finite_scores_are_reported_anomalous_never_good(
+    trained: Trained, texture_root: Path, tmp_path: Path, capsys, monkeypatch
+):
     monkeypatch.setattr(Padim, "stream_anomaly_maps", _poisoned_stream(Padim.stream_anomaly_maps))
     out = tmp_path / "out"
-    code = predict.main(["--model", str(trained.model_dir), "--input", str(texture_root / "brick" / "test" / "good"),
-                         "--output", str(out), *PREDICT_FLAGS])
+    code = predict.main(
+        [
+            "--model",
+            str(trained.model_dir),
+            "--input",
+            str(texture_root / "brick" / "test" / "good"),
+            "--output",
+            str(out),
+            *PREDICT_FLAGS,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and "error: 2 images got a non-finite score" in captured.err
     assert "4 of 6 images scored" in captured.out and "2 non-finite (reported anomalous)" in captured.out
@@ -231,6 +272,7 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
         if description == stage:
             scored.scores[-1] = float("inf") if stage == "threshold" else float("nan")
         return scored
+
     monkeypatch.setattr(trainer, "score_samples", poisoned)
 
 
@@ -241,21 +283,29 @@ def _poison_fit(monkeypatch) -> None:
         stats = original(self, batches)
         stats.mean[0, 0] = float("nan")
         return stats
+
     monkeypatch.setattr(Padim, "fit", poisoned)
 
 
-@pytest.mark.parametrize("stage, reason", [("score", "1 of 14 test images got a non-finite score"),
-                                           ("threshold", "1 of 2 threshold images got a non-finite score"),
-                                           ("fit", "the fitted mean or precision factor holds a non-finite number")])
-def test_a_non_finite_number_fails_the_class_and_is_never_a_metric(texture_root: Path, tmp_path: Path, monkeypatch,
-                                                                    stage, reason):
+@pytest.mark.parametrize(
+    "stage, reason",
+    [
+        ("score", "1 of 14 test images got a non-finite score"),
+        ("threshold", "1 of 2 threshold images got a non-finite score"),
+        ("fit", "the fitted mean or precision factor holds a non-finite number"),
+    ],
+)
+def test_a_non_finite_number_fails_the_class_and_is_never_a_metric(
+    texture_root: Path, tmp_path: Path, monkeypatch, stage, reason
+):
     if stage == "fit":
         _poison_fit(monkeypatch)
     else:
         _poison_scores_of(stage, monkeypatch)
     results = tmp_path / "res"
-    code = run_experiment.main([*FAST, "--save_distribution", "--data_path", str(texture_root / "brick"),
-                                "--base_results_dir", str(results)])
+    code = run_experiment.main(
+        [*FAST, "--save_distribution", "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+    )
     table = pd.read_csv(results / "r" / "master_results.csv")
     assert code == 1 and table.status[0].startswith(f"failed: {reason}")
     assert table[METRIC_COLUMNS].isna().all(axis=None)
@@ -275,29 +325,53 @@ def _limited_file_size(limit: int):
 def test_a_file_size_limit_mid_run_is_one_line_and_leaves_no_half_file(texture_root: Path, tmp_path: Path):
     """The model file (6 MB) passes a 1 MB limit: the run stops with one line, no file half written."""
     results = tmp_path / "res"
-    command = [sys.executable, str(ROOT / "run_experiment.py"), *FAST, "--save_distribution",
-               "--data_path", str(texture_root), "--base_results_dir", str(results)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limited_file_size(2**20))
+    command = [
+        sys.executable,
+        str(ROOT / "run_experiment.py"),
+        *FAST,
+        "--save_distribution",
+        "--data_path",
+        str(texture_root),
+        "--base_results_dir",
+        str(results),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limited_file_size(2**20)
+    )
     lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
     assert done.returncode == 1
-    assert lines == [f"error: cannot write {results / 'r' / 'brick' / 'padim_model.pt'}: "
-                     "the write fell short (disk full or a file size limit?)"]
+    assert lines == [
+        f"error: cannot write {results / 'r' / 'brick' / 'padim_model.pt'}: "
+        "the write fell short (disk full or a file size limit?)"
+    ]
     assert _no_temporary_files(results) and not (results / "r" / "brick" / "padim_model.pt").exists()
 
 
 def test_predict_under_a_file_size_limit_is_one_line(trained: Trained, texture_root: Path, tmp_path: Path):
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "predict.py"), "--model", str(trained.model_dir),
-               "--input", str(texture_root / "brick" / "test" / "good"), "--output", str(out), *PREDICT_FLAGS]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limited_file_size(2000))
+    command = [
+        sys.executable,
+        str(ROOT / "predict.py"),
+        "--model",
+        str(trained.model_dir),
+        "--input",
+        str(texture_root / "brick" / "test" / "good"),
+        "--output",
+        str(out),
+        *PREDICT_FLAGS,
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limited_file_size(2000)
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert line.startswith(f"error: cannot write {out}") and line.endswith(": File too large")
     assert _no_temporary_files(out) and not (out / "predictions.csv").exists()
 
 
-def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(texture_root: Path, tmp_path: Path,
-                                                                      monkeypatch, capsys):
+def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(
+    texture_root: Path, tmp_path: Path, monkeypatch, capsys
+):
     """The disk fills while gravel's scores.csv is written: brick's row and files stay, nothing half written."""
     real_write = output_files.atomic_write
 
@@ -305,7 +379,9 @@ def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(texture_ro
         def half_then_full(tmp: Path) -> None:
             tmp.write_bytes(b"path,defect,label,sco")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         real_write(path, half_then_full if path.parent.name == "gravel" else write)
+
     monkeypatch.setattr(trainer, "atomic_write", filling_disk)
     results = tmp_path / "res"
     capsys.readouterr()
@@ -333,8 +409,9 @@ with folder_lock(Path(sys.argv[1]), "folder", RuntimeError):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that holds `folder` until killed."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT)), str(folder)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT)), str(folder)], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline() == "held\n"
     return holder
 
@@ -342,8 +419,15 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
 def test_a_second_run_into_a_busy_results_folder_stops_naming_the_first(texture_root: Path, tmp_path: Path, capsys):
     """A real run holds its folder: a second one stops at once, the first finishes with consistent files."""
     results, data = tmp_path / "res", texture_root / "brick"
-    command = [sys.executable, str(ROOT / "run_experiment.py"), *FAST, "--data_path", str(data),
-               "--base_results_dir", str(results)]
+    command = [
+        sys.executable,
+        str(ROOT / "run_experiment.py"),
+        *FAST,
+        "--data_path",
+        str(data),
+        "--base_results_dir",
+        str(results),
+    ]
     first = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen = ""
     while "fit" not in seen and first.poll() is None:
@@ -352,18 +436,27 @@ def test_a_second_run_into_a_busy_results_folder_stops_naming_the_first(texture_
     code = run_experiment.main([*FAST, "--data_path", str(data), "--base_results_dir", str(results)])
     err = capsys.readouterr().err
     first.communicate(timeout=300)
-    assert code == 1 and err.startswith(f"error: results folder {results / 'r'} is in use by another run (pid {first.pid} ")
+    assert code == 1 and err.startswith(
+        f"error: results folder {results / 'r'} is in use by another run (pid {first.pid} "
+    )
     assert first.returncode == 0
     table = pd.read_csv(results / "r" / "master_results.csv")
     assert list(table.class_name) == ["brick"] and list(table.status) == ["ok"]
 
 
-def test_predict_into_a_busy_output_folder_stops_and_a_killed_holder_does_not_block(trained: Trained,
-                                                                                     texture_root: Path,
-                                                                                     tmp_path: Path, capsys):
+def test_predict_into_a_busy_output_folder_stops_and_a_killed_holder_does_not_block(
+    trained: Trained, texture_root: Path, tmp_path: Path, capsys
+):
     out = tmp_path / "out"
-    arguments = ["--model", str(trained.model_dir), "--input", str(texture_root / "brick" / "test" / "good"),
-                 "--output", str(out), *PREDICT_FLAGS]
+    arguments = [
+        "--model",
+        str(trained.model_dir),
+        "--input",
+        str(texture_root / "brick" / "test" / "good"),
+        "--output",
+        str(out),
+        *PREDICT_FLAGS,
+    ]
     holder = _hold_lock(out)
     capsys.readouterr()
     assert predict.main(arguments) == 1
@@ -382,7 +475,10 @@ def test_a_killed_run_does_not_block_the_results_folder(texture_root: Path, tmp_
     holder = _hold_lock(results / "r")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    assert run_experiment.main([*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]) == 0
+    assert (
+        run_experiment.main([*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)])
+        == 0
+    )
 
 
 def test_results_get_the_permissions_of_a_plain_write(trained: Trained):

@@ -1,5 +1,6 @@
 """What a new user trips over in the first hour: folders that mix runs, numbers on a handful of
 images said nowhere, slow or silent flag typos, messages that name the wrong cause."""
+
 from __future__ import annotations
 
 import shutil
@@ -10,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TRAIN_FLAGS
 
 import run_experiment
-from conftest import TRAIN_FLAGS
 from utils.model_io import MODEL_FILENAME
 from utils.output_files import LOCK_FILENAME
 
@@ -28,26 +29,49 @@ def test_the_two_layouts_get_their_own_default_folders(texture_root: Path, tmp_p
     """--dataset bowtie and --dataset mvtec on one folder once wrote into one default folder."""
     results = tmp_path / "res"
     for layout in ("bowtie", "mvtec"):
-        assert _main("--dataset", layout, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)) == 0
-    assert sorted(p.name for p in results.iterdir()) == ["bowtie_resnet18_resize-64_crop-56", "mvtec_resnet18_resize-64_crop-56"]
+        assert (
+            _main("--dataset", layout, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results))
+            == 0
+        )
+    assert sorted(p.name for p in results.iterdir()) == [
+        "bowtie_resnet18_resize-64_crop-56",
+        "mvtec_resnet18_resize-64_crop-56",
+    ]
     tables = [pd.read_csv(folder / "master_results.csv") for folder in sorted(results.iterdir())]
     assert tables[0].n_test[0] != tables[1].n_test[0]  # bowtie moves a share of train/good to the test normals
 
 
-def test_another_experiment_into_a_used_folder_is_refused_and_changes_nothing(texture_root: Path, tmp_path: Path, capsys):
+def test_another_experiment_into_a_used_folder_is_refused_and_changes_nothing(
+    texture_root: Path, tmp_path: Path, capsys
+):
     results = tmp_path / "res"
-    flags = ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results), "--results_subdir", "shared"]
+    flags = [
+        "--data_path",
+        str(texture_root / "brick"),
+        "--base_results_dir",
+        str(results),
+        "--results_subdir",
+        "shared",
+    ]
     assert _main("--dataset", "mvtec", "--save_distribution", *flags) == 0
-    before = {path: path.stat().st_mtime_ns for path in (results / "shared").rglob("*")
-              if path.is_file() and path.name != LOCK_FILENAME}
+    before = {
+        path: path.stat().st_mtime_ns
+        for path in (results / "shared").rglob("*")
+        if path.is_file() and path.name != LOCK_FILENAME
+    }
     capsys.readouterr()
     assert _main("--dataset", "bowtie", "--save_distribution", *flags) == 1
     err = capsys.readouterr().err
-    assert err == (f"error: results folder {results / 'shared'} holds another experiment's results (it differs in "
-                   "dataset 'mvtec' -> 'bowtie'; test_sample_ratio None -> 0.2): choose another --results_subdir, "
-                   "or remove that folder\n")
-    after = {path: path.stat().st_mtime_ns for path in (results / "shared").rglob("*")
-              if path.is_file() and path.name != LOCK_FILENAME}
+    assert err == (
+        f"error: results folder {results / 'shared'} holds another experiment's results (it differs in "
+        "dataset 'mvtec' -> 'bowtie'; test_sample_ratio None -> 0.2): choose another --results_subdir, "
+        "or remove that folder\n"
+    )
+    after = {
+        path: path.stat().st_mtime_ns
+        for path in (results / "shared").rglob("*")
+        if path.is_file() and path.name != LOCK_FILENAME
+    }
     assert after == before
 
 
@@ -56,7 +80,16 @@ def test_a_rerun_leaves_no_file_of_the_earlier_run_in_a_class_folder(texture_roo
     data = tmp_path / "brick"
     shutil.copytree(texture_root / "brick", data)
     results = tmp_path / "res"
-    flags = ["--dataset", "mvtec", "--data_path", str(data), "--base_results_dir", str(results), "--results_subdir", "r"]
+    flags = [
+        "--dataset",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--base_results_dir",
+        str(results),
+        "--results_subdir",
+        "r",
+    ]
     assert _main(*flags, "--save_distribution", "--max_visualizations", "1") == 0
     class_dir = results / "r" / "brick"
     assert list((class_dir / "visualizations").rglob("*.png"))
@@ -85,7 +118,9 @@ def test_an_early_error_leaves_no_folder_behind(tmp_path: Path, texture_root: Pa
         flags = ["--data_path", str(tmp_path / "empty")]
     else:
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-        monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+        monkeypatch.setattr(
+            torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
+        )
         flags = ["--data_path", str(texture_root / "brick"), "--weights", "imagenet"]
     capsys.readouterr()
     assert _main("--dataset", "mvtec", "--base_results_dir", str(results), *flags) == 1
@@ -94,20 +129,46 @@ def test_an_early_error_leaves_no_folder_behind(tmp_path: Path, texture_root: Pa
 
 def test_split_counts_n_holdout_and_small_sample_warnings(texture_root: Path, tmp_path: Path, caplog):
     results = tmp_path / "res"
-    assert _main("--dataset", "bowtie", "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results),
-                 "--results_subdir", "r") == 0
+    assert (
+        _main(
+            "--dataset",
+            "bowtie",
+            "--data_path",
+            str(texture_root / "brick"),
+            "--base_results_dir",
+            str(results),
+            "--results_subdir",
+            "r",
+        )
+        == 0
+    )
     table = pd.read_csv(results / "r" / "master_results.csv")
     assert table.n_holdout[0] == 2 and table.n_train[0] == 17
-    assert ("brick: good training images: 17 fit, 2 held out for the threshold, 5 moved to the test normals "
-            "(--test_sample_ratio); test: 11 good, 8 defect") in caplog.text
+    assert (
+        "brick: good training images: 17 fit, 2 held out for the threshold, 5 moved to the test normals "
+        "(--test_sample_ratio); test: 11 good, 8 defect"
+    ) in caplog.text
     assert "the threshold rests on 2 held-out good images" in caplog.text
     assert "17 images fitted for 100 dimensions" in caplog.text and "lower --reduced_dim" in caplog.text
     assert "n_holdout" in (results / "r" / "experiment_log.log").read_text()
 
 
 def test_enough_images_give_no_small_sample_warning(texture_root: Path, tmp_path: Path, caplog):
-    assert _main("--dataset", "mvtec", "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path),
-                 "--reduced_dim", "8", "--holdout_ratio", "0") == 0
+    assert (
+        _main(
+            "--dataset",
+            "mvtec",
+            "--data_path",
+            str(texture_root / "brick"),
+            "--base_results_dir",
+            str(tmp_path),
+            "--reduced_dim",
+            "8",
+            "--holdout_ratio",
+            "0",
+        )
+        == 0
+    )
     assert "dimensions" not in caplog.text and "rests on" not in caplog.text
 
 
@@ -122,20 +183,25 @@ except SystemExit as exit_:
 """
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--crop", "300"], "unknown flag --crop (did you mean --cropsize?)"),
-    (["--resize", "64", "--cropsize", "128"], "--cropsize 128 is larger than --resize 64"),
-    (["--model_architecture", "resnet19"], "invalid choice: 'resnet19'"),
-    (["--save_distributoin"], "unknown flag --save_distributoin (did you mean --save_distribution?)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--crop", "300"], "unknown flag --crop (did you mean --cropsize?)"),
+        (["--resize", "64", "--cropsize", "128"], "--cropsize 128 is larger than --resize 64"),
+        (["--model_architecture", "resnet19"], "invalid choice: 'resnet19'"),
+        (["--save_distributoin"], "unknown flag --save_distributoin (did you mean --save_distribution?)"),
+    ],
+)
 def test_flags_are_checked_in_one_line_before_torch_loads(tmp_path: Path, flags, message):
     probe = tmp_path / "probe.py"
     probe.write_text(CHECK_FLAGS_WITHOUT_TORCH.format(root=str(ROOT)))
-    done = subprocess.run([sys.executable, str(probe), "--data_path", str(tmp_path), *flags],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(probe), "--data_path", str(tmp_path), *flags], capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.split() == ["2", "False"]
     assert done.stderr == f"run_experiment.py: error: {message}; see run_experiment.py --help\n" or (
-        message in done.stderr and done.stderr.count("\n") == 1)
+        message in done.stderr and done.stderr.count("\n") == 1
+    )
 
 
 def test_abbreviations_are_not_taken_for_flags(tmp_path: Path):
@@ -146,11 +212,25 @@ def test_abbreviations_are_not_taken_for_flags(tmp_path: Path):
 
 def test_predict_pointed_at_scores_csv_says_what_the_file_is(trained, texture_root: Path, tmp_path: Path, capsys):
     import predict
+
     scores = trained.model_dir / "scores.csv"
-    assert predict.main(["--model", str(scores), "--input", str(texture_root / "brick" / "test" / "good"),
-                         "--output", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err == (f"error: {scores}: a text file (a CSV or a log?), not a model file; pass a class "
-                                       "results folder or its padim_model.pt\n")
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(scores),
+                "--input",
+                str(texture_root / "brick" / "test" / "good"),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 1
+    )
+    assert capsys.readouterr().err == (
+        f"error: {scores}: a text file (a CSV or a log?), not a model file; pass a class "
+        "results folder or its padim_model.pt\n"
+    )
 
 
 def test_the_summary_shows_a_dash_where_the_csv_is_empty(texture_root: Path, tmp_path: Path, capsys):

@@ -1,5 +1,6 @@
 """Outputs an inspector can act on: intervals at the operating threshold, recall per defect type,
 and a warning when the centre crop hides much of each image."""
+
 from __future__ import annotations
 
 import logging
@@ -14,17 +15,18 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
 from datasets.images import Geometry, Sample
-from trainer import ClassEvaluation, defect_type_table, warn_on_crop_losses
+from trainer import defect_type_table, warn_on_crop_losses
 from utils import metrics
 from utils.anomaly_map import anomaly_regions, to_original_resolution
+from utils.evaluation import ClassEvaluation
 
 Z95 = 1.959963984540054
 
 
 def _wilson_closed_form(successes: int, trials: int) -> tuple[float, float]:
-    p, z2 = successes / trials, Z95 ** 2
+    p, z2 = successes / trials, Z95**2
     centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = Z95 / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials ** 2))
+    half = Z95 / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials**2))
     return centre - half, centre + half
 
 
@@ -60,15 +62,19 @@ def _evaluation(has_ground_truth: bool = True) -> ClassEvaluation:
     """A hand-made test set: 6 good images, 4 'crack' and 3 'dent', 8x8 maps with masks."""
     rng = np.random.default_rng(0)
     types = ["good"] * 6 + ["crack"] * 4 + ["dent"] * 3
-    samples = [Sample(Path(f"{i}.png"), int(t != "good"), t, Path(f"{i}_mask.png") if t != "good" else None)
-               for i, t in enumerate(types)]
+    samples = [
+        Sample(Path(f"{i}.png"), int(t != "good"), t, Path(f"{i}_mask.png") if t != "good" else None)
+        for i, t in enumerate(types)
+    ]
     scores = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 6.0, 2.2, 5.0, 7.0, 8.0, 1.2, 4.5, 9.0])
     maps = rng.random((13, 8, 8)).astype(np.float32)
     masks = np.zeros((13, 8, 8), bool)
     for i in range(6, 13):
         masks[i, 2:5, 3:6] = True
         maps[i, 2:5, 3:6] += 0.5 * (i % 3)
-    return ClassEvaluation("part", samples, scores, maps, masks, np.zeros((13, 8, 8, 3), np.uint8), 4.0, has_ground_truth)
+    return ClassEvaluation(
+        "part", samples, scores, maps, masks, np.zeros((13, 8, 8, 3), np.uint8), 4.0, has_ground_truth
+    )
 
 
 def test_defect_types_recall_and_auroc_against_sklearn():
@@ -91,8 +97,15 @@ def test_defect_types_without_masks_leave_pixel_columns_empty():
     assert table.pixel_roc_auc.isna().all() and table.pixel_aupro.isna().all() and table.roc_auc.notna().all()
 
 
-@pytest.mark.parametrize("width, height, kept", [(512, 256, 224 ** 2 / (256 * 512)), (256, 256, 224 ** 2 / 256 ** 2),
-                                                 (300, 900, 224 ** 2 / (256 * 768)), (100, 50, 224 ** 2 / (256 * 512))])
+@pytest.mark.parametrize(
+    "width, height, kept",
+    [
+        (512, 256, 224**2 / (256 * 512)),
+        (256, 256, 224**2 / 256**2),
+        (300, 900, 224**2 / (256 * 768)),
+        (100, 50, 224**2 / (256 * 512)),
+    ],
+)
 def test_kept_share_of_the_centre_crop(width, height, kept):
     assert Geometry(256, 224).kept_share(width, height) == pytest.approx(kept)
     assert Geometry(256, 0).kept_share(width, height) == 1.0
@@ -107,8 +120,10 @@ def test_crop_warning_for_elongated_images_only(tmp_path: Path, caplog, size, wa
         samples.append(Sample(path, 0, "good"))
     with caplog.at_level(logging.WARNING):
         warn_on_crop_losses(samples, Geometry(256, 224), "tiles")
-    assert ("tiles: the crop keeps 38% of each image on average; defects outside it are never seen; "
-            "--cropsize 0 keeps the whole part" in caplog.text) == warned
+    assert (
+        "tiles: the crop keeps 38% of each image on average; defects outside it are never seen; "
+        "--cropsize 0 keeps the whole part" in caplog.text
+    ) == warned
     assert ("the crop keeps" in caplog.text) == warned
 
 

@@ -1,4 +1,5 @@
 """--layers: which backbone stages PaDiM hooks, validated by name, with the embedding's dims measured."""
+
 from __future__ import annotations
 
 import csv
@@ -7,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TRAIN_FLAGS
 
 import predict
 import run_experiment
-from conftest import TRAIN_FLAGS
 from utils.backbone_specs import BACKBONES, hooked_layers
 from utils.backbones import build_extractor
 
@@ -22,7 +23,9 @@ def test_stage_names_are_checked_per_backbone_and_put_in_depth_order():
     lite0, resnet = BACKBONES["efficientnet_lite0"], BACKBONES["resnet18"]
     assert hooked_layers(lite0, None) == ("2", "3", "4") and hooked_layers(lite0, ["5", "3", "4"]) == ("3", "4", "5")
     assert hooked_layers(resnet, ["layer3", "layer1"]) == ("layer1", "layer3")
-    with pytest.raises(ValueError, match="unknown stage layer2 for efficientnet_lite0; its stages are 0 1 2 3 4 5 6 7 8"):
+    with pytest.raises(
+        ValueError, match="unknown stage layer2 for efficientnet_lite0; its stages are 0 1 2 3 4 5 6 7 8"
+    ):
         hooked_layers(lite0, ["layer2"])
     with pytest.raises(ValueError, match="unknown stage 3 for resnet18; its stages are layer1 layer2 layer3 layer4"):
         hooked_layers(resnet, ["3"])
@@ -31,11 +34,20 @@ def test_stage_names_are_checked_per_backbone_and_put_in_depth_order():
             hooked_layers(resnet, repeated)
 
 
-@pytest.mark.parametrize("name, layers", [
-    ("resnet18", None), ("resnet18", ["layer2", "layer3", "layer4"]), ("resnet18", ["layer1"]),
-    ("wide_resnet50_2", None), ("efficientnet_b5", None), ("efficientnet_b5", ["3", "5"]),
-    ("efficientnet_lite0", None), ("efficientnet_lite0", ["3", "4", "5"]), ("efficientnet_lite0", ["1", "2", "3"]),
-])
+@pytest.mark.parametrize(
+    "name, layers",
+    [
+        ("resnet18", None),
+        ("resnet18", ["layer2", "layer3", "layer4"]),
+        ("resnet18", ["layer1"]),
+        ("wide_resnet50_2", None),
+        ("efficientnet_b5", None),
+        ("efficientnet_b5", ["3", "5"]),
+        ("efficientnet_lite0", None),
+        ("efficientnet_lite0", ["3", "4", "5"]),
+        ("efficientnet_lite0", ["1", "2", "3"]),
+    ],
+)
 def test_dims_are_the_hooked_maps_channels(name, layers):
     extractor, _ = build_extractor(name, "none", torch.device("cpu"), layers=layers)
     maps = extractor(torch.randn(1, 3, 96, 96).contiguous(memory_format=torch.channels_last))
@@ -45,15 +57,27 @@ def test_dims_are_the_hooked_maps_channels(name, layers):
 
 
 def test_reduced_dim_above_the_stages_channels_is_one_line(tmp_path: Path, texture_root: Path, capsys):
-    code = run_experiment.main([*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path),
-                                "--layers", "layer1", "--reduced_dim", "65"])
+    code = run_experiment.main(
+        [
+            *FAST,
+            "--data_path",
+            str(texture_root / "brick"),
+            "--base_results_dir",
+            str(tmp_path),
+            "--layers",
+            "layer1",
+            "--reduced_dim",
+            "65",
+        ]
+    )
     assert code == 1
     assert capsys.readouterr().err == "error: --reduced_dim 65 exceeds the 64 channels of resnet18 at stages layer1\n"
     assert not tmp_path.joinpath("mvtec_resnet18_resize-64_crop-56_layers-layer1").exists()
 
 
-def test_a_model_with_other_layers_is_reproduced_by_predict_and_not_reused_for_others(tmp_path: Path, texture_root: Path,
-                                                                                     capsys, caplog):
+def test_a_model_with_other_layers_is_reproduced_by_predict_and_not_reused_for_others(
+    tmp_path: Path, texture_root: Path, capsys, caplog
+):
     results = tmp_path / "res"
     flags = [*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
     assert run_experiment.main([*flags, "--layers", "layer2", "layer3"]) == 0
@@ -63,8 +87,21 @@ def test_a_model_with_other_layers_is_reproduced_by_predict_and_not_reused_for_o
     assert content["mean"].shape == (49, 100)  # layer2's grid: 56 / 8 = 7 x 7
     scores = pd.read_csv(folder / "brick" / "scores.csv")
     out = tmp_path / "out"
-    assert predict.main(["--model", str(folder / "brick"), "--input", str(texture_root / "brick" / "test" / "*" / "*.png"),
-                         "--output", str(out), "--device", "cpu"]) == 0
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(folder / "brick"),
+                "--input",
+                str(texture_root / "brick" / "test" / "*" / "*.png"),
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with (out / "predictions.csv").open(newline="") as handle:
         predicted = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
     assert len(predicted) == len(scores)

@@ -1,4 +1,5 @@
 """The math against independent float64 references: numpy.cov, scipy's mahalanobis, sklearn, a hand AUPRO."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,16 +7,28 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from utils import gaussian, metrics
-from utils.anomaly_map import MapOperator, image_scores, smooth_upsample
-from utils.embedding import channel_index, chosen_maps, embedding_blocks
+from utils import fast_paths, metrics, triangular
+from utils.anomaly_map import MapOperator, gaussian_blur, image_scores, smooth_upsample
+from utils.backbones import build_extractor
+from utils.embedding import channel_index, chosen_channels, embedding_bands
+from utils.gaussian import (
+    COVARIANCE_EPSILON,
+    GaussianAccumulator,
+    mahalanobis,
+    precision_factor_,
+    precision_factor_reference,
+)
 from utils.grid import linear_weights, resample_centred, stride_ratio
-from utils.gaussian import (COVARIANCE_EPSILON, GaussianAccumulator, TriangularBlocks, batched_matmul, batched_products,
-                            block_edges, lower_triangular_inverse, mahalanobis, precision_factor_)
 from utils.model_io import ModelFileError, stats_from_content
+from utils.padim import Padim, image_groups
+from utils.triangular import TriangularBlocks, block_edges
+
+# band_elements of two grid rows of resnet18's 16 x 16 grid at 64 px: rows x images x width x dims
+TWO_GRID_ROWS = 2 * 6 * 16 * 100
 
 
 def _features(n=40, d=6, h=3, w=4, seed=0):
@@ -33,11 +46,12 @@ def _symmetric(upper_blocks: TriangularBlocks, dtype=None) -> torch.Tensor:
 
 def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
     """A (N, H, W, D) array as bands of `rows` grid rows, the way the pipeline hands batches over."""
-    return [(top, torch.from_numpy(x[:, top:top + rows])) for top in range(0, x.shape[1], rows)]
+    return [(top, torch.from_numpy(x[:, top : top + rows])) for top in range(0, x.shape[1], rows)]
 
 
-@pytest.mark.parametrize("batches, rows", [([1] * 150, 3), ([7] * 22, 1), ([40] * 4, 2), ([100, 50], 3),
-                                           ([3, 40, 7, 64, 36], 2)])
+@pytest.mark.parametrize(
+    "batches, rows", [([1] * 150, 3), ([7] * 22, 1), ([40] * 4, 2), ([100, 50], 3), ([3, 40, 7, 64, 36], 2)]
+)
 def test_streaming_statistics_equal_numpy_cov(batches, rows):
     """150 images in groups of any sizes, later ones larger too."""
     x = _features(n=150)
@@ -57,8 +71,7 @@ def test_streaming_statistics_equal_numpy_cov(batches, rows):
 
 
 def test_wide_streaming_statistics_equal_numpy_cov():
-    """300 dims in 2 blocks of 150 rows: a group of 128 images takes batched_matmul's convolution path on
-    x86, the first group of 32 and the last of 90 (fewer than CONVOLVED_INNER) torch.bmm."""
+    """300 dims in 2 blocks of 150 rows, groups of 32, 128 and 90 images."""
     rng = np.random.default_rng(7)
     x = (rng.normal(size=(250, 1, 2, 300)) * np.geomspace(0.1, 10, 300) + 3.0).astype(np.float32)
     acc = GaussianAccumulator(dims=300, positions=2, device=torch.device("cpu"))
@@ -73,13 +86,15 @@ def test_wide_streaming_statistics_equal_numpy_cov():
         np.testing.assert_allclose(cov[p], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("sizes, together, expected", [
-    ([32, 32, 32, 32, 32, 10], 64, [[0, 1], [2, 3], [4, 5]]),
-    ([3, 2, 1, 4, 2], 4, [[0, 1], [2, 3], [4]]),
-    ([100], 128, [[0]]),
-])
+@pytest.mark.parametrize(
+    "sizes, together, expected",
+    [
+        ([32, 32, 32, 32, 32, 10], 64, [[0, 1], [2, 3], [4, 5]]),
+        ([3, 2, 1, 4, 2], 4, [[0, 1], [2, 3], [4]]),
+        ([100], 128, [[0]]),
+    ],
+)
 def test_image_groups_gather_batches_until_enough_images(sizes, together, expected):
-    from utils.padim import image_groups
 
     assert list(image_groups(enumerate(sizes), together)) == expected
 
@@ -88,7 +103,9 @@ def test_single_image_covariance_is_epsilon_identity():
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     acc.update(_bands(_features(n=1), 3))
     _, cov = acc.finalize()
-    np.testing.assert_allclose(_symmetric(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7)
+    np.testing.assert_allclose(
+        _symmetric(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7
+    )
 
 
 def test_batched_mahalanobis_equals_scipy_float64():
@@ -127,39 +144,12 @@ def test_triangular_blocks_hold_one_triangle(lower):
     torch.testing.assert_close(blocks[1:3].dense(), triangle[1:3], rtol=0, atol=0)
 
 
-def test_lower_half_of_upper_blocks_is_the_symmetric_matrices_lower_triangle():
+def test_upper_blocks_give_the_symmetric_matrices_lower_triangle():
     symmetric = torch.randn(3, 9, 9, dtype=torch.float64)
     symmetric = symmetric + symmetric.transpose(1, 2)
     blocks = TriangularBlocks.from_dense(symmetric.triu(), lower=False)
-    torch.testing.assert_close(blocks.lower_half(torch.float64).tril(), symmetric.tril(), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("positions, rows, inner, columns", [
-    (37, 138, 550, 9),  # wide: oneDNN's grouped convolution on x86, in 3 calls of at most 16 groups
-    (5, 130, 97, 130),  # just past the thresholds
-    (20, 72, 144, 31),  # narrow rows: torch.bmm
-    (20, 138, 50, 12),  # a short inner dimension, still convolved
-    (20, 138, 20, 12),  # narrow inner dimension: torch.bmm
-])
-@pytest.mark.parametrize("first_transposed", [False, True])
-def test_batched_products_and_matmul_equal_float64_products(positions, rows, inner, columns, first_transposed):
-    """Also with `a` the transpose of a matrix in memory (X^T of the second moments: a transposed
-    convolution on x86), and accumulated into `out`."""
-    rng = np.random.default_rng(rows + inner)
-    a = rng.normal(size=(positions, rows, inner))
-    b = rng.normal(size=(positions, inner + 3, columns))[:, :inner]  # a non-contiguous operand, as mahalanobis hands over
-    first = torch.from_numpy(a.transpose(0, 2, 1).copy()).float().transpose(1, 2) if first_transposed else torch.from_numpy(a).float()
-    second = torch.from_numpy(b).float()[:, :inner]
-    pieces = list(batched_products(first, second))
-    assert [index for group, _ in pieces for index in range(positions)[group]] == list(range(positions))  # in order, once each
-    product = torch.cat([piece for _, piece in pieces])
-    assert product.shape == (positions, rows, columns)
-    np.testing.assert_allclose(product.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
-    written = batched_matmul(first, second, out=torch.full((positions, rows, columns), float("nan")))
-    np.testing.assert_allclose(written.double().numpy(), a @ b, rtol=0, atol=1e-5 * np.abs(a @ b).max())
-    earlier = rng.normal(size=(positions, rows, columns))
-    total = batched_matmul(first, second, out=torch.from_numpy(earlier).float(), accumulate=True)
-    np.testing.assert_allclose(total.double().numpy(), earlier + a @ b, rtol=0, atol=1e-5 * np.abs(earlier + a @ b).max())
+    lower = blocks.lower_triangle_of_symmetric(torch.float64)
+    torch.testing.assert_close(lower.tril(), symmetric.tril(), rtol=0, atol=0)
 
 
 def test_cholesky_reads_only_the_lower_triangle():
@@ -168,7 +158,9 @@ def test_cholesky_reads_only_the_lower_triangle():
     samples = rng.normal(size=(3, 50, 20))
     covariance = torch.from_numpy(samples.transpose(0, 2, 1) @ samples)
     with_garbage = covariance.tril() + torch.full_like(covariance, float("nan")).triu(1)
-    torch.testing.assert_close(gaussian.cholesky(with_garbage), torch.linalg.cholesky(covariance), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        fast_paths.cholesky(with_garbage), torch.linalg.cholesky(covariance), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_factor_in_three_blocks_whitens_like_float64():
@@ -187,30 +179,26 @@ def test_factor_in_three_blocks_whitens_like_float64():
     mean = rng.normal(size=(4, 401))
     distances = mahalanobis(torch.from_numpy(points).float(), torch.from_numpy(mean).float(), factor).double().numpy()
     offsets = points.reshape(3, 4, 401) - mean
-    reference = np.sqrt(np.einsum("bpd,bpd->bp", offsets, np.linalg.solve(covariance, offsets.transpose(1, 2, 0)).transpose(2, 0, 1)))
+    reference = np.sqrt(
+        np.einsum("bpd,bpd->bp", offsets, np.linalg.solve(covariance, offsets.transpose(1, 2, 0)).transpose(2, 0, 1))
+    )
     np.testing.assert_allclose(distances.reshape(3, 4), reference, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dims", [5, 32, 33, 64, 65, 100, 150, 300])
-def test_lower_triangular_inverse_equals_float64_inverse(dims):
-    rng = np.random.default_rng(dims)
-    lower = np.tril(rng.normal(size=(3, dims, dims)), -1) * 0.3 + np.eye(dims) * rng.uniform(1, 3, size=(3, 1, dims))
-    inverse = lower_triangular_inverse(torch.from_numpy(lower).float()).double().numpy()
-    np.testing.assert_allclose(inverse, np.linalg.inv(lower), atol=1e-5 * np.abs(np.linalg.inv(lower)).max())
-    assert not np.triu(inverse, 1).any()
 
 
 @pytest.mark.parametrize("positions, dims", [(4, 5), (3, 33), (5, 144), (20, 300), (2, 690)])
 def test_precision_factor_equals_float64_inverse_cholesky(positions, dims, monkeypatch):
-    """Every block split (2 to 5 blocks), torch.bmm's and the convolutions' shapes, and block rows
-    finished in several steps of positions (a step of 7 for 300 dims)."""
-    monkeypatch.setattr(gaussian, "CHUNK_ELEMENTS", 150 * 150 * 7)
+    """Every block split (2 to 5 blocks), and block rows finished in several steps of positions
+    (a step of 7 for 300 dims)."""
+    monkeypatch.setattr(triangular, "CHUNK_ELEMENTS", 150 * 150 * 7)
     rng = np.random.default_rng(dims)
     samples = rng.normal(size=(positions, dims + 40, dims)) * np.geomspace(0.1, 10, dims)
     covariance = samples.transpose(0, 2, 1) @ samples / (dims + 40) + COVARIANCE_EPSILON * np.eye(dims)
-    factor = precision_factor_(TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=False))
+    single = torch.from_numpy(covariance).float()
+    factor = precision_factor_(TriangularBlocks.from_dense(single, lower=False))
     expected = np.linalg.inv(np.linalg.cholesky(covariance))
     np.testing.assert_allclose(factor.dense().double().numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+    reference = precision_factor_reference(single)  # the plain torch definition
+    torch.testing.assert_close(factor.dense(), reference, rtol=0, atol=2e-5 * reference.abs().max().item())
 
 
 def test_factor_of_a_non_positive_definite_covariance_is_an_error():
@@ -223,16 +211,23 @@ def test_factor_of_a_non_positive_definite_covariance_is_an_error():
 def test_bands_change_nothing_in_fit_or_maps():
     """Band by band (2 grid rows at a time), batch by batch, gives the same statistics and maps as the whole
     grid at once over groups of batches."""
-    from utils.backbones import build_extractor
-    from utils.padim import Padim
 
     extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
     torch.manual_seed(0)
     train, test = torch.randn(3, 6, 3, 64, 64).unbind(0), torch.randn(5, 3, 64, 64)
     results = []
-    for band_elements, together in ((None, 128), (2 * 6 * 16 * 100, 1)):  # all batches after the first in one group, or each alone
-        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, band_elements=band_elements,
-                      images_together=together)
+    for band_elements, together in (
+        (None, 128),
+        (TWO_GRID_ROWS, 1),
+    ):  # all batches after the first in one group, or each alone
+        model = Padim(
+            extractor,
+            channel_index(448, 100, 0),
+            64,
+            *[torch.device("cpu")] * 3,
+            band_elements=band_elements,
+            images_together=together,
+        )
         stats = model.fit(iter(train))
         results.append((stats.mean, stats.factor.dense(), *model.anomaly_maps(test)))
     for whole, banded in zip(*results):  # summation order differs: float32 rounding, relative to each tensor's scale
@@ -244,8 +239,6 @@ def test_bands_change_nothing_in_fit_or_maps():
 def test_fit_groups_of_any_size_give_the_same_statistics():
     """Padim.fit holds batches until `images_together` images: uneven batches, a later batch larger
     than the holder, or everything after the first batch in one group, all give the same Gaussian."""
-    from utils.backbones import build_extractor
-    from utils.padim import Padim
 
     extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
     torch.manual_seed(0)
@@ -264,15 +257,19 @@ def test_fit_groups_of_any_size_give_the_same_statistics():
 def test_scoring_batches_in_groups_changes_no_map():
     """Padim scores groups of batches in one pass (at least `images_together` images); every batch
     gets the maps and scores it gets alone, in order, with its key, a last smaller group too."""
-    from utils.backbones import build_extractor
-    from utils.padim import Padim
 
     extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
     torch.manual_seed(0)
     train = torch.randn(3, 6, 3, 64, 64).unbind(0)
     test = torch.randn(12, 3, 64, 64).split([3, 2, 1, 4, 2])  # groups of 3+2, 1+4, then 2 alone
-    model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3,
-                  band_elements=2 * 6 * 16 * 100, images_together=4)
+    model = Padim(
+        extractor,
+        channel_index(448, 100, 0),
+        64,
+        *[torch.device("cpu")] * 3,
+        band_elements=TWO_GRID_ROWS,
+        images_together=4,
+    )
     model.fit(iter(train))
     grouped = list(model.stream_anomaly_maps((f"batch {k}", images) for k, images in enumerate(test)))
     assert [key for key, _, _ in grouped] == [f"batch {k}" for k in range(5)]
@@ -284,6 +281,8 @@ def test_scoring_batches_in_groups_changes_no_map():
 
 
 def test_embedding_selects_channels_after_centred_resampling():
+    """The embedding equals every map resampled onto the first grid, joined, then indexed by the
+    channel subset: in bands of any height, for any layout of the maps, for a group of batches."""
     torch.manual_seed(0)
     maps = [torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
     index = channel_index(12, 7, seed=5)
@@ -291,23 +290,30 @@ def test_embedding_selects_channels_after_centred_resampling():
     full = torch.cat([last[0], resample_centred(last[1], (8, 8), 2), resample_centred(last[2], (8, 8), 4)], dim=-1)
     channels_last = [m.contiguous(memory_format=torch.channels_last) for m in maps]
     every_channel, all_of_the_first_map = torch.arange(12), torch.tensor([0, 1, 2, 3, 5, 9])
-    for inputs, chosen, rows in ((maps, index, None), (channels_last, index, None), (channels_last, index, 1),
-                                 (maps, index, 3), (channels_last, every_channel, 2), (maps, all_of_the_first_map, 3)):
-        bands = list(embedding_blocks([inputs], chosen, None if rows is None else rows * 2 * 8 * len(chosen)))
+    for inputs, chosen, rows in (
+        (maps, index, None),
+        (channels_last, index, None),
+        (channels_last, index, 1),
+        (maps, index, 3),
+        (channels_last, every_channel, 2),
+        (maps, all_of_the_first_map, 3),
+        (maps, torch.tensor([0, 2]), 3),  # maps with no chosen channel
+    ):
+        kept = chosen_channels(inputs, chosen)
+        assert [level.shape[-1] for level in kept] == [
+            int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in ((0, 4), (4, 7), (7, 12))
+        ]
+        bands = list(embedding_bands([kept], None if rows is None else rows * 2 * 8 * len(chosen)))
         assert [top for top, _ in bands] == list(range(0, 8, rows or 8))
         torch.testing.assert_close(torch.cat([band for _, band in bands], dim=1), full[..., chosen])
-    for chosen in (index, all_of_the_first_map, torch.tensor([0, 2]), every_channel):  # held batches keep only the chosen channels
-        kept = chosen_maps(channels_last, chosen)
-        assert [kept_map is whole for kept_map, whole in zip(kept, channels_last)] == [
-            bool(((chosen >= lo) & (chosen < hi)).sum() == hi - lo) for lo, hi in ((0, 4), (4, 7), (7, 12))]  # no copy of a whole map
-        assert [m.shape[1] for m in kept] == [int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in ((0, 4), (4, 7), (7, 12))]
-        torch.testing.assert_close(next(embedding_blocks([kept], torch.arange(len(chosen))))[1], full[..., chosen])
     second = [torch.randn(3, *m.shape[1:]) for m in maps]  # two batches in one band: as if concatenated
     joined = [torch.cat(pair) for pair in zip(maps, second)]
     for rows in (None, 3):
         limit = None if rows is None else rows * 5 * 8 * len(index)
-        together = torch.cat([band for _, band in embedding_blocks([maps, second], index, limit)], dim=1)
-        torch.testing.assert_close(together, torch.cat([band for _, band in embedding_blocks([joined], index)], dim=1))
+        group = [chosen_channels(maps, index), chosen_channels(second, index)]
+        together = torch.cat([band for _, band in embedding_bands(group, limit)], dim=1)
+        alone = torch.cat([band for _, band in embedding_bands([chosen_channels(joined, index)])], dim=1)
+        torch.testing.assert_close(together, alone)
     assert torch.equal(index, channel_index(12, 7, seed=5))
     assert not torch.equal(index, channel_index(12, 7, seed=6))
 
@@ -324,21 +330,27 @@ def test_centred_resampling_puts_each_cell_on_its_centre():
     assert stride_ratio(224, 56) == 4 and stride_ratio(250, 63) == 4 and stride_ratio(56, 7) == 8
 
 
-@pytest.mark.parametrize("source, size, ratio", [((14, 14), (56, 56), 4), ((28, 28), (56, 56), 2), ((31, 31), (63, 63), 2),
-                                                 ((16, 16), (63, 63), 4), ((3, 4), (12, 16), 4)])
-def test_centred_resampling_into_a_channel_slice_equals_both_axes_weights(source, size, ratio):
-    """A band of rows written into a slice of another tensor's channels (as the embedding is filled)
-    equals the separable weights of both axes in float64, and the other channels stay as they were."""
+@pytest.mark.parametrize(
+    "source, size, ratio",
+    [
+        ((14, 14), (56, 56), 4),
+        ((28, 28), (56, 56), 2),
+        ((31, 31), (63, 63), 2),
+        ((16, 16), (63, 63), 4),
+        ((3, 4), (12, 16), 4),
+    ],
+)
+def test_centred_resampling_of_a_band_equals_both_axes_weights(source, size, ratio):
+    """A band of output rows equals the separable weights of both axes in float64, and the same
+    rows of the whole resampled grid."""
     maps = torch.randn(2, *source, 5)
     rows = slice(3, 9)
-    target = torch.full((2, 6, size[1], 9), 7.0)
-    resample_centred(maps, size, ratio, rows=rows, out=target[..., 2:7])
+    band = resample_centred(maps, size, ratio, rows=rows)
     down = linear_weights(torch.arange(size[0], dtype=torch.float64) / ratio, source[0])[rows]
     across = linear_weights(torch.arange(size[1], dtype=torch.float64) / ratio, source[1])
     expected = torch.einsum("ih,bhwc,jw->bijc", down, maps.double(), across)
-    torch.testing.assert_close(target[..., 2:7].double(), expected, rtol=1e-6, atol=1e-6)
-    assert (target[..., :2] == 7).all() and (target[..., 7:] == 7).all()
-    torch.testing.assert_close(resample_centred(maps, size, ratio, rows=rows), target[..., 2:7], rtol=0, atol=0)
+    torch.testing.assert_close(band.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(resample_centred(maps, size, ratio)[:, rows], band)
 
 
 def test_anomaly_map_peak_stays_on_its_patch():
@@ -404,14 +416,12 @@ def test_operating_point_and_bootstrap_ci():
     assert low <= auroc <= high and 0 <= low < high <= 1
 
 
-def test_separable_blur_equals_scipy_gaussian_filter():
-    from scipy.ndimage import gaussian_filter
-
-    from utils.anomaly_map import gaussian_blur
-
+@pytest.mark.parametrize("sigma", [4.0, 1.5, 0.0])
+def test_separable_blur_equals_scipy_gaussian_filter(sigma):
+    """Any sigma gets its own 4-sigma kernel; sigma 0 is no blur (it was NaN, and the radius was fixed)."""
     image = np.random.default_rng(0).random((40, 50))
-    blurred = gaussian_blur(torch.from_numpy(image)[None, None])[0, 0].numpy()
-    np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=4, mode="mirror", truncate=4.0), atol=1e-10)
+    blurred = gaussian_blur(torch.from_numpy(image)[None, None], sigma)[0, 0].numpy()
+    np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=sigma, mode="mirror", truncate=4.0), atol=1e-10)
 
 
 @pytest.mark.parametrize("grid, size", [((8, 8), 32), ((56, 56), 224), ((63, 63), 250), ((6, 9), 36), ((4, 4), 8)])
@@ -422,8 +432,13 @@ def test_map_operator_equals_the_direct_definition(grid, size):
 
 
 def _factor_content(factor: TriangularBlocks, mean: torch.Tensor, grid: tuple[int, int]) -> dict:
-    return {"mean": mean, "precision_factor": factor.blocks, "grid": list(grid), "n_train": 9,
-            "channel_index": list(range(mean.shape[1]))}
+    return {
+        "mean": mean,
+        "precision_factor": factor.blocks,
+        "grid": list(grid),
+        "n_train": 9,
+        "channel_index": list(range(mean.shape[1])),
+    }
 
 
 def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monkeypatch):
@@ -438,22 +453,35 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
     dense_factor = precision_factor_(covariance).dense()
     distances = {}
     for width in (3, 2):  # 5 and 7 blocks of 11 columns
-        monkeypatch.setattr(gaussian, "BLOCK_WIDTH", width)
+        monkeypatch.setattr(triangular, "BLOCK_WIDTH", width)
         stored = TriangularBlocks.from_dense(dense_factor, lower=True)
-        monkeypatch.setattr(gaussian, "BLOCK_WIDTH", 100)  # the reader's own split: 3 blocks
+        monkeypatch.setattr(triangular, "BLOCK_WIDTH", 100)  # the reader's own split: 3 blocks
         stats = stats_from_content(_factor_content(stored, mean, grid))
         assert [block.shape[1] for block in stats.factor.blocks] == [block.shape[1] for block in stored.blocks]
         assert len(stored.blocks) != len(block_edges(dims)) - 1
         distances[width] = mahalanobis(x[:4], mean, stats.factor)
-    reference = [[scipy_mahalanobis(x[i, r, c].double().numpy(), mean[r * grid[1] + c].double().numpy(),
-                                    np.linalg.inv(_symmetric(covariance_copy, torch.float64)[r * grid[1] + c].numpy()))
-                  for r in range(grid[0]) for c in range(grid[1])] for i in range(4)]
-    torch.testing.assert_close(distances[3].flatten(1).double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    reference = [
+        [
+            scipy_mahalanobis(
+                x[i, r, c].double().numpy(),
+                mean[r * grid[1] + c].double().numpy(),
+                np.linalg.inv(_symmetric(covariance_copy, torch.float64)[r * grid[1] + c].numpy()),
+            )
+            for r in range(grid[0])
+            for c in range(grid[1])
+        ]
+        for i in range(4)
+    ]
+    torch.testing.assert_close(
+        distances[3].flatten(1).double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(distances[3], distances[2], rtol=1e-6, atol=1e-6)
     stored = TriangularBlocks.from_dense(dense_factor, lower=True)
-    for broken in ([stored.blocks[0], stored.blocks[0]],  # rows of the second block too few
-                   stored.blocks[:-1],  # columns missing
-                   [block[:, :0] for block in stored.blocks]):  # empty blocks
+    for broken in (
+        [stored.blocks[0], stored.blocks[0]],  # rows of the second block too few
+        stored.blocks[:-1],  # columns missing
+        [block[:, :0] for block in stored.blocks],
+    ):  # empty blocks
         with pytest.raises(ModelFileError, match="statistics shapes do not match"):
             stats_from_content({**_factor_content(stored, mean, grid), "precision_factor": broken})
 

@@ -1,4 +1,5 @@
 """run_experiment.py end to end on small synthetic folders (random-init backbones, as tests may)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SMALL_MODEL_FLAGS
 from sklearn.metrics import roc_auc_score
 
 import experiment
@@ -27,12 +29,20 @@ from utils.backbones import (
 )
 from utils.model_io import MODEL_FILENAME, load_model
 
-FAST = ["--model_architecture", "resnet18", "--weights", "none", "--resize", "64", "--cropsize", "56",
-        "--batch_size", "8", "--num_workers", "0", "--max_visualizations", "0"]
+FAST = SMALL_MODEL_FLAGS
 
 
 def run(tmp_path, *extra, data=None):
-    argv = [*FAST, "--dataset", "mvtec", "--base_results_dir", str(tmp_path / "results"), "--results_subdir", "r", *extra]
+    argv = [
+        *FAST,
+        "--dataset",
+        "mvtec",
+        "--base_results_dir",
+        str(tmp_path / "results"),
+        "--results_subdir",
+        "r",
+        *extra,
+    ]
     if data is not None:
         argv += ["--data_path", str(data)]
     code = run_experiment.main(argv)
@@ -46,7 +56,15 @@ def test_run_writes_one_row_per_class_with_every_metric(tmp_path, texture_root):
     assert list(table.columns) == RESULT_COLUMNS
     assert list(table.class_name) == ["brick", "gravel"]
     assert (table.status == "ok").all()
-    for column in ["roc_auc", "pixel_roc_auc", "pixel_aupro", "pr_auc", "f1_max", "roc_auc_ci_low", "optimal_threshold"]:
+    for column in [
+        "roc_auc",
+        "pixel_roc_auc",
+        "pixel_aupro",
+        "pr_auc",
+        "f1_max",
+        "roc_auc_ci_low",
+        "optimal_threshold",
+    ]:
         assert table[column].between(0, 1).all() or column == "optimal_threshold", column
     assert (table.roc_auc_ci_low <= table.roc_auc).all() and (table.roc_auc <= table.roc_auc_ci_high).all()
     counts = table[["true_negatives", "false_positives", "false_negatives", "true_positives"]].sum(axis=1)
@@ -76,7 +94,10 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
     model_path = tmp_path / "results" / "r" / "brick" / MODEL_FILENAME
     content = torch.load(model_path, weights_only=True)
     assert content["backbone"] == "resnet18" and content["n_train"] == 22
-    assert content["channel_index"].numel() == 100 and [block.shape for block in content["precision_factor"]] == [(196, 50, 50), (196, 50, 100)]
+    assert content["channel_index"].numel() == 100 and [block.shape for block in content["precision_factor"]] == [
+        (196, 50, 50),
+        (196, 50, 100),
+    ]
     assert content["threshold_provenance"]["source"].startswith("held-out")
     first_mtime = model_path.stat().st_mtime_ns
 
@@ -91,12 +112,28 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
 
     second_mtime = model_path.stat().st_mtime_ns
     capsys.readouterr()
-    code = run_experiment.main([*FAST, "--dataset", "mvtec", "--data_path", str(data), "--base_results_dir",
-                                str(tmp_path / "results"), "--results_subdir", "r", "--save_distribution", "--seed", "7"])
+    code = run_experiment.main(
+        [
+            *FAST,
+            "--dataset",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--base_results_dir",
+            str(tmp_path / "results"),
+            "--results_subdir",
+            "r",
+            "--save_distribution",
+            "--seed",
+            "7",
+        ]
+    )
     assert code == 1 and "holds another experiment's results (it differs in seed 1024 -> 7)" in capsys.readouterr().err
     assert model_path.stat().st_mtime_ns == second_mtime
 
-    (tmp_path / "results" / "r" / "experiment.json").unlink()  # a folder of an earlier version: the model file still guards
+    (
+        tmp_path / "results" / "r" / "experiment.json"
+    ).unlink()  # a folder of an earlier version: the model file still guards
     caplog.clear()
     run(tmp_path, "--save_distribution", "--seed", "7", data=data)
     assert "differs in" in caplog.text and "training_config" in caplog.text
@@ -104,8 +141,9 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
 
 
 def test_train_on_one_class_test_on_another(tmp_path, texture_root):
-    code, table = run(tmp_path, "--test_class_name", "gravel", "--test_class_path", str(texture_root),
-                      data=texture_root / "brick")
+    code, table = run(
+        tmp_path, "--test_class_name", "gravel", "--test_class_path", str(texture_root), data=texture_root / "brick"
+    )
     assert code == 0 and list(table.class_name) == ["train_brick_test_gravel"]
     assert (tmp_path / "results" / "r" / "train_brick_test_gravel").is_dir()
     # brick statistics on gravel images: everything looks anomalous
@@ -155,8 +193,11 @@ def test_missing_torchvision_weights_give_a_clear_message(tmp_path, monkeypatch)
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    with pytest.raises(WeightsError, match=r"resnet18 ImageNet weights .* put it at .*resnet18-f37072fd.pth.*--weights PATH.*"
-                                          r"--model_architecture efficientnet_lite0, whose weights ship with its package"):
+    with pytest.raises(
+        WeightsError,
+        match=r"resnet18 ImageNet weights .* put it at .*resnet18-f37072fd.pth.*--weights PATH.*"
+        r"--model_architecture efficientnet_lite0, whose weights ship with its package",
+    ):
         load_backbone("resnet18", "imagenet")
 
 

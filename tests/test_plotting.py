@@ -1,4 +1,5 @@
 """Plots of one class: every file is written, readable, in the right place, and shows the reported numbers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,21 @@ import pytest
 from PIL import Image
 
 from datasets.images import Sample
-from trainer import ClassEvaluation, ScoredSet, evaluate
+from trainer import ScoredSet, evaluate
 from utils import metrics, plotting
+from utils.evaluation import ClassEvaluation
 
 SIZE = 64
-CLASS_FILES = ["roc_curve.png", "pr_curve.png", "score_distribution.png", "confusion_matrix.png",
-               "mean_anomaly_maps.png", "patch_score_distribution_normal.png",
-               "patch_score_distribution_abnormal.png", "patch_score_distribution_comparative.png"]
+CLASS_FILES = [
+    "roc_curve.png",
+    "pr_curve.png",
+    "score_distribution.png",
+    "confusion_matrix.png",
+    "mean_anomaly_maps.png",
+    "patch_score_distribution_normal.png",
+    "patch_score_distribution_abnormal.png",
+    "patch_score_distribution_comparative.png",
+]
 
 
 def _samples(with_masks: bool) -> list[Sample]:
@@ -32,7 +41,8 @@ def _samples(with_masks: bool) -> list[Sample]:
 
 
 def make_result(with_masks: bool = True, good_only: bool = False) -> ClassEvaluation:
-    """A synthetic class scored by the real `trainer.evaluate`, with FPs (bright good images) and FNs (faint defects)."""
+    """A synthetic class scored by the real `trainer.evaluate`, with FPs (bright good images)
+    and FNs (faint defects)."""
     rng = np.random.default_rng(7)
     samples = _samples(with_masks)
     if good_only:
@@ -71,6 +81,7 @@ def plotted_with(result, tmp_path_factory):
             folders[limit] = tmp_path_factory.mktemp(f"plots_{limit}")
             plotting.plot_class_results(result, folders[limit], max_visualizations=limit)
         return folders[limit]
+
     return plotted
 
 
@@ -104,8 +115,12 @@ def test_categories_match_operating_point(seed):
     threshold = 3.0
     categories = plotting.confusion_categories(labels, scores, threshold)
     point = metrics.operating_point(labels, scores, threshold)
-    counts = {"TN": point.true_negatives, "FP": point.false_positives,
-              "FN": point.false_negatives, "TP": point.true_positives}
+    counts = {
+        "TN": point.true_negatives,
+        "FP": point.false_positives,
+        "FN": point.false_negatives,
+        "TP": point.true_positives,
+    }
     assert {c: len(i) for c, i in categories.items()} == counts
     assert np.array_equal(np.sort(np.concatenate(list(categories.values()))), np.arange(50))
     assert (scores[categories["TN"]] <= threshold).all() and (labels[categories["TN"]] == 0).all()
@@ -128,7 +143,7 @@ def test_file_names_keep_the_stem_and_drop_unsafe_characters():
 def test_thinned_curves_keep_the_ends_and_the_areas():
     rng = np.random.default_rng(0)
     x = np.r_[0.0, np.sort(rng.random(100_000)), 1.0]
-    curves = metrics.PixelCurves(x, np.sqrt(x), x ** 0.3)
+    curves = metrics.PixelCurves(x, np.sqrt(x), x**0.3)
     thin = curves.thinned(2000)
     assert 2 < thin.fpr.size <= 3 * 2000 + 2
     assert (thin.fpr[0], thin.tpr[-1]) == (0.0, 1.0) and np.isin(thin.fpr, x).all()
@@ -181,7 +196,8 @@ def test_rerun_with_a_lower_limit_removes_stale_figures(result, tmp_path):
     plotting.write_visualizations(result, categories, scale, tmp_path / "visualizations", 3)
     plotting.write_visualizations(result, categories, scale, tmp_path / "visualizations", 1)
     assert {c: len(names) for c, names in _category_files(tmp_path).items()} == {
-        c: min(1, len(i)) for c, i in categories.items()}
+        c: min(1, len(i)) for c, i in categories.items()
+    }
 
 
 def test_mean_map_titles_carry_the_reported_counts(result):
@@ -189,15 +205,21 @@ def test_mean_map_titles_carry_the_reported_counts(result):
     figure = plotting.mean_maps_figure(result.maps, categories, result.name)
     titles = {ax.get_title().split(" ")[0]: ax.get_title() for ax in figure.axes if ax.get_title()}
     summary = result.summary
-    reported = {"TN": summary["true_negatives"], "FP": summary["false_positives"],
-                "FN": summary["false_negatives"], "TP": summary["true_positives"]}
+    reported = {
+        "TN": summary["true_negatives"],
+        "FP": summary["false_positives"],
+        "FN": summary["false_negatives"],
+        "TP": summary["true_positives"],
+    }
     for category, count in reported.items():
         assert titles[category].endswith(f"n={count}")
 
 
 def test_an_empty_category_gets_a_panel_that_says_so(result):
-    categories = {c: np.array([], dtype=int) if c == "FN" else i
-                  for c, i in plotting.confusion_categories(result.labels, result.scores, result.threshold).items()}
+    categories = {
+        c: np.array([], dtype=int) if c == "FN" else i
+        for c, i in plotting.confusion_categories(result.labels, result.scores, result.threshold).items()
+    }
     figure = plotting.mean_maps_figure(result.maps, categories, "x")
     panel = next(ax for ax in figure.axes if ax.get_title().startswith("FN"))
     assert panel.get_title().endswith("n=0")
@@ -210,8 +232,14 @@ def test_confusion_matrix_draws_the_summary_counts(result):
     figure = plotting.confusion_figure(counts, result.summary, result.threshold, result.name)
     texts = sorted(t.get_text() for t in figure.axes[0].texts)
     s = result.summary
-    assert texts == sorted([f"TN\n{s['true_negatives']}", f"FP\n{s['false_positives']}",
-                            f"FN\n{s['false_negatives']}", f"TP\n{s['true_positives']}"])
+    assert texts == sorted(
+        [
+            f"TN\n{s['true_negatives']}",
+            f"FP\n{s['false_positives']}",
+            f"FN\n{s['false_negatives']}",
+            f"TP\n{s['true_positives']}",
+        ]
+    )
 
 
 def test_curve_legends_carry_the_reported_metrics(result):
@@ -252,7 +280,10 @@ def test_ground_truth_outline_drawn_only_with_a_mask(result):
     with_mask = next(i for i, s in enumerate(result.samples) if s.mask_path is not None)
     drawer.draw(result.images[with_mask], result.maps[with_mask], result.masks[with_mask], "t")
     changed = (np.asarray(drawer.input_panel.get_array()) != result.images[with_mask]).any(axis=-1)
-    assert changed.any() and (np.abs(np.argwhere(changed).mean(0) - np.argwhere(result.masks[with_mask]).mean(0)) < 3).all()
+    assert (
+        changed.any()
+        and (np.abs(np.argwhere(changed).mean(0) - np.argwhere(result.masks[with_mask]).mean(0)) < 3).all()
+    )
     assert "ground truth" in drawer.panel_titles[0].get_text()
     drawer.draw(result.images[0], result.maps[0], None, "t")
     assert np.array_equal(drawer.input_panel.get_array(), result.images[0])

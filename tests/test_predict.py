@@ -1,4 +1,5 @@
 """predict.py: the scores run_experiment computed, outputs at the original resolution, clear refusals."""
+
 from __future__ import annotations
 
 import csv
@@ -48,7 +49,9 @@ def read_rows(out_dir: Path) -> list[dict]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """predict.py as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_overlay_is_the_rounded_half_mix():
@@ -61,7 +64,9 @@ def test_projection_tiny_case_by_hand():
     """4x8 image, resize 2, crop 2: resized 2x4, crop left 1, so only original columns 2..5 are covered."""
     assert input_geometry(4, 8, 2, 2) == (2, 4, 0, 1)
     projected = to_original_resolution(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 4, 8, 2, 2)
-    inside = torch.tensor([[1.0, 1.25, 1.75, 2.0], [1.5, 1.75, 2.25, 2.5], [2.5, 2.75, 3.25, 3.5], [3.0, 3.25, 3.75, 4.0]])
+    inside = torch.tensor(
+        [[1.0, 1.25, 1.75, 2.0], [1.5, 1.75, 2.25, 2.5], [2.5, 2.75, 3.25, 3.5], [3.0, 3.25, 3.75, 4.0]]
+    )
     expected = torch.zeros(4, 8)
     expected[:, 2:6] = inside
     torch.testing.assert_close(projected, expected)
@@ -69,7 +74,9 @@ def test_projection_tiny_case_by_hand():
     torch.testing.assert_close(stretched, torch.full((3, 5), 7.0))
 
 
-@pytest.mark.parametrize("height, width, resize, cropsize", [(30, 50, 20, 16), (50, 30, 20, 16), (37, 91, 25, 17), (33, 71, 16, 0)])
+@pytest.mark.parametrize(
+    "height, width, resize, cropsize", [(30, 50, 20, 16), (50, 30, 20, 16), (37, 91, 25, 17), (33, 71, 16, 0)]
+)
 def test_projection_inverts_torchvision_geometry(height, width, resize, cropsize):
     """A coordinate ramp sent through the real Resize + CenterCrop comes back to the same coordinates."""
     ramp = torch.arange(width, dtype=torch.float32).add(0.5).expand(height, width)[None]
@@ -88,8 +95,17 @@ def test_projection_inverts_torchvision_geometry(height, width, resize, cropsize
 def test_scores_equal_run_experiment(trained: Trained, texture_root: Path, tmp_path: Path):
     test_dir = texture_root / "brick" / "test"
     out = tmp_path / "out"
-    result = run_cli("--model", str(trained.model_dir), "--input", str(test_dir / "*" / "*.png"),
-                     "--input", str(test_dir / "good"), "--output", str(out), *PREDICT_FLAGS)
+    result = run_cli(
+        "--model",
+        str(trained.model_dir),
+        "--input",
+        str(test_dir / "*" / "*.png"),
+        "--input",
+        str(test_dir / "good"),
+        "--output",
+        str(out),
+        *PREDICT_FLAGS,
+    )
     assert result.returncode == 0, result.stderr
     rows = read_rows(out)
     assert [Path(row["path"]) for row in rows] == sorted(trained.scores)
@@ -117,8 +133,20 @@ def test_non_square_image_outputs_at_original_size(trained: Trained, texture_roo
     image_dir.mkdir()
     source.resize((90, 50), Image.BILINEAR).save(image_dir / "wide.png")
     out = tmp_path / "out"
-    code = predict.main(["--model", str(trained.model_dir / "padim_model.pt"), "--input", str(image_dir),
-                         "--output", str(out), "--threshold", "1.0", "--save_masks", *PREDICT_FLAGS])
+    code = predict.main(
+        [
+            "--model",
+            str(trained.model_dir / "padim_model.pt"),
+            "--input",
+            str(image_dir),
+            "--output",
+            str(out),
+            "--threshold",
+            "1.0",
+            "--save_masks",
+            *PREDICT_FLAGS,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     [row] = read_rows(out)
     assert row["threshold"] == "1" and row["is_anomalous"] == "True"
@@ -140,8 +168,24 @@ def test_non_square_image_outputs_at_original_size(trained: Trained, texture_roo
     assert (overlay[3, 23:67] == REGION_BOX_COLOUR).all() and (overlay[3:47, 66] == REGION_BOX_COLOUR).all()
 
     specks = tmp_path / "specks"
-    assert predict.main(["--model", str(trained.model_dir), "--input", str(image_dir), "--output", str(specks),
-                         "--threshold", "1.0", "--min_region_area", str(44 * 44 + 1), *PREDICT_FLAGS]) == 0
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(trained.model_dir),
+                "--input",
+                str(image_dir),
+                "--output",
+                str(specks),
+                "--threshold",
+                "1.0",
+                "--min_region_area",
+                str(44 * 44 + 1),
+                *PREDICT_FLAGS,
+            ]
+        )
+        == 0
+    )
     assert read_rows(specks)[0]["n_regions"] == "0" and (specks / "regions.csv").read_text().count("\n") == 1
 
 
@@ -154,7 +198,10 @@ def test_unreadable_images_are_listed_and_the_rest_scored(trained: Trained, text
     (folder / "notes.jpg").write_text("not an image\n")
     (folder / "half.png").write_bytes((folder / "000.png").read_bytes()[:200])
     out = tmp_path / "out"
-    assert predict.main(["--model", str(trained.model_dir), "--input", str(folder), "--output", str(out), *PREDICT_FLAGS]) == 0
+    assert (
+        predict.main(["--model", str(trained.model_dir), "--input", str(folder), "--output", str(out), *PREDICT_FLAGS])
+        == 0
+    )
     rows = {Path(row["path"]).name: row for row in read_rows(out)}
     assert set(rows) == {"000.png", "001.png", "empty.png", "notes.jpg", "half.png"}
     for name in ("empty.png", "notes.jpg", "half.png"):
@@ -168,7 +215,20 @@ def test_unreadable_images_are_listed_and_the_rest_scored(trained: Trained, text
     only_bad.mkdir()
     (only_bad / "empty.png").write_bytes(b"")
     capsys.readouterr()
-    assert predict.main(["--model", str(trained.model_dir), "--input", str(only_bad), "--output", str(tmp_path / "o2"), *PREDICT_FLAGS]) == 1
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(trained.model_dir),
+                "--input",
+                str(only_bad),
+                "--output",
+                str(tmp_path / "o2"),
+                *PREDICT_FLAGS,
+            ]
+        )
+        == 1
+    )
     assert "error: no image could be read" in capsys.readouterr().err
     assert read_rows(tmp_path / "o2")[0]["error"]
 
@@ -178,7 +238,8 @@ def _real_content(trained: Trained) -> dict:
 
 
 def _resealed(content: dict, path: Path) -> None:
-    """Write changed content as save_model does, with a checksum that matches it: reaches the checks after the checksum."""
+    """Write changed content as save_model does, with a checksum that matches it: reaches the checks
+    after the checksum."""
     save_model(path, {key: value for key, value in content.items() if key != "checksum"})
 
 
@@ -231,7 +292,8 @@ BROKEN = {
     "truncated": "truncated or damaged",
     "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
-    "before_checksums": "model format version 4, this tool reads version 5 (earlier files carry no checksum); retrain it",
+    "before_checksums": "model format version 4, this tool reads version 5 "
+    "(earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",
     "changed_threshold": "damaged (checksum mismatch)",
     "threshold_nan": "threshold nan is not a positive finite number",
@@ -249,8 +311,17 @@ def test_broken_model_is_one_clear_line(kind: str, trained: Trained, texture_roo
     marker = tmp_path / "pwned"
     model = _broken_model(kind, trained, tmp_path / "model", marker)
     capsys.readouterr()
-    code = predict.main(["--model", str(model), "--input", str(texture_root / "brick" / "test" / "good"),
-                         "--output", str(tmp_path / "out"), *PREDICT_FLAGS])
+    code = predict.main(
+        [
+            "--model",
+            str(model),
+            "--input",
+            str(texture_root / "brick" / "test" / "good"),
+            "--output",
+            str(tmp_path / "out"),
+            *PREDICT_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("error: ") and BROKEN[kind] in err and "\n" not in err and "Traceback" not in err
@@ -264,8 +335,15 @@ def test_malicious_model_from_the_command_line(trained: Trained, texture_root: P
     assert probe.exists()
     marker = tmp_path / "pwned"
     model = _broken_model("malicious_torch", trained, tmp_path / "model", marker)
-    result = run_cli("--model", str(model), "--input", str(texture_root / "brick" / "test" / "good"),
-                     "--output", str(tmp_path / "out"), *PREDICT_FLAGS)
+    result = run_cli(
+        "--model",
+        str(model),
+        "--input",
+        str(texture_root / "brick" / "test" / "good"),
+        "--output",
+        str(tmp_path / "out"),
+        *PREDICT_FLAGS,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert not marker.exists()
@@ -281,15 +359,24 @@ def test_weights_file_must_be_the_training_one(trained: Trained, texture_root: P
     _resealed({**_real_content(trained), "weights_id": f"file:backbone.pt:{digest}"}, model_dir / "padim_model.pt")
     other = tmp_path / "other.pt"
     other.write_bytes(weights.read_bytes() + b"\0")
-    common = ["--model", str(model_dir), "--input", str(texture_root / "brick" / "test" / "good" / "000.png"), *PREDICT_FLAGS]
+    common = [
+        "--model",
+        str(model_dir),
+        "--input",
+        str(texture_root / "brick" / "test" / "good" / "000.png"),
+        *PREDICT_FLAGS,
+    ]
 
     def run(*extra: str) -> tuple[int, str]:
         capsys.readouterr()
         code = predict.main(common + ["--output", str(tmp_path / f"out{len(extra)}"), *extra])
         return code, capsys.readouterr().err
 
-    assert run() == (1, f"error: the model was trained with the weights file backbone.pt (sha256 {digest}...): "
-                        "pass that file with --weights PATH\n")
+    assert run() == (
+        1,
+        f"error: the model was trained with the weights file backbone.pt (sha256 {digest}...): "
+        "pass that file with --weights PATH\n",
+    )
     code, err = run("--weights", str(other))
     assert code == 1 and "is not the file the model was trained with" in err
     code, err = run("--weights", str(weights))
@@ -298,17 +385,39 @@ def test_weights_file_must_be_the_training_one(trained: Trained, texture_root: P
     assert code == 0, err
 
     capsys.readouterr()
-    assert predict.main(["--model", str(trained.model_dir), "--input", str(texture_root / "brick" / "test" / "good"),
-                         "--output", str(tmp_path / "o"), "--weights", str(weights), *PREDICT_FLAGS]) == 1
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(trained.model_dir),
+                "--input",
+                str(texture_root / "brick" / "test" / "good"),
+                "--output",
+                str(tmp_path / "o"),
+                "--weights",
+                str(weights),
+                *PREDICT_FLAGS,
+            ]
+        )
+        == 1
+    )
     assert "--weights is only for models trained with a weights file" in capsys.readouterr().err
 
 
 def test_no_input_image_is_an_error(trained: Trained, tmp_path: Path, capsys):
-    code = predict.main(["--model", str(trained.model_dir), "--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "o")])
+    code = predict.main(
+        ["--model", str(trained.model_dir), "--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "o")]
+    )
     assert code == 1 and "error: no image found in --input" in capsys.readouterr().err
 
 
 def test_output_names_say_which_image_they_are():
-    paths = [Path("a/good/000.png"), Path("a/crack/000.png"), Path("b/good/000.PNG"), Path("a/good/017.png"),
-             Path("c/x/Wide.png"), Path("c/y/wide.jpg")]
+    paths = [
+        Path("a/good/000.png"),
+        Path("a/crack/000.png"),
+        Path("b/good/000.PNG"),
+        Path("a/good/017.png"),
+        Path("c/x/Wide.png"),
+        Path("c/y/wide.jpg"),
+    ]
     assert predict.output_names(paths) == ["good_000", "crack_000", "good_000_1", "017", "x_Wide", "y_wide"]

@@ -1,5 +1,6 @@
 """The backbones PaDiM can use, as plain facts: no torch here, so a command line can check its
 flags against them before the heavy libraries load (utils/backbones builds the models)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ FAMILY_STAGES = {  # every stage a family's trunk can be hooked at, shallow to d
     "resnet": ("layer1", "layer2", "layer3", "layer4"),
     "efficientnet": tuple(str(block) for block in range(9)),
 }
-BACKBONES = MappingProxyType({
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "resnet", ("layer1", "layer2", "layer3"), 550, "torchvision"),
-    "resnet18": BackboneSpec("resnet18", "resnet", ("layer1", "layer2", "layer3"), 100, "torchvision"),
-    "efficientnet_b5": BackboneSpec("efficientnet_b5", "efficientnet", ("2", "4", "6"), 200, "torchvision"),
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "efficientnet", ("2", "3", "4"), 144, "lite0_wheel"),
-})
+BACKBONES = MappingProxyType(
+    {
+        "wide_resnet50_2": BackboneSpec(
+            "wide_resnet50_2", "resnet", ("layer1", "layer2", "layer3"), 550, "torchvision"
+        ),
+        "resnet18": BackboneSpec("resnet18", "resnet", ("layer1", "layer2", "layer3"), 100, "torchvision"),
+        "efficientnet_b5": BackboneSpec("efficientnet_b5", "efficientnet", ("2", "4", "6"), 200, "torchvision"),
+        "efficientnet_lite0": BackboneSpec("efficientnet_lite0", "efficientnet", ("2", "3", "4"), 144, "lite0_wheel"),
+    }
+)
 OFFLINE_BACKBONE = "efficientnet_lite0"
 
 

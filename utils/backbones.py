@@ -3,6 +3,7 @@
 Each backbone is cut after its last hooked stage (nothing deeper is ever computed) and the
 extractor owns the maps its hooks capture.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def _lite0_imagenet_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], st
     renamed = {}
     for (ours, our_tensor), (theirs, their_tensor) in zip(target.items(), shipped.items()):
         if our_tensor.shape != their_tensor.shape:
-            raise WeightsError(f"{path}: {theirs} {tuple(their_tensor.shape)} does not fit {ours} {tuple(our_tensor.shape)}")
+            raise WeightsError(
+                f"{path}: {theirs} {tuple(their_tensor.shape)} does not fit {ours} {tuple(our_tensor.shape)}"
+            )
         renamed[ours] = their_tensor
     return renamed, f"imagenet:{path.name}"
 
@@ -97,7 +100,8 @@ def _torchvision_imagenet_state(spec: BackboneSpec) -> tuple[dict[str, torch.Ten
 
 
 def weights_digest(path: Path) -> str:
-    """First 16 hex digits of the file's sha256: the weights id of a state-dict file (read in blocks, it can be large)."""
+    """First 16 hex digits of the file's sha256: the weights id of a state-dict file
+    (read in blocks, it can be large)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -128,7 +132,11 @@ def load_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, st
     if weights == "none":
         return model.eval(), "none"
     if weights == "imagenet":
-        state, weights_id = _lite0_imagenet_state(model) if spec.imagenet_weights == "lite0_wheel" else _torchvision_imagenet_state(spec)
+        state, weights_id = (
+            _lite0_imagenet_state(model)
+            if spec.imagenet_weights == "lite0_wheel"
+            else _torchvision_imagenet_state(spec)
+        )
     else:
         state, weights_id = _file_state(Path(weights))
     try:
@@ -190,8 +198,9 @@ class FeatureExtractor(nn.Module):
         return maps
 
 
-def build_extractor(name: str, weights: str, device: torch.device, seed: int = 0,
-                    layers: list[str] | tuple[str, ...] | None = None) -> tuple[FeatureExtractor, str]:
+def build_extractor(
+    name: str, weights: str, device: torch.device, seed: int = 0, layers: list[str] | tuple[str, ...] | None = None
+) -> tuple[FeatureExtractor, str]:
     """Extractor hooking `layers` (the backbone's default when None) on `device` in eval mode
     (channels_last: markedly faster convolutions on the CPU). WeightsError for weights that cannot be had."""
     spec = BACKBONES[name]

@@ -2,6 +2,7 @@
 one line and exit 2, before any heavy library loads), and the way a run ends (a user error is
 one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130 after the atomic writes have
 cleaned up). Nothing here imports torch."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,8 @@ import math
 import re
 import signal
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +23,9 @@ class StrictParser(argparse.ArgumentParser):
     errors are one line naming the closest flag instead of the whole usage."""
 
     def __init__(self, description: str | None):
-        super().__init__(description=description, allow_abbrev=False,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(
+            description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
 
     def closest_flag(self, word: str) -> str | None:
         """The flag `word` most likely meant: one it starts, else the most similar one."""
@@ -48,11 +51,13 @@ class StrictParser(argparse.ArgumentParser):
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An integer >= minimum."""
+
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
         return value
+
     return parse
 
 
@@ -67,6 +72,7 @@ def unit_interval(low_inclusive: bool, high_inclusive: bool) -> Callable[[str], 
         if not (low_ok and high_ok):
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
+
     return parse
 
 
@@ -78,8 +84,12 @@ def positive_float(text: str) -> float:
     return value
 
 
-def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
-             user_errors: tuple[type[Exception], ...], interrupted: str) -> int:
+def run_main(
+    run: Callable[[argparse.Namespace], int],
+    args: argparse.Namespace,
+    user_errors: tuple[type[Exception], ...],
+    interrupted: str,
+) -> int:
     """Call `run(args)`; user errors become one line on stderr, an interrupt a note of what was kept."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -3,10 +3,10 @@
 Cell j of a stage with stride s is centred on input pixel s*j: every backbone here pads its
 odd kernels symmetrically. Nearest or align_corners=False up-sampling treats the cell as
 covering pixels s*j .. s*j+s-1 instead, which moves deep features, and so the heat map, up
-to s/2 pixels right and down (measured on EfficientNet-Lite0: about 8 px at 224). Sampling
-at the cells' true centres removes that shift; on magnetic_tile it raised pixel AUROC from
-0.771 to 0.793 and AUPRO from 0.581 to 0.648 (crop 224).
+to s/2 pixels right and down. Sampling at the cells' true centres removes that shift (the
+evidence: docs/algorithm.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,39 +41,17 @@ def centred_weights(count: int, source: int, ratio: int, dtype: torch.dtype, dev
     return linear_weights(positions, source).to(dtype)
 
 
-def resample_centred(maps: torch.Tensor, size: tuple[int, int], ratio: int, rows: slice = slice(None),
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, h, w, C) -> (B, *size, C), channels last: output index i takes the bilinear value at source position i / ratio.
+def resample_centred(maps: torch.Tensor, size: tuple[int, int], ratio: int, rows: slice = slice(None)) -> torch.Tensor:
+    """(B, h, w, C) -> (B, size[0], size[1], C), channels last, or only the output `rows`:
+    output index i takes the bilinear value at source position i / ratio on both axes.
 
-    Channels last, because that is how the backbones' features lie in memory (channels_last)
-    and how the Gaussian reads patches (a row of C features per patch): no transposed copy.
-    Positions past the last source cell take the border value. `rows` asks for a band of
-    output rows only; it reads just the source rows that band needs and resamples them down
-    the rows first, so a band's width pass covers its own rows, not every source row it
-    touches again (wide_resnet50_2, bands of one row: 128 images' embedding 0.12 against 0.22 s).
-
-    The width pass writes into `out` when given (a slice of the embedding's channels, say):
-    output column ratio * j + phase lies at source column j + phase / ratio, so each phase
-    is one interpolation of two shifted views of the source, written straight into its
-    strided columns, where a matmul would write a new tensor to be copied there again
-    (128 images of wide_resnet50_2: the embedding in 88-90 against 127-130 ms).
+    Channels last, as the backbones' maps lie (channels_last) and as the Gaussian reads a
+    patch. Positions past the last source cell take the border value. Two matmuls with
+    centred_weights, down the rows then across, neither of which moves the channels.
     """
     batch, height, width, channels = maps.shape
-    top, bottom, _ = rows.indices(size[0])
-    first = min(top // ratio, height - 1)
-    last = min(height, (bottom - 1) // ratio + 2)
-    weights = centred_weights(size[0], height, ratio, maps.dtype, maps.device)[top:bottom, first:last]
-    along_height = (weights @ maps[:, first:last].reshape(batch, last - first, width * channels)).view(
-        batch, bottom - top, width, channels)
-    if out is None:
-        out = torch.empty(batch, bottom - top, size[1], channels, dtype=maps.dtype, device=maps.device)
-    for phase in range(ratio):
-        columns = out[:, :, phase::ratio]
-        inside = min(columns.shape[2], width - 1 if phase else width)  # columns whose source neighbours both exist
-        if phase:
-            torch.lerp(along_height[:, :, :inside], along_height[:, :, 1:inside + 1], phase / ratio,
-                       out=columns[:, :, :inside])
-        else:
-            columns[:, :, :inside] = along_height[:, :, :inside]
-        columns[:, :, inside:] = along_height[:, :, width - 1:]
-    return out
+    down = centred_weights(size[0], height, ratio, maps.dtype, maps.device)[rows]  # (r, h)
+    across = centred_weights(size[1], width, ratio, maps.dtype, maps.device)  # (W, w)
+    resampled_rows = down @ maps.reshape(batch, height, width * channels)  # (B, r, w * C)
+    count = len(down)
+    return (across @ resampled_rows.view(batch * count, width, channels)).view(batch, count, size[1], channels)

@@ -6,6 +6,7 @@ Wilson intervals for its precision, recall and false-positive rate.
 Pixel level: AUROC and AUPRO up to a false-positive rate of 0.3, as in the MVTec AD evaluation.
 A metric that is undefined for the data returns None.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(average_precision_score(labels, scores)) if _both_classes(labels) else None
 
 
-def bootstrap_auroc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_auroc_ci(
+    labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
     """Percentile CI of the AUROC, resampling good and defect images separately (so every
     resample has both classes and the class balance of the test set)."""
     if not _both_classes(labels):
@@ -53,7 +55,9 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None
     if not _both_classes(labels):
         return None
     precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0
+    )
     best = int(np.argmax(f1[:-1]))
     return float(f1[best]), float(thresholds[best])
 

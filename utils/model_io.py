@@ -3,6 +3,7 @@ and sealed with a sha256 of its content so that a damaged copy is refused, never
 
 Everything predict.py needs to score an image lives here, so it never needs the training data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,18 +18,32 @@ from pathlib import Path
 import torch
 
 from datasets.images import Sample
-from utils.gaussian import TriangularBlocks
 from utils.output_files import atomic_write
 from utils.padim import GaussianStats
+from utils.triangular import TriangularBlocks
 
 MODEL_FORMAT = "padim-suite-model"
 MODEL_FORMAT_VERSION = 5  # 5 adds the checksum; files of earlier versions cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
-    "backbone": str, "weights_id": str, "layers": list, "channel_index": torch.Tensor, "resize": int, "cropsize": int,
-    "normalization_mean": list, "normalization_std": list, "mean": torch.Tensor, "precision_factor": list,
-    "grid": list, "n_train": int, "threshold": float, "threshold_provenance": dict, "fingerprint": str,
-    "training_config": dict, "class_name": str, "checksum": str,
+    "backbone": str,
+    "weights_id": str,
+    "layers": list,
+    "channel_index": torch.Tensor,
+    "resize": int,
+    "cropsize": int,
+    "normalization_mean": list,
+    "normalization_std": list,
+    "mean": torch.Tensor,
+    "precision_factor": list,
+    "grid": list,
+    "n_train": int,
+    "threshold": float,
+    "threshold_provenance": dict,
+    "fingerprint": str,
+    "training_config": dict,
+    "class_name": str,
+    "checksum": str,
 }
 REQUIRED_KEYS = {"format", "format_version", *ENTRY_TYPES}
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
@@ -49,8 +64,12 @@ def training_fingerprint(samples: list[Sample], root: Path) -> str:
 
 def stats_content(stats: GaussianStats) -> dict:
     """The model file's entries for the fitted Gaussian, on the CPU."""
-    return {"mean": stats.mean.cpu(), "precision_factor": stats.factor.to("cpu").blocks,
-            "grid": list(stats.grid), "n_train": stats.count}
+    return {
+        "mean": stats.mean.cpu(),
+        "precision_factor": stats.factor.to("cpu").blocks,
+        "grid": list(stats.grid),
+        "n_train": stats.count,
+    }
 
 
 def stats_from_content(content: dict) -> GaussianStats:
@@ -64,11 +83,21 @@ def stats_from_content(content: dict) -> GaussianStats:
     mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
     dims = len(content["channel_index"])
     positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
-    blocks_ok = isinstance(factor, list) and len(factor) > 0 and all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in factor)
+    blocks_ok = (
+        isinstance(factor, list)
+        and len(factor) > 0
+        and all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in factor)
+    )
     edges = list(itertools.accumulate((block.shape[1] for block in factor), initial=0)) if blocks_ok else []
-    if not (isinstance(mean, torch.Tensor) and tuple(mean.shape) == (positions, dims) and blocks_ok
-            and all(a < b for a, b in itertools.pairwise(edges)) and edges[-1] == dims
-            and [tuple(block.shape) for block in factor] == TriangularBlocks.shapes(positions, dims, lower=True, edges=edges)):
+    if not (
+        isinstance(mean, torch.Tensor)
+        and tuple(mean.shape) == (positions, dims)
+        and blocks_ok
+        and all(a < b for a, b in itertools.pairwise(edges))
+        and edges[-1] == dims
+        and [tuple(block.shape) for block in factor]
+        == TriangularBlocks.shapes(positions, dims, lower=True, edges=edges)
+    ):
         raise ModelFileError(f"statistics shapes do not match grid {list(grid)} and {dims} channels")
     stats = GaussianStats(mean, TriangularBlocks(list(factor), lower=True), tuple(grid), content["n_train"])
     if not stats.is_finite():
@@ -157,9 +186,13 @@ def _read_content(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
-            raise ModelFileError(f"{path}: refused, it holds objects other than tensors and plain data (it could run code)") from err
-        raise ModelFileError(f"{path}: refused, not a model file that loads as tensors and plain data "
-                             "(truncated, damaged, or another kind of file)") from err
+            raise ModelFileError(
+                f"{path}: refused, it holds objects other than tensors and plain data (it could run code)"
+            ) from err
+        raise ModelFileError(
+            f"{path}: refused, not a model file that loads as tensors and plain data "
+            "(truncated, damaged, or another kind of file)"
+        ) from err
     except Exception as err:  # a damaged archive or pickle surfaces as many exception types
         raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({_first_line(err)})") from err
 
@@ -180,15 +213,19 @@ def load_model(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file, not a model (an interrupted copy?)")
     if _looks_like_text(path):
-        raise ModelFileError(f"{path}: a text file (a CSV or a log?), not a model file; pass a class results "
-                             f"folder or its {MODEL_FILENAME}")
+        raise ModelFileError(
+            f"{path}: a text file (a CSV or a log?), not a model file; pass a class results "
+            f"folder or its {MODEL_FILENAME}"
+        )
     content = _read_content(path)
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")
     version = content.get("format_version")
     if version != MODEL_FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
-                             "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution")
+        raise ModelFileError(
+            f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
+            "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution"
+        )
     try:
         intact = content.get("checksum") == content_checksum(content) and _archive_intact(path)
     except ModelFileError as err:  # a type save_model never writes
@@ -198,7 +235,9 @@ def load_model(path: Path) -> dict:
     missing = REQUIRED_KEYS - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
-    mistyped = sorted(key for key, kind in ENTRY_TYPES.items() if not isinstance(content[key], kind) or isinstance(content[key], bool))
+    mistyped = sorted(
+        key for key, kind in ENTRY_TYPES.items() if not isinstance(content[key], kind) or isinstance(content[key], bool)
+    )
     if mistyped:
         raise ModelFileError(f"{path}: malformed model file, unexpected types of {', '.join(mistyped)}")
     if not (math.isfinite(content["threshold"]) and content["threshold"] > 0):

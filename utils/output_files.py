@@ -4,6 +4,7 @@ Every file a run writes goes through atomic_write, so an interrupt, a full disk 
 size limit leaves the previous file (or none), never half of one. A run holds its results
 folder with folder_lock, so two runs can never interleave their files there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 LOCK_FILENAME = ".padim.lock"
 
@@ -79,8 +80,9 @@ def folder_lock(folder: Path, what: str, error: type[Exception]) -> Iterator[Non
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise error(f"{what} {folder} is in use by another run ({holder}); wait for it to finish "
-                        "or write elsewhere") from None
+            raise error(
+                f"{what} {folder} is in use by another run ({holder}); wait for it to finish or write elsewhere"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

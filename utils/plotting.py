@@ -10,6 +10,7 @@ style is applied through an rc context that ends with `plot_class_results`.
 Every heat map of a class (per-image figures and mean maps) shares one colour scale, from the
 lowest to the highest value of all the class's maps, so colours compare across images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,11 +31,11 @@ from tqdm import tqdm
 
 from utils import metrics
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
+from utils.evaluation import ClassEvaluation
 from utils.output_files import atomic_write
 
 if TYPE_CHECKING:
     from datasets.images import Sample
-    from trainer import ClassEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,14 @@ OUTLINE_RGB = (0, 255, 255)
 PIXEL_SAMPLE_LIMIT = 200_000
 PIXEL_SAMPLE_SEED = 0
 CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
-CATEGORY_MEANING = MappingProxyType({
-    "TN": "good, called good",
-    "FP": "good, called defect",
-    "FN": "defect, called good",
-    "TP": "defect, called defect",
-})
+CATEGORY_MEANING = MappingProxyType(
+    {
+        "TN": "good, called good",
+        "FP": "good, called defect",
+        "FN": "defect, called good",
+        "TP": "defect, called defect",
+    }
+)
 IMAGE_FIGURE_SIZE = (10.0, 3.6)
 PNG_OPTIONS = MappingProxyType({"compress_level": 1})
 UNSAFE_FILENAME_CHARACTERS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
@@ -102,8 +105,13 @@ def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: floa
 
 def summary_counts(summary: dict) -> np.ndarray:
     """The confusion counts the metrics reported, as [[TN, FP], [FN, TP]] (rows true, columns called)."""
-    return np.array([[summary["true_negatives"], summary["false_positives"]],
-                     [summary["false_negatives"], summary["true_positives"]]], dtype=int)
+    return np.array(
+        [
+            [summary["true_negatives"], summary["false_positives"]],
+            [summary["false_negatives"], summary["true_positives"]],
+        ],
+        dtype=int,
+    )
 
 
 def select_for_visualization(indices: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> np.ndarray:
@@ -135,8 +143,8 @@ def _unique_names(samples: list[Sample], indices: np.ndarray) -> list[str]:
 def _save(figure: Figure, path: Path) -> None:
     """Write a PNG atomically, as every output of the suite, so a crash never leaves half an image.
 
-    zlib level 1: encoding is most of the time of a per-image figure; level 1 is ~3x faster
-    than PIL's default for files ~20% larger."""
+    zlib level 1: encoding is most of the time of a per-image figure, and level 1 is much
+    faster than PIL's default for slightly larger files (tuning; benchmarks/README.md)."""
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, pil_kwargs=dict(PNG_OPTIONS)))
 
 
@@ -210,8 +218,13 @@ def pr_figure(result: ClassEvaluation) -> Figure:
     ax.plot(recall, precision, drawstyle="steps-post", label=f"AP {summary['pr_auc']:.3f}")
     ax.axhline(result.labels.mean(), color="grey", linestyle=":", linewidth=1, label="chance (defect share)")
     if summary.get("precision") is not None and summary.get("recall") is not None:
-        ax.plot(summary["recall"], summary["precision"], "o", color="crimson",
-                label=f"operating threshold {result.threshold:.3g}")
+        ax.plot(
+            summary["recall"],
+            summary["precision"],
+            "o",
+            color="crimson",
+            label=f"operating threshold {result.threshold:.3g}",
+        )
     ax.set_xlabel("recall (defect images found)")
     ax.set_ylabel("precision (called defects that are defects)")
     ax.set_ylim(0, 1.02)
@@ -243,26 +256,56 @@ def pro_figure(name: str, curves: metrics.PixelCurves, aupro: float) -> Figure:
 def _threshold_line(ax, threshold: float, labelled: bool) -> None:
     ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1.2)
     if labelled:
-        ax.text(threshold, 1.0, f" threshold {threshold:.3g}", color="crimson", fontsize="small",
-                transform=ax.get_xaxis_transform(), ha="left", va="bottom")
+        ax.text(
+            threshold,
+            1.0,
+            f" threshold {threshold:.3g}",
+            color="crimson",
+            fontsize="small",
+            transform=ax.get_xaxis_transform(),
+            ha="left",
+            va="bottom",
+        )
 
 
 def score_distribution_figure(result: ClassEvaluation) -> Figure:
     """Image scores of good vs defect (histogram) and per defect type (one dot per image, the type's
     recall at the threshold in its label), with the threshold."""
     kinds = np.where(result.labels == 1, "defect", "good")
-    recalls = {} if result.defect_types is None else {
-        row.defect: f"{row.defect}\nn={row.n_images}, recall {row.recall:.2f}" for row in result.defect_types.itertuples()}
+    recalls = (
+        {}
+        if result.defect_types is None
+        else {
+            row.defect: f"{row.defect}\nn={row.n_images}, recall {row.recall:.2f}"
+            for row in result.defect_types.itertuples()
+        }
+    )
     types = np.array([recalls.get(s.defect, s.defect) if s.label == 1 else "good" for s in result.samples])
     type_order = [t for t in ["good", *sorted(set(types) - {"good"})] if t in types]
     figure = Figure(figsize=(8.0, 3.2 + 0.35 * len(type_order)), dpi=DPI)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.2, 0.4 + 0.15 * len(type_order)])
-    sns.histplot(x=result.scores, hue=kinds, hue_order=[k for k in ("good", "defect") if k in kinds],
-                 palette={"good": "tab:blue", "defect": "tab:orange"}, element="step", ax=top)
+    sns.histplot(
+        x=result.scores,
+        hue=kinds,
+        hue_order=[k for k in ("good", "defect") if k in kinds],
+        palette={"good": "tab:blue", "defect": "tab:orange"},
+        element="step",
+        ax=top,
+    )
     top.set_ylabel("images")
     top.set_title(f"{result.name}: image scores (max of the anomaly map)", pad=14)
-    sns.stripplot(x=result.scores, y=types, order=type_order, hue=types, hue_order=type_order,
-                  orient="h", size=3.5, jitter=0.25, legend=False, ax=bottom)
+    sns.stripplot(
+        x=result.scores,
+        y=types,
+        order=type_order,
+        hue=types,
+        hue_order=type_order,
+        orient="h",
+        size=3.5,
+        jitter=0.25,
+        legend=False,
+        ax=bottom,
+    )
     bottom.set_xlabel("image score (Mahalanobis distance)")
     _threshold_line(top, result.threshold, labelled=True)
     _threshold_line(bottom, result.threshold, labelled=False)
@@ -274,18 +317,43 @@ def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: 
     """The reported confusion counts at the operating threshold, labelled TN/FP/FN/TP."""
     figure = Figure(figsize=(4.6, 4.2), dpi=DPI)
     ax = figure.subplots()
-    annotations = np.array([[f"TN\n{counts[0, 0]}", f"FP\n{counts[0, 1]}"],
-                            [f"FN\n{counts[1, 0]}", f"TP\n{counts[1, 1]}"]])
-    sns.heatmap(counts, annot=annotations, fmt="", cmap="Blues", cbar=False, square=True, linewidths=1,
-                xticklabels=["good", "defect"], yticklabels=["good", "defect"], annot_kws={"fontsize": 13}, ax=ax)
+    annotations = np.array(
+        [[f"TN\n{counts[0, 0]}", f"FP\n{counts[0, 1]}"], [f"FN\n{counts[1, 0]}", f"TP\n{counts[1, 1]}"]]
+    )
+    sns.heatmap(
+        counts,
+        annot=annotations,
+        fmt="",
+        cmap="Blues",
+        cbar=False,
+        square=True,
+        linewidths=1,
+        xticklabels=["good", "defect"],
+        yticklabels=["good", "defect"],
+        annot_kws={"fontsize": 13},
+        ax=ax,
+    )
     ax.set_xlabel(f"called (score > {threshold:.3g} = defect)")
     ax.set_ylabel("true")
-    rates = [f"{shown} {summary[key]:.3f}" + (f" [{summary[f'{key}_ci_low']:.2f}, {summary[f'{key}_ci_high']:.2f}]"
-                                             if summary.get(f"{key}_ci_low") is not None else "")
-             for key, shown in (("precision", "precision"), ("recall", "recall"), ("false_positive_rate", "FPR"),
-                                ("f1_score", "F1")) if summary.get(key) is not None]
-    ax.set_title(f"{name}: operating threshold, 95% Wilson intervals\n{', '.join(rates[:2])}\n{', '.join(rates[2:])}",
-                 fontsize="medium")
+    rates = [
+        f"{shown} {summary[key]:.3f}"
+        + (
+            f" [{summary[f'{key}_ci_low']:.2f}, {summary[f'{key}_ci_high']:.2f}]"
+            if summary.get(f"{key}_ci_low") is not None
+            else ""
+        )
+        for key, shown in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("false_positive_rate", "FPR"),
+            ("f1_score", "F1"),
+        )
+        if summary.get(key) is not None
+    ]
+    ax.set_title(
+        f"{name}: operating threshold, 95% Wilson intervals\n{', '.join(rates[:2])}\n{', '.join(rates[2:])}",
+        fontsize="medium",
+    )
     figure.tight_layout()
     return figure
 
@@ -319,19 +387,29 @@ def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: 
     return figure
 
 
-def _pixel_sample(maps: np.ndarray, images: np.ndarray, inside: np.ndarray | None, rng: np.random.Generator,
-                  description: str, colour: str) -> PixelSample:
+def _pixel_sample(
+    maps: np.ndarray,
+    images: np.ndarray,
+    inside: np.ndarray | None,
+    rng: np.random.Generator,
+    description: str,
+    colour: str,
+) -> PixelSample:
     """Up to PIXEL_SAMPLE_LIMIT values of `maps[images]` (only where `inside`, when given), drawn without
     copying the maps, so a 600-image class samples in milliseconds."""
     flat = maps.reshape(len(maps), -1)
     per_image = flat.shape[1]
     if inside is None:
         total = images.size * per_image
-        positions = rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False) if total > PIXEL_SAMPLE_LIMIT else np.arange(total)
+        positions = (
+            rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False) if total > PIXEL_SAMPLE_LIMIT else np.arange(total)
+        )
     else:
         eligible = np.flatnonzero(inside[images])
         total = eligible.size
-        positions = eligible[rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False)] if total > PIXEL_SAMPLE_LIMIT else eligible
+        positions = (
+            eligible[rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False)] if total > PIXEL_SAMPLE_LIMIT else eligible
+        )
     positions = np.sort(positions)
     return PixelSample(flat[images[positions // per_image], positions % per_image], int(total), description, colour)
 
@@ -344,10 +422,13 @@ def pixel_samples(result: ClassEvaluation) -> tuple[PixelSample, PixelSample]:
     normal = _pixel_sample(result.maps, np.flatnonzero(labels == 0), None, rng, "good images", "tab:blue")
     masked = np.flatnonzero((labels == 1) & result.with_mask)
     if result.has_ground_truth and result.masks[masked].any():
-        abnormal = _pixel_sample(result.maps, masked, result.masks, rng, "defect images, inside the masks", "tab:orange")
+        abnormal = _pixel_sample(
+            result.maps, masked, result.masks, rng, "defect images, inside the masks", "tab:orange"
+        )
     else:
-        abnormal = _pixel_sample(result.maps, np.flatnonzero(labels == 1), None, rng, "defect images, all pixels",
-                                 "tab:orange")
+        abnormal = _pixel_sample(
+            result.maps, np.flatnonzero(labels == 1), None, rng, "defect images, all pixels", "tab:orange"
+        )
     return normal, abnormal
 
 
@@ -358,13 +439,26 @@ def pixel_distribution_figure(samples: list[PixelSample], scale: ColourScale, th
     bins = np.linspace(scale.vmin, scale.vmax, 101)
     drawn = [sample for sample in samples if sample.values.size]
     for sample in drawn:
-        sns.histplot(x=sample.values, bins=bins, stat="density", element="step", alpha=0.35,
-                     color=sample.colour, label=sample.label, ax=ax)
+        sns.histplot(
+            x=sample.values,
+            bins=bins,
+            stat="density",
+            element="step",
+            alpha=0.35,
+            color=sample.colour,
+            label=sample.label,
+            ax=ax,
+        )
     if not drawn:
         _note(ax, "no pixels of this kind in the test set")
     else:
-        ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1.2,
-                   label=f"image threshold {threshold:.3g} (an image is a defect when any pixel is above)")
+        ax.axvline(
+            threshold,
+            color="crimson",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"image threshold {threshold:.3g} (an image is a defect when any pixel is above)",
+        )
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
         ax.set_xlabel("pixel anomaly value (Mahalanobis distance)")
         ax.set_ylabel("density")
@@ -388,8 +482,9 @@ class ImageFigure:
         self.norm = Normalize(scale.vmin, scale.vmax)
         blank = np.zeros((*size, 3), np.uint8)
         self.input_panel = axes[0].imshow(blank, interpolation="nearest")
-        self.heat_panel = axes[1].imshow(np.zeros(size, np.float32), cmap=self.colour_map, norm=self.norm,
-                                         interpolation="nearest")
+        self.heat_panel = axes[1].imshow(
+            np.zeros(size, np.float32), cmap=self.colour_map, norm=self.norm, interpolation="nearest"
+        )
         self.overlay_panel = axes[2].imshow(blank, interpolation="nearest")
         self.panel_titles = [ax.set_title("") for ax in axes]
         for ax in axes:
@@ -421,8 +516,10 @@ class ImageFigure:
 def _image_title(result: ClassEvaluation, index: int, category: str) -> str:
     sample, score = result.samples[index], float(result.scores[index])
     relation = ">" if score > result.threshold else "<="
-    return (f"{category} ({CATEGORY_MEANING[category]}): {sample.defect}/{sample.path.name}\n"
-            f"score {score:.3f} {relation} threshold {result.threshold:.3f}")
+    return (
+        f"{category} ({CATEGORY_MEANING[category]}): {sample.defect}/{sample.path.name}\n"
+        f"score {score:.3f} {relation} threshold {result.threshold:.3f}"
+    )
 
 
 def _clear_stale_visualizations(folder: Path) -> None:
@@ -433,8 +530,13 @@ def _clear_stale_visualizations(folder: Path) -> None:
             old.unlink()
 
 
-def write_visualizations(result: ClassEvaluation, categories: dict[str, np.ndarray], scale: ColourScale,
-                         folder: Path, max_visualizations: int) -> None:
+def write_visualizations(
+    result: ClassEvaluation,
+    categories: dict[str, np.ndarray],
+    scale: ColourScale,
+    folder: Path,
+    max_visualizations: int,
+) -> None:
     """visualizations/<category>/<defect>_<stem>.png for up to `max_visualizations` images per category."""
     _clear_stale_visualizations(folder)
     jobs = []
@@ -457,8 +559,12 @@ def _warn_on_count_mismatch(name: str, counts: np.ndarray, categories: dict[str,
     They agree unless the summary came from another threshold, which must not pass silently."""
     sizes = np.array([categories[c].size for c in CATEGORIES]).reshape(2, 2)
     if not np.array_equal(sizes, counts):
-        log.warning("%s: summary confusion counts %s differ from the threshold's categories %s",
-                    name, counts.tolist(), sizes.tolist())
+        log.warning(
+            "%s: summary confusion counts %s differ from the threshold's categories %s",
+            name,
+            counts.tolist(),
+            sizes.tolist(),
+        )
 
 
 def _write_curves(result: ClassEvaluation, out_dir: Path) -> None:
@@ -488,9 +594,11 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualization
         _save(confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png")
         _save(mean_maps_figure(result.maps, categories, result.name), out_dir / "mean_anomaly_maps.png")
         normal, abnormal = pixel_samples(result)
-        for suffix, samples, title in (("normal", [normal], "pixel anomaly values of good images"),
-                                       ("abnormal", [abnormal], "pixel anomaly values of defect images"),
-                                       ("comparative", [normal, abnormal], "pixel anomaly values, good vs defect")):
+        for suffix, samples, title in (
+            ("normal", [normal], "pixel anomaly values of good images"),
+            ("abnormal", [abnormal], "pixel anomaly values of defect images"),
+            ("comparative", [normal, abnormal], "pixel anomaly values, good vs defect"),
+        ):
             figure = pixel_distribution_figure(samples, scale, result.threshold, f"{result.name}: {title}")
             _save(figure, out_dir / f"patch_score_distribution_{suffix}.png")
         write_visualizations(result, categories, scale, out_dir / "visualizations", max_visualizations)

@@ -1,0 +1,127 @@
+"""Batches of triangular (D, D) matrices stored as blocks of rows, and the inverse of a
+triangular factor block row by block row.
+
+The Gaussian of every grid position needs two triangles: the upper half of its symmetric
+covariance and its lower-triangular precision factor W. Storing only the triangles, as row
+blocks, keeps the fit's largest buffer at about 5/8 of the full matrices (wide_resnet50_2:
+P = 3136 matrices of 550 dims) and lets every product skip the zero triangle. Whether this
+pays is measured in benchmarks/README.md ("Performance special cases").
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_WIDTH = 138  # rows per block: 550 dims in 4 blocks (tuning; benchmarks/README.md)
+CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the blocked inverse
+
+
+def block_edges(dims: int) -> list[int]:
+    """Row edges 0 = e_0 < ... < e_n = dims of the blocks a triangle is stored in.
+
+    Mirror-symmetric (e_k + e_(n-k) = dims): the upper blocks of a covariance then have the
+    shapes of the lower blocks of its factor in reverse order, so the factor is written into
+    the covariance's memory. An even count would need the middle edge at dims / 2, so odd
+    dims get an odd count.
+    """
+    count = min(dims, max(2, round(dims / BLOCK_WIDTH)))
+    count += (dims % 2) * (1 - count % 2)
+    low = [(2 * k * dims + count) // (2 * count) for k in range(count // 2 + 1)]
+    return low + [dims - edge for edge in reversed(low[: count + 1 - len(low)])]
+
+
+@dataclass
+class TriangularBlocks:
+    """P triangular (D, D) matrices as contiguous blocks of rows; the zero triangle is not stored.
+
+    Block k holds rows e_k..e_(k+1) (block_edges); lower: its columns 0..e_(k+1) (the
+    precision factor W), upper: its columns e_k..D (the upper half of a symmetric covariance).
+    Each block is one operand of a batched product as it lies in memory.
+    """
+
+    blocks: list[torch.Tensor]
+    lower: bool
+
+    @classmethod
+    def empty(cls, positions: int, dims: int, lower: bool, **tensor_options) -> TriangularBlocks:
+        return cls([torch.empty(shape, **tensor_options) for shape in cls.shapes(positions, dims, lower)], lower)
+
+    @classmethod
+    def from_dense(cls, matrices: torch.Tensor, lower: bool) -> TriangularBlocks:
+        """(P, D, D) -> copies of the blocks of its lower (or upper) triangle, diagonal blocks whole."""
+        spans = list(itertools.pairwise(block_edges(matrices.shape[-1])))
+        if lower:
+            return cls([matrices[:, start:stop, :stop].contiguous() for start, stop in spans], lower)
+        return cls([matrices[:, start:stop, start:].contiguous() for start, stop in spans], lower)
+
+    @staticmethod
+    def shapes(positions: int, dims: int, lower: bool, edges: list[int] | None = None) -> list[tuple[int, int, int]]:
+        """The block shapes of P matrices of D dims split at `edges` (default block_edges(D)).
+
+        Products with the blocks work for any split: a model file stored with another block
+        width is read as it is.
+        """
+        spans = itertools.pairwise(block_edges(dims) if edges is None else edges)
+        return [(positions, stop - start, stop if lower else dims - start) for start, stop in spans]
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """(first, stop) rows of every block."""
+        edges = itertools.accumulate((block.shape[1] for block in self.blocks), initial=0)
+        return list(itertools.pairwise(edges))
+
+    @property
+    def dims(self) -> int:
+        return self.spans[-1][1]
+
+    def __getitem__(self, positions: slice) -> TriangularBlocks:
+        return TriangularBlocks([block[positions] for block in self.blocks], self.lower)
+
+    def to(self, *args, **kwargs) -> TriangularBlocks:
+        return TriangularBlocks([block.to(*args, **kwargs) for block in self.blocks], self.lower)
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(P, D, D) with the blocks in place and zeros elsewhere."""
+        first = self.blocks[0]
+        matrices = torch.zeros(first.shape[0], self.dims, self.dims, dtype=dtype or first.dtype, device=first.device)
+        for (start, stop), block in zip(self.spans, self.blocks):
+            if self.lower:
+                matrices[:, start:stop, :stop] = block
+            else:
+                matrices[:, start:stop, start:] = block
+        return matrices
+
+    def lower_triangle_of_symmetric(self, dtype: torch.dtype) -> torch.Tensor:
+        """(P, D, D) whose lower triangle is that of the symmetric matrices these upper blocks hold.
+
+        The strict upper triangle is left unwritten: the reader (Cholesky) reads the lower one only.
+        """
+        first = self.blocks[0]
+        matrices = torch.empty(first.shape[0], self.dims, self.dims, dtype=dtype, device=first.device)
+        for (start, stop), block in zip(self.spans, self.blocks):
+            matrices[:, start:, start:stop] = block.transpose(1, 2)
+        return matrices
+
+
+def invert_below_diagonal_(factor: TriangularBlocks) -> None:
+    """Lower blocks holding L below the diagonal and W_kk = L_kk^-1 on it -> the blocks of W = L^-1, in place.
+
+    Row k of L W = I gives W_k,<k = -W_kk (L_k,<k W_<k), where W_<k, the rows above, are done:
+    a sum of products L_kj W_j, one per block row j < k, each over only the columns W_j has,
+    batched over many positions at once.
+    """
+    positions = factor.blocks[0].shape[0]
+    spans = factor.spans
+    for k, (first, stop) in enumerate(spans[1:], start=1):
+        block = factor.blocks[k]
+        step = max(1, CHUNK_ELEMENTS // ((stop - first) * first))
+        for start in range(0, positions, step):
+            rows = slice(start, start + step)
+            count = min(step, positions - start)
+            products = torch.zeros(count, stop - first, first, dtype=block.dtype, device=block.device)  # L_k,<k W_<k
+            for (first_j, stop_j), above in zip(spans[:k], factor.blocks[:k]):
+                products[:, :, :stop_j].baddbmm_(block[rows, :, first_j:stop_j], above[rows])
+            torch.bmm(block[rows, :, first:], products, out=block[rows, :, :first]).neg_()
