@@ -48,6 +48,7 @@ from utils.backbone_specs import hooked_layers
 from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
 from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.onnx_model import OnnxModelError, OnnxScorer, read_description
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.padim import Padim
 
@@ -66,11 +67,16 @@ class PredictError(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready-to-score model and what the outputs need from its file."""
+    """A ready-to-score model and what the outputs need from its file.
 
-    padim: Padim
+    `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime (`pixels`: it takes
+    uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
+    """
+
+    scorer: Padim | OnnxScorer
     geometry: Geometry
     threshold: float
+    pixels: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         required=True,
-        help=f"a class results folder (holding {MODEL_FILENAME}) or the model file itself",
+        help=f"a class results folder (holding {MODEL_FILENAME}), the model file itself, or a graph "
+        "written by export.py (.onnx, scored with ONNX Runtime)",
     )
     parser.add_argument(
         "--input",
@@ -252,6 +259,23 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
     return LoadedModel(padim, geometry, float(content["threshold"]))
 
 
+def build_onnx(path: Path, description: dict, device: torch.device) -> LoadedModel:
+    """An exported graph in ONNX Runtime, checked against its description (read_description)."""
+    scorer = OnnxScorer(path, description, device)
+    log.info(
+        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (ONNX Runtime: %s)",
+        path,
+        description["class_name"],
+        description["backbone"],
+        description["resize"],
+        description["cropsize"],
+        description["threshold"],
+        ", ".join(scorer.session.get_providers()),
+    )
+    geometry = Geometry(description["resize"], description["cropsize"])
+    return LoadedModel(scorer, geometry, float(description["threshold"]), pixels=True)
+
+
 def _expand(text: str) -> list[Path]:
     """One --input: a glob (image files it matches), a folder (its images) or a file (taken as given)."""
     if any(char in text for char in "*?["):
@@ -413,11 +437,11 @@ def score_images(
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
     loader = DataLoader(
-        WithOriginal(ImageDataset(samples, model.geometry)),
+        WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels)),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         collate_fn=collate_with_originals,
-        pin_memory=model.padim.device.type == "cuda",
+        pin_memory=model.scorer.device.type == "cuda",
     )
     write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
     in_flight: list[tuple[int, Future]] = []
@@ -433,7 +457,7 @@ def score_images(
                 yield (batch, originals), batch.images
 
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
-        for (batch, originals), maps, scores in model.padim.stream_anomaly_maps(readable_batches(bar)):
+        for (batch, originals), maps, scores in model.scorer.stream_anomaly_maps(readable_batches(bar)):
             _finish(in_flight, rows, names, regions)
             finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
             in_flight = [
@@ -467,10 +491,18 @@ def run(args: argparse.Namespace) -> int:
     Exit 1 when no image could be read, or when any image got a non-finite score: those are
     reported anomalous, never good, and the user is told the model is not to be trusted.
     """
-    content, model_path, weights = read_model(args.model, args.weights)
+    exported = args.model.suffix == ".onnx"
+    if exported:
+        description = read_description(args.model)
+    else:
+        content, model_path, weights = read_model(args.model, args.weights)
     paths = collect_inputs(args.input)
     prove_writable(args.output, "output folder", PredictError)
-    model = build(content, model_path, weights, pick_device(args.device, "--device cuda"), args.batch_size)
+    device = pick_device(args.device, "--device cuda")
+    if exported:
+        model = build_onnx(args.model, description, device)
+    else:
+        model = build(content, model_path, weights, device, args.batch_size)
     with folder_lock(args.output, "output folder", PredictError):
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:
@@ -505,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     return run_main(
-        run, args, (PredictError, ModelFileError, WeightsError, OutputWriteError), "predictions.csv was not written"
+        run,
+        args,
+        (PredictError, ModelFileError, OnnxModelError, WeightsError, OutputWriteError),
+        "predictions.csv was not written",
     )
 
 

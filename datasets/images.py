@@ -129,14 +129,14 @@ class Geometry:
             ]
         )
 
+    def pixel_transform(self) -> v2.Compose:
+        """PIL image -> uint8 (3, S, S) model-input pixels: what an exported graph takes (as (S, S, 3))."""
+        return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.BILINEAR)])
+
     def image_transform(self) -> v2.Compose:
+        """PIL image -> the normalised float32 (3, S, S) model input, from the same pixels."""
         return v2.Compose(
-            [
-                v2.ToImage(),
-                self.spatial(v2.InterpolationMode.BILINEAR),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
+            [self.pixel_transform(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         )
 
     def mask_transform(self) -> v2.Compose:
@@ -170,10 +170,17 @@ class ImageDataset(Dataset):
     missing (those are flagged by `Sample.mask_path is None`).
     """
 
-    def __init__(self, samples: list[Sample], geometry: Geometry, augment: list[v2.Transform] | None = None):
+    def __init__(
+        self,
+        samples: list[Sample],
+        geometry: Geometry,
+        augment: list[v2.Transform] | None = None,
+        pixels: bool = False,
+    ):
         self.samples = samples
         self.geometry = geometry
-        self.image_transform = geometry.image_transform()
+        self.pixels = pixels  # uint8 (S, S, 3) model-input pixels, for an exported graph, instead of tensors
+        self.image_transform = geometry.pixel_transform() if pixels else geometry.image_transform()
         self.mask_transform = geometry.mask_transform()
         self.augment = v2.Compose(augment) if augment else None
 
@@ -196,6 +203,8 @@ class ImageDataset(Dataset):
     def to_item(self, image: Image.Image, mask: Image.Image | None, index: int):
         """Decoded pixels -> (model input tensor, bool mask tensor at the input size, index)."""
         tensor = self.image_transform(image)
+        if self.pixels:
+            tensor = tensor.permute(1, 2, 0).contiguous()
         if self.augment is not None:
             tensor = self.augment(tensor)
         size = self.geometry.input_size

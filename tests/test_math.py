@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from utils import fast_paths, metrics, triangular
 from utils.anomaly_map import MapOperator, gaussian_blur, image_scores, smooth_upsample
 from utils.backbones import build_extractor
-from utils.embedding import channel_index, chosen_channels, embedding_bands
+from utils.embedding import channel_index, chosen_channels, embedding_bands, split_channel_index
 from utils.gaussian import (
     COVARIANCE_EPSILON,
     GaussianAccumulator,
@@ -299,7 +299,7 @@ def test_embedding_selects_channels_after_centred_resampling():
         (maps, all_of_the_first_map, 3),
         (maps, torch.tensor([0, 2]), 3),  # maps with no chosen channel
     ):
-        kept = chosen_channels(inputs, chosen)
+        kept = chosen_channels(inputs, split_channel_index(chosen, [4, 3, 5]))
         assert [level.shape[-1] for level in kept] == [
             int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in ((0, 4), (4, 7), (7, 12))
         ]
@@ -310,9 +310,10 @@ def test_embedding_selects_channels_after_centred_resampling():
     joined = [torch.cat(pair) for pair in zip(maps, second)]
     for rows in (None, 3):
         limit = None if rows is None else rows * 5 * 8 * len(index)
-        group = [chosen_channels(maps, index), chosen_channels(second, index)]
+        local = split_channel_index(index, [4, 3, 5])
+        group = [chosen_channels(maps, local), chosen_channels(second, local)]
         together = torch.cat([band for _, band in embedding_bands(group, limit)], dim=1)
-        alone = torch.cat([band for _, band in embedding_bands([chosen_channels(joined, index)])], dim=1)
+        alone = torch.cat([band for _, band in embedding_bands([chosen_channels(joined, local)])], dim=1)
         torch.testing.assert_close(together, alone)
     assert torch.equal(index, channel_index(12, 7, seed=5))
     assert not torch.equal(index, channel_index(12, 7, seed=6))

@@ -167,8 +167,8 @@ def fuse_batchnorm_(module: nn.Module) -> nn.Module:
 class FeatureExtractor(nn.Module):
     """Runs a backbone up to its last hooked stage and returns the hooked stages' maps.
 
-    `dims`, the channels of all hooked maps together, is measured by one small forward pass
-    when the extractor is built, so it can never disagree with the maps.
+    `channels` (of each hooked map) and `dims` (their sum) are measured by one small forward
+    pass when the extractor is built, so they can never disagree with the maps.
     """
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, layers: tuple[str, ...]):
@@ -179,7 +179,8 @@ class FeatureExtractor(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
         for layer in layers:
             self.trunk.get_submodule(layer).register_forward_hook(partial(self._capture, layer))
-        self.dims = sum(maps.shape[1] for maps in self(torch.zeros(1, 3, 64, 64)))
+        self.channels = [maps.shape[1] for maps in self(torch.zeros(1, 3, 64, 64))]  # of each hooked map
+        self.dims = sum(self.channels)
 
     @property
     def default_reduced_dim(self) -> int:
@@ -189,13 +190,17 @@ class FeatureExtractor(nn.Module):
     def _capture(self, layer: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self.captured[layer] = output
 
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The hooked stages' maps of normalised (B, 3, H, W) images, shallow to deep."""
         self.captured.clear()
         self.trunk(images)
         maps = [self.captured[layer] for layer in self.layers]
         self.captured.clear()
         return maps
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.maps(images)
 
 
 def build_extractor(

@@ -136,25 +136,28 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
     return factor
 
 
-def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, factor: TriangularBlocks) -> torch.Tensor:
+def mahalanobis(
+    embedding: torch.Tensor, mean: torch.Tensor, factor: TriangularBlocks, max_elements: int | None = CHUNK_ELEMENTS
+) -> torch.Tensor:
     """(B, H, W, D) -> (B, H, W) Mahalanobis distance of every patch to its position's Gaussian.
 
     d = |W (x - mu)|, block of rows by block: block k of W (x - mu) depends only on the first
     e_(k+1) entries of x - mu, so W's zero triangle is neither read nor multiplied. The
     patches of a position are the columns of one operand (P, D, B), so every product covers
-    the whole batch; computed over chunks of positions, so the temporaries stay small.
+    the whole batch; over chunks of positions of at most `max_elements` centred values
+    (None: all positions at once, as an exported graph does for any batch size).
     """
     batch, height, width, dims = embedding.shape
     patches = positions_first(embedding.to(mean.device, torch.float32))  # (P, B, D), a view
-    distances = torch.empty(patches.shape[0], batch, dtype=torch.float32, device=mean.device)
-    chunk = max(1, CHUNK_ELEMENTS // (batch * dims))
-    for start in range(0, patches.shape[0], chunk):
+    positions = patches.shape[0]
+    chunk = positions if max_elements is None else max(1, max_elements // (batch * dims))
+    distances = []
+    for start in range(0, positions, chunk):
         rows = slice(start, start + chunk)
-        count = min(chunk, patches.shape[0] - start)
-        centred = torch.empty(count, batch, dims, dtype=torch.float32, device=mean.device)  # (B, D) rows
-        columns = torch.sub(patches[rows], mean[rows].unsqueeze(1), out=centred).transpose(1, 2)  # (p, D, B) view
-        squares = torch.zeros(count, batch, dtype=torch.float32, device=mean.device)
-        for (_, stop), block in zip(factor.spans, factor.blocks):
-            squares += torch.bmm(block[rows], columns[:, :stop]).square_().sum(dim=1)
-        distances[rows] = squares.sqrt_()
-    return distances.transpose(0, 1).reshape(batch, height, width)
+        columns = (patches[rows] - mean[rows].unsqueeze(1)).transpose(1, 2)  # (p, D, B)
+        squares = sum(
+            torch.bmm(block[rows], columns[:, :stop]).square().sum(dim=1)
+            for (_, stop), block in zip(factor.spans, factor.blocks)
+        )
+        distances.append(squares.sqrt())
+    return torch.cat(distances).transpose(0, 1).reshape(batch, height, width)

@@ -13,7 +13,7 @@ import torch
 
 from utils.anomaly_map import MapOperator, image_scores
 from utils.backbones import FeatureExtractor
-from utils.embedding import chosen_channels, embedding_bands
+from utils.embedding import chosen_channels, embedding_bands, split_channel_index
 from utils.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
 from utils.triangular import TriangularBlocks
 
@@ -70,6 +70,7 @@ class Padim:
     ):
         self.extractor = extractor
         self.index = index
+        self.local_index = [local.to(device) for local in split_channel_index(index, extractor.channels)]
         self.input_size = input_size
         self.device = device
         self.stats_device = stats_device
@@ -87,7 +88,7 @@ class Padim:
     ) -> Iterator[tuple[tuple[Key, list[torch.Tensor]], int]]:
         """((key, the batch's maps cut down to the chosen channels), images) for every (key, images) batch."""
         for key, images in batches:
-            chosen = chosen_channels(self.features(images), self.index)
+            chosen = chosen_channels(self.features(images), self.local_index)
             yield (key, chosen), len(chosen[0])
 
     def groups(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[list[tuple[Key, list[torch.Tensor]]]]:

@@ -1,0 +1,163 @@
+"""A trained model as one portable ONNX graph, its description file, and scoring it with ONNX Runtime.
+
+The graph takes uint8 RGB images (N, S, S, 3) already resized and cropped to the model input
+size S, and returns `anomaly_map` (N, S, S) and `score` (N,): normalisation, the backbone up
+to its last hooked stage, the channel choice, the centre-aligned resampling, Mahalanobis
+with the stored factor, the up-sampling and blur, and the max, exactly as utils.padim
+computes them. The description (`<graph stem>.json`) holds what a line application needs
+to prepare images and decide: geometry, threshold, class, and the source model's checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD
+from utils.anomaly_map import image_scores
+from utils.embedding import chosen_channels, patch_embedding
+from utils.gaussian import mahalanobis
+from utils.padim import Padim
+from utils.triangular import TriangularBlocks
+
+ONNX_FORMAT = "padim-suite-onnx"
+ONNX_FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
+# protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in `<graph>.data`
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "score")
+
+
+class OnnxModelError(Exception):
+    """An exported model that cannot be used as it is: one line for the user."""
+
+
+class PadimGraph(nn.Module):
+    """utils.padim's scoring of uint8 (N, S, S, 3) images, as one module that exports to ONNX."""
+
+    def __init__(self, padim: Padim):
+        super().__init__()
+        self.extractor = padim.extractor
+        self.local_index = [local.cpu() for local in padim.local_index]
+        self.factor_spans = padim.stats.factor.spans
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", padim.stats.mean.cpu())
+        for k, block in enumerate(padim.stats.factor.blocks):
+            self.register_buffer(f"factor_{k}", block.cpu())
+        self.register_buffer("map_rows", padim.map_operator.rows.cpu())
+        self.register_buffer("map_cols", padim.map_operator.cols.cpu())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = images.permute(0, 3, 1, 2).to(torch.float32) / 255  # as the training transform's ToDtype(scale)
+        normalised = (pixels - self.pixel_mean) / self.pixel_std
+        chosen = chosen_channels(self.extractor.maps(normalised), self.local_index)
+        factor = TriangularBlocks([getattr(self, f"factor_{k}") for k in range(len(self.factor_spans))], lower=True)
+        distances = mahalanobis(patch_embedding(chosen), self.mean, factor, max_elements=None)
+        anomaly_maps = self.map_rows @ distances @ self.map_cols.T
+        return anomaly_maps, image_scores(anomaly_maps)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def description_path(graph_path: Path) -> Path:
+    """model.onnx -> model.json beside it."""
+    return graph_path.with_suffix(".json")
+
+
+def export_graph(padim: Padim, graph_path: Path, opset: int) -> Path | None:
+    """Write the graph (batch size dynamic); its weights go to `<graph>.data` when they exceed
+    EXTERNAL_DATA_BYTES. Returns the external-data path, or None."""
+    graph = PadimGraph(padim).eval()
+    size = padim.input_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*graph.parameters(), *graph.buffers()))
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    program = torch.onnx.export(
+        graph,
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+    program.save(str(graph_path), external_data=external)
+    data_path = graph_path.with_name(graph_path.name + ".data")
+    return data_path if external else None
+
+
+def read_description(graph_path: Path) -> dict:
+    """The description beside an exported graph, checked against the graph file; OnnxModelError otherwise."""
+    if not graph_path.is_file():
+        raise OnnxModelError(f"{graph_path}: no such file")
+    json_path = description_path(graph_path)
+    if not json_path.is_file():
+        raise OnnxModelError(f"{graph_path}: its description {json_path.name} is missing (export.py writes both)")
+    try:
+        description = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OnnxModelError(f"{json_path}: not a readable description ({err})") from err
+    if not isinstance(description, dict) or description.get("format") != ONNX_FORMAT:
+        raise OnnxModelError(f"{json_path}: not a {ONNX_FORMAT} description")
+    if description.get("format_version") != ONNX_FORMAT_VERSION:
+        raise OnnxModelError(
+            f"{json_path}: description version {description.get('format_version')}, this tool reads "
+            f"{ONNX_FORMAT_VERSION}; export the model again"
+        )
+    if description.get("graph") != graph_path.name or description.get("graph_sha256") != file_sha256(graph_path):
+        raise OnnxModelError(f"{json_path}: does not describe {graph_path.name} (graph name or checksum differ)")
+    data = description.get("external_data")
+    if data is not None and not (graph_path.parent / data).is_file():
+        raise OnnxModelError(f"{graph_path}: its weights file {data} is missing (it must lie beside the graph)")
+    return description
+
+
+class OnnxScorer:
+    """An exported graph in ONNX Runtime, scoring batches the way Padim.stream_anomaly_maps does."""
+
+    def __init__(self, graph_path: Path, description: dict, device: torch.device):
+        import onnxruntime  # only the ONNX path needs it
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = onnxruntime.InferenceSession(str(graph_path), providers=providers)
+        except Exception as err:  # ONNX Runtime raises its own exception types for a damaged graph
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OnnxModelError(f"{graph_path}: not a usable ONNX graph ({first_line})") from err
+        size = description["input_size"]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if (
+            [i.name for i in inputs] != [INPUT_NAME]
+            or inputs[0].type != "tensor(uint8)"
+            or list(inputs[0].shape[1:]) != [size, size, 3]
+            or tuple(o.name for o in outputs) != OUTPUT_NAMES
+        ):
+            raise OnnxModelError(f"{graph_path}: the graph's inputs or outputs do not match its description")
+        self.device = torch.device("cpu")
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) -> (anomaly maps (N, S, S), scores (N,)), float32."""
+        maps, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return maps, scores
+
+    def stream_anomaly_maps(self, batches):
+        """(key, maps, scores) for every (key, uint8 images (N, S, S, 3)) batch, as torch tensors."""
+        for key, images in batches:
+            maps, scores = self(np.ascontiguousarray(images.numpy()))
+            yield key, torch.from_numpy(maps), torch.from_numpy(scores)
