@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import bench, gaussian_steps
 
+SMALL_BENCH_FLAGS = ["--backbones", "efficientnet_lite0", "--resize", "64", "--cropsize", "56", "--num_workers", "0"]
+
 
 def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
     """Every column the README explains is there and adds up; the memory fits ran in fresh processes."""
@@ -17,16 +19,9 @@ def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
         [
             "--data_path",
             str(texture_root / "brick"),
-            "--backbones",
-            "efficientnet_lite0",
-            "--resize",
-            "64",
-            "--cropsize",
-            "56",
+            *SMALL_BENCH_FLAGS,
             "--batch_size",
             "8",
-            "--num_workers",
-            "0",
             "--output",
             str(output),
         ]
@@ -109,14 +104,7 @@ def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
             [
                 "--data_path",
                 str(texture_root / "brick"),
-                "--backbones",
-                "efficientnet_lite0",
-                "--resize",
-                "64",
-                "--cropsize",
-                "56",
-                "--num_workers",
-                "0",
+                *SMALL_BENCH_FLAGS,
                 "--skip_memory",
                 "--repeat",
                 "3",
