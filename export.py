@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     import predict
     from utils.onnx_model import (
-        DEFAULT_OPSET,
         INPUT_NAME,
         ONNX_FORMAT,
         ONNX_FORMAT_VERSION,
@@ -83,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
         "source_model": model_path.name,
         "source_model_checksum": content["checksum"],
         "opset": args.opset,
-        "default_opset": DEFAULT_OPSET,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
     atomic_write(

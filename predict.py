@@ -76,7 +76,10 @@ class LoadedModel:
     scorer: Padim | OnnxScorer
     geometry: Geometry
     threshold: float
-    pixels: bool = False
+
+    @property
+    def pixels(self) -> bool:
+        return isinstance(self.scorer, OnnxScorer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +276,7 @@ def build_onnx(path: Path, description: dict, device: torch.device) -> LoadedMod
         ", ".join(scorer.session.get_providers()),
     )
     geometry = Geometry(description["resize"], description["cropsize"])
-    return LoadedModel(scorer, geometry, float(description["threshold"]), pixels=True)
+    return LoadedModel(scorer, geometry, float(description["threshold"]))
 
 
 def _expand(text: str) -> list[Path]:

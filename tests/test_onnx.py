@@ -21,7 +21,8 @@ import predict
 import run_experiment
 from datasets.images import ImageDataset, Sample
 from utils import onnx_model
-from utils.onnx_model import description_path, file_sha256, read_description
+from utils.onnx_model import description_path, read_description
+from utils.output_files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "4"]

@@ -6,7 +6,6 @@ extractor owns the maps its hooks capture.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from torchvision import models
 from torchvision.models import efficientnet
 
 from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec, hooked_layers
+from utils.output_files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,8 @@ def _torchvision_imagenet_state(spec: BackboneSpec) -> tuple[dict[str, torch.Ten
 
 
 def weights_digest(path: Path) -> str:
-    """First 16 hex digits of the file's sha256: the weights id of a state-dict file
-    (read in blocks, it can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    """First 16 hex digits of the file's sha256: the weights id of a state-dict file."""
+    return file_sha256(path)[:16]
 
 
 def _file_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:

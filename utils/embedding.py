@@ -32,12 +32,11 @@ def chosen_channels(feature_maps: list[torch.Tensor], local_indices: list[torch.
     chosen channel stays as an empty one (its grid still counts), and a map whose every channel
     is chosen is passed on as it lies, not copied.
     """
-    return [
-        feature_map.permute(0, 2, 3, 1)
-        if len(local) == feature_map.shape[1]
-        else feature_map.permute(0, 2, 3, 1)[..., local]
-        for feature_map, local in zip(feature_maps, local_indices)
-    ]
+    chosen = []
+    for feature_map, local in zip(feature_maps, local_indices):
+        channels_last = feature_map.permute(0, 2, 3, 1)
+        chosen.append(channels_last if len(local) == feature_map.shape[1] else channels_last[..., local])
+    return chosen
 
 
 def patch_embedding(

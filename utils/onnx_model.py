@@ -10,7 +10,6 @@ to prepare images and decide: geometry, threshold, class, and the source model's
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,9 +18,10 @@ import torch
 from torch import nn
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
-from utils.anomaly_map import image_scores
+from utils.anomaly_map import MapOperator, image_scores
 from utils.embedding import chosen_channels, patch_embedding
 from utils.gaussian import mahalanobis
+from utils.output_files import file_sha256
 from utils.padim import Padim
 from utils.triangular import TriangularBlocks
 
@@ -45,7 +45,7 @@ class PadimGraph(nn.Module):
         super().__init__()
         self.extractor = padim.extractor
         self.local_index = [local.cpu() for local in padim.local_index]
-        self.factor_spans = padim.stats.factor.spans
+        self.factor_blocks = len(padim.stats.factor.blocks)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.register_buffer("mean", padim.stats.mean.cpu())
@@ -58,18 +58,10 @@ class PadimGraph(nn.Module):
         pixels = images.permute(0, 3, 1, 2).to(torch.float32) / 255  # as the training transform's ToDtype(scale)
         normalised = (pixels - self.pixel_mean) / self.pixel_std
         chosen = chosen_channels(self.extractor.maps(normalised), self.local_index)
-        factor = TriangularBlocks([getattr(self, f"factor_{k}") for k in range(len(self.factor_spans))], lower=True)
+        factor = TriangularBlocks([getattr(self, f"factor_{k}") for k in range(self.factor_blocks)], lower=True)
         distances = mahalanobis(patch_embedding(chosen), self.mean, factor, max_elements=None)
-        anomaly_maps = self.map_rows @ distances @ self.map_cols.T
+        anomaly_maps = MapOperator(self.map_rows, self.map_cols)(distances)
         return anomaly_maps, image_scores(anomaly_maps)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def description_path(graph_path: Path) -> Path:

@@ -2,7 +2,8 @@
 
 Every file a run writes goes through atomic_write, so an interrupt, a full disk or a file
 size limit leaves the previous file (or none), never half of one. A run holds its results
-folder with folder_lock, so two runs can never interleave their files there.
+folder with folder_lock, so two runs can never interleave their files there. file_sha256 is
+the one checksum of a file on disk (weights files, exported graphs).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import tempfile
@@ -91,3 +93,12 @@ def folder_lock(folder: Path, what: str, error: type[Exception]) -> Iterator[Non
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (weights files and graphs can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
