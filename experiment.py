@@ -1,14 +1,22 @@
-"""One run of run_experiment.py once its flags are parsed: find the classes, build the backbone,
-hold the results folder, call trainer per class, write master_results.csv and the log."""
+"""One run of run_experiment.py once its flags are parsed: find the classes, build the backbones,
+hold the results folders, call trainer per (configuration, class) job, write master_results.csv,
+the logs and, for several configurations, the comparison.
+
+Under torchrun the same command runs as several ranks (utils.distributed): the jobs are shared
+out (`--distribute jobs`) or every class's images are (`--distribute images`), and rank 0
+writes the tables as the rows arrive."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -16,14 +24,17 @@ import pandas as pd
 import torch
 
 from data.demo_data import make_demo_dataset
+from datasets.images import IMAGE_EXTENSIONS
 from datasets.split import DataError, find_classes, is_class_dir
+from run_experiment import COMPARISON_SUFFIX
 from trainer import run_class_processing
 from utils.backbone_specs import BACKBONES
-from utils.backbones import WeightsError, build_extractor, pick_device
+from utils.backbones import FeatureExtractor, WeightsError, build_extractor, pick_device
 from utils.cli import install_log_handler
+from utils.distributed import PeerLost, World
 from utils.model_io import MODEL_FILENAME, ModelFileError
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
-from utils.plotting import plot_class_results
+from utils.plotting import plot_class_results, save_comparison_figure
 
 log = logging.getLogger("padim")
 
@@ -61,6 +72,8 @@ RESULT_COLUMNS = [
     "status",
 ]
 EXPERIMENT_FILENAME = "experiment.json"
+COMPARISON_CSV = "comparison.csv"
+COMPARISON_PNG = "comparison.png"
 
 
 def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
@@ -109,13 +122,23 @@ def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
     return [(c.name, c, None) for c in classes]
 
 
-def results_folder(args: argparse.Namespace) -> Path:
-    """<base_results_dir>/<results_subdir>; by default named after the layout, backbone, resize and crop
-    (and the hooked stages when they are not the backbone's default)."""
+def results_folder(args: argparse.Namespace, parent: Path | None) -> Path:
+    """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
+    backbone, resize and crop (and the hooked stages when they are not the backbone's default); with
+    several configurations, that default name (plus _dim-<N> for a given --reduced_dim) inside `parent`."""
     default = f"{args.dataset}_{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
     if tuple(args.layers) != BACKBONES[args.model_architecture].default_layers:
         default += f"_layers-{'-'.join(args.layers)}"
-    return args.base_results_dir / (args.results_subdir or default)
+    if parent is None:
+        return args.base_results_dir / (args.results_subdir or default)
+    return parent / (default + (f"_dim-{args.reduced_dim}" if args.reduced_dim else ""))
+
+
+def comparison_folder(args: argparse.Namespace) -> Path | None:
+    """Where a run of several configurations puts their folders and the comparison; None for one configuration."""
+    if len(args.configurations) == 1:
+        return None
+    return args.base_results_dir / (args.results_subdir or f"{args.dataset}_{COMPARISON_SUFFIX}")
 
 
 def experiment_settings(args: argparse.Namespace) -> dict:
@@ -181,16 +204,23 @@ def clear_class_folder(folder: Path) -> None:
             entry.unlink()
 
 
-def setup_logging(out_dir: Path) -> None:
-    """Everything to experiment_log.log, warnings and errors to the console."""
+def log_file_handler(folder: Path, world: World) -> None:
+    """This rank's log in `folder`: experiment_log.log, or experiment_log.rank<k>.log when there are several ranks."""
+    name = f"experiment_log.rank{world.rank}.log" if world.distributed else "experiment_log.log"
+    folder.mkdir(parents=True, exist_ok=True)
     install_log_handler(
         "padim-log-file",
-        logging.FileHandler(out_dir / "experiment_log.log", encoding="utf-8"),
+        logging.FileHandler(folder / name, encoding="utf-8"),
         logging.INFO,
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def console_handler(world: World) -> None:
+    """Warnings and errors to the console, prefixed with the rank when there are several."""
+    prefix = f"[rank {world.rank}] " if world.distributed else ""
     install_log_handler(
-        "padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, "%(levelname)s: %(message)s"
+        "padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, f"{prefix}%(levelname)s: %(message)s"
     )
 
 
@@ -213,64 +243,242 @@ def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
     return table
 
 
+@dataclass
+class Configuration:
+    """One combination of the multi-valued flags (single-valued `args`), its folder, backbone and result rows."""
+
+    args: argparse.Namespace
+    folder: Path
+    extractor: FeatureExtractor | None = None
+    weights_id: str = ""
+    rows: dict[str, dict] = field(default_factory=dict)
+    logged: bool = False
+
+    @property
+    def reduced_dim(self) -> int:
+        return self.args.reduced_dim or self.extractor.default_reduced_dim
+
+
+@dataclass(frozen=True)
+class Job:
+    """One class of one configuration: the unit `--distribute jobs` shares out, sized by its images."""
+
+    configuration: int
+    name: str
+    class_dir: Path
+    test_dir: Path | None
+    images: int
+
+
+class ResultBook:
+    """Rank 0's record of every class's row: each configuration's master_results.csv is rewritten,
+    in class order, whenever a row arrives (from this rank or, on the heartbeat's thread, another)."""
+
+    def __init__(self, configurations: list[Configuration], class_names: list[str]):
+        self.configurations, self.class_names = configurations, class_names
+        self.lock = threading.Lock()
+
+    def rows(self, configuration: Configuration) -> list[dict]:
+        return [configuration.rows[name] for name in self.class_names if name in configuration.rows]
+
+    def record(self, item: tuple[int, str, dict]) -> None:
+        index, name, row = item
+        configuration = self.configurations[index]
+        with self.lock:
+            configuration.rows[name] = {"class_name": name, **row}
+            write_results(self.rows(configuration), configuration.folder / "master_results.csv")
+
+
+def count_images(class_dir: Path) -> int:
+    return sum(1 for path in class_dir.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def share_jobs(jobs: list[Job], world: World) -> list[Job]:
+    """This rank's jobs: largest first, each to the rank with the fewest images so far, so the ranks finish
+    together; every rank computes the same assignment."""
+    loads, mine = [0] * world.size, []
+    for job in sorted(jobs, key=lambda job: -job.images):
+        rank = loads.index(min(loads))
+        loads[rank] += job.images
+        if rank == world.rank:
+            mine.append(job)
+    return mine
+
+
+def on_rank(devices: dict[str, torch.device], world: World) -> dict[str, torch.device]:
+    """The devices with CUDA meaning this rank's GPU (cuda:LOCAL_RANK)."""
+    return {key: torch.device("cuda", world.local_rank) if d.type == "cuda" else d for key, d in devices.items()}
+
+
+def prepare(
+    args: argparse.Namespace,
+    configurations: list[Configuration],
+    parent: Path | None,
+    world: World,
+    devices: dict[str, torch.device],
+    held: contextlib.ExitStack,
+) -> list[Job]:
+    """Check what can fail early (output writable, classes, weights, dims) before creating anything, then
+    (rank 0) hold and claim the results folders for the rest of the run, so no other run writes there."""
+    folders = ([parent] if parent else []) + [configuration.folder for configuration in configurations]
+    if world.is_root:
+        for folder in folders:
+            prove_writable(folder, "results folder", DataError)
+    classes = class_jobs(args)
+    extractors = {}
+    for configuration in configurations:
+        config = configuration.args
+        key = (config.model_architecture, tuple(config.layers))
+        if key not in extractors:
+            extractors[key] = build_extractor(
+                config.model_architecture, config.weights, devices["backbone"], config.seed, config.layers
+            )
+        configuration.extractor, configuration.weights_id = extractors[key]
+        if config.reduced_dim is not None and config.reduced_dim > configuration.extractor.dims:
+            raise DataError(
+                f"--reduced_dim {config.reduced_dim} exceeds the {configuration.extractor.dims} channels of "
+                f"{config.model_architecture} at stages {' '.join(config.layers)}"
+            )
+    if world.is_root:
+        for folder in folders:
+            held.enter_context(folder_lock(folder, "results folder", DataError))
+        for configuration in configurations:
+            claim_results_folder(configuration.folder, experiment_settings(configuration.args))
+    return [
+        Job(index, name, class_dir, test_dir, count_images(class_dir))
+        for index in range(len(configurations))
+        for name, class_dir, test_dir in classes
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check what can fail early (output writable, classes, weights) before creating anything, then run
-    every class with the results folder held, so that no other run writes there meanwhile."""
+    """Every (configuration, class) job, shared out over the ranks when torchrun started several; rank 0
+    writes each configuration's master_results.csv as rows arrive, and the comparison at the end."""
     if args.demo:
         ensure_demo_data(args.data_path)
-    out_dir = results_folder(args)
-    prove_writable(out_dir, "results folder", DataError)
-    jobs = class_jobs(args)
+    parent = comparison_folder(args)
+    configurations = [Configuration(config, results_folder(config, parent)) for config in args.configurations]
+    book = ResultBook(configurations, [])
     devices = resolve_devices(args)
-    extractor, weights_id = build_extractor(
-        args.model_architecture, args.weights, devices["backbone"], args.seed, args.layers
-    )
-    if args.reduced_dim is not None and args.reduced_dim > extractor.dims:
-        raise DataError(
-            f"--reduced_dim {args.reduced_dim} exceeds the {extractor.dims} channels of "
-            f"{args.model_architecture} at stages {' '.join(args.layers)}"
-        )
-    with folder_lock(out_dir, "results folder", DataError):
-        claim_results_folder(out_dir, experiment_settings(args))
-        setup_logging(out_dir)
+    cuda = any(device.type == "cuda" for device in devices.values())
+    world = World.join(book.record, args.dist_timeout_s, cuda)
+    devices = on_rank(devices, world)
+    console_handler(world)
+    try:
+        with contextlib.ExitStack() as held:
+            error = None
+            try:
+                jobs = prepare(args, configurations, parent, world, devices, held)
+            except USER_ERRORS as err:
+                error = err
+            world.agree(error)
+            book.class_names = list(dict.fromkeys(job.name for job in jobs))
+            if args.distribute == "images":  # every rank takes part in every class
+                mine, class_world = jobs, world
+            else:  # each rank runs its own classes whole
+                mine, class_world = share_jobs(jobs, world), World()
+            for job in mine:
+                row = run_job(job, configurations[job.configuration], class_world, world, devices)
+                if row is not None:
+                    world.post((job.configuration, job.name, row))
+            world.close()
+            return report(configurations, book, parent) if world.is_root else 0
+    except PeerLost:
+        return 1  # the reason is logged where it was noticed
+
+
+def run_job(
+    job: Job, configuration: Configuration, class_world: World, world: World, devices: dict[str, torch.device]
+) -> dict | None:
+    """Fit, score and evaluate one class of one configuration; its row, or None on a rank that only helped
+    (--distribute images). A class that fails is a `failed:` row and the run goes on."""
+    args, out_dir = configuration.args, configuration.folder / job.name
+    log_file_handler(configuration.folder, world)
+    if not configuration.logged:
+        configuration.logged = True
         log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
         log.info(
-            "backbone %s, weights %s, devices %s",
+            "backbone %s, weights %s, devices %s, rank %d of %d",
             args.model_architecture,
-            weights_id,
+            configuration.weights_id,
             {k: str(v) for k, v in devices.items()},
+            world.rank,
+            world.size,
         )
-        return run_classes(args, out_dir, jobs, extractor, weights_id, devices)
-
-
-def run_classes(
-    args: argparse.Namespace,
-    out_dir: Path,
-    jobs: list[tuple[str, Path, Path | None]],
-    extractor,
-    weights_id: str,
-    devices: dict[str, torch.device],
-) -> int:
-    """Fit, score and evaluate each class; master_results.csv is rewritten after every class."""
+    test = f", testing on {job.test_dir}" if job.test_dir else ""
+    log.info("class %s: training on %s%s", job.name, job.class_dir, test)
+    if class_world.is_root:
+        clear_class_folder(out_dir)
     plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
-    rows = []
-    for name, class_dir, test_dir in jobs:
-        log.info("class %s: training on %s%s", name, class_dir, f", testing on {test_dir}" if test_dir else "")
-        clear_class_folder(out_dir / name)
-        try:
-            row = run_class_processing(args, class_dir, test_dir, extractor, weights_id, out_dir / name, devices, plot)
-        except (DataError, ModelFileError, ValueError) as err:
-            log.error("class %s failed: %s", name, err)
-            row = {"status": f"failed: {err}"}
-        rows.append({"class_name": name, **row})
-        log.info("class %s: %s", name, {k: v for k, v in rows[-1].items()})
-        table = write_results(rows, out_dir / "master_results.csv")
-    summary = table[
-        ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped", "status"]
-    ]
-    summary.insert(5, "recall (95% CI)", interval_column(table, "recall"))
-    summary.insert(6, "FPR (95% CI)", interval_column(table, "false_positive_rate"))
-    print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
-    print(f"results: {out_dir / 'master_results.csv'}")
-    log.info("summary:\n%s", summary.to_string(index=False, na_rep="-"))
-    return 0 if any(row.get("status") == "ok" for row in rows) else 1
+    try:
+        row = run_class_processing(
+            args,
+            job.class_dir,
+            job.test_dir,
+            configuration.extractor,
+            configuration.weights_id,
+            out_dir,
+            devices,
+            plot,
+            class_world,
+        )
+    except (DataError, ModelFileError, ValueError) as err:
+        log.error("class %s failed: %s", job.name, err)
+        row = {"status": f"failed: {err}"}
+    if not class_world.is_root:
+        return None
+    log.info("class %s: %s", job.name, row)
+    return row
+
+
+SUMMARY_COLUMNS = ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped"]
+
+
+def report(configurations: list[Configuration], book: ResultBook, parent: Path | None) -> int:
+    """Rank 0, after the last job: the final tables, the summary on stdout, and with several configurations
+    comparison.csv / comparison.png and the best configuration per class; 0 when any class succeeded."""
+    tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
+    if parent is None:
+        [table], [configuration] = tables, configurations
+        summary = table[[*SUMMARY_COLUMNS, "status"]]
+        summary.insert(5, "recall (95% CI)", interval_column(table, "recall"))
+        summary.insert(6, "FPR (95% CI)", interval_column(table, "false_positive_rate"))
+        print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+        print(f"results: {configuration.folder / 'master_results.csv'}")
+        log.info("summary:\n%s", summary.to_string(index=False, na_rep="-"))
+    else:
+        comparison = comparison_table(configurations, tables)
+        atomic_write(parent / COMPARISON_CSV, lambda tmp: comparison.to_csv(tmp, index=False, float_format="%.6g"))
+        save_comparison_figure(comparison, parent / COMPARISON_PNG)
+        best = best_per_class(comparison)
+        print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+        print(f"comparison: {parent / COMPARISON_CSV}")
+        log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
+    return 0 if any((table["status"] == "ok").any() for table in tables) else 1
+
+
+def comparison_table(configurations: list[Configuration], tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per configuration x class: the configuration's settings, then the master_results columns."""
+    parts = []
+    for configuration, table in zip(configurations, tables):
+        config = configuration.args
+        settings = {
+            "configuration": configuration.folder.name,
+            "model_architecture": config.model_architecture,
+            "layers": ",".join(config.layers),
+            "resize": config.resize,
+            "cropsize": config.cropsize,
+            "reduced_dim": configuration.reduced_dim,
+        }
+        parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])
+    return pd.concat(parts, ignore_index=True)
+
+
+def best_per_class(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Per class, the configuration with the highest image AUROC (pixel AUROC breaks ties) among those that ran."""
+    ran = comparison[comparison["status"] == "ok"].dropna(subset=["roc_auc"])
+    ranked = ran.sort_values(["roc_auc", "pixel_roc_auc"], ascending=False, kind="stable")
+    best = ranked.drop_duplicates("class_name").set_index("class_name")
+    order = [name for name in dict.fromkeys(comparison["class_name"]) if name in best.index]
+    columns = ["configuration", "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "pixel_roc_auc", "pixel_aupro"]
+    return best.loc[order, columns].reset_index()

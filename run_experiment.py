@@ -8,6 +8,8 @@ command line: it checks every flag before the heavy libraries load (experiment.p
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -16,15 +18,19 @@ from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
 from utils.cli import StrictParser, at_least, run_main, unit_interval
 
 DEMO_DATA_DIR = Path("demo_data")
+COMPARISON_SUFFIX = "comparison"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(__doc__)
     parser.add_argument(
         "--model_architecture",
-        default="wide_resnet50_2",
+        nargs="+",
+        default=["wide_resnet50_2"],
         choices=sorted(BACKBONES),
-        help=f"backbone; {OFFLINE_BACKBONE} has ImageNet weights that work offline",
+        metavar="ARCH",
+        help=f"backbone(s) of {', '.join(sorted(BACKBONES))}; {OFFLINE_BACKBONE} has ImageNet weights that "
+        "work offline",
     )
     parser.add_argument(
         "--weights",
@@ -36,28 +42,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
     parser.add_argument(
         "--results_subdir",
-        help="sub-folder of the results, holding one experiment "
-        "(None: <dataset>_<arch>_resize-<R>_crop-<C>, plus _layers-... for non-default --layers)",
+        help="sub-folder of the results, holding one experiment (None: <dataset>_<arch>_resize-<R>_crop-<C>, "
+        "plus _layers-... for non-default --layers); with several configurations, the folder that holds one "
+        f"such folder per configuration and the comparison (None: <dataset>_{COMPARISON_SUFFIX})",
     )
-    parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
+    parser.add_argument(
+        "--resize", type=at_least(1), nargs="+", default=[256], help="short side of the image is resized to this"
+    )
     parser.add_argument(
         "--cropsize",
         type=at_least(0),
-        default=256,
+        nargs="+",
+        default=[256],
         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part",
     )
     parser.add_argument(
         "--layers",
         nargs="+",
-        metavar="STAGE",
-        help="backbone stages to hook, by the backbone's names (layer1 layer2 layer3 for the "
-        "ResNets, 2 3 4 for the EfficientNets' features); None: the backbone's default",
+        metavar="STAGES",
+        help="backbone stages to hook, by the backbone's names (layer1 layer2 layer3 for the ResNets, 2 3 4 for "
+        "the EfficientNets' features); several choices as comma-separated lists (2,3,4 3,4,5); None: the "
+        "backbone's default",
     )
     parser.add_argument(
         "--reduced_dim",
         type=at_least(1),
+        nargs="+",
         help="channels kept (None: the backbone's default, e.g. 550 for wide_resnet50_2, "
         "capped at the hooked stages' channels)",
+    )
+    parser.add_argument(
+        "--distribute",
+        choices=["jobs", "images"],
+        default="jobs",
+        help="under torchrun: share out whole (configuration, class) jobs, or every class's images",
+    )
+    parser.add_argument(
+        "--dist_timeout_s",
+        type=at_least(1),
+        default=300,
+        help="under torchrun: a rank silent this long is taken as lost and the run stops",
     )
     parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
     parser.add_argument(
@@ -117,21 +141,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def layer_choices(values: list[str] | None) -> list[list[str] | None]:
+    """--layers as a list of stage choices: `2 3 4` is one choice, `2,3,4 3,4,5` two (any comma makes
+    every value one choice); None is the backbone's default."""
+    if values is None:
+        return [None]
+    if any("," in value for value in values):
+        return [[stage for stage in value.split(",") if stage] for value in values]
+    return [values]
+
+
+def distinct(values: list) -> list:
+    """The values in order, each once: a repeated value is not a second configuration."""
+    return [value for i, value in enumerate(values) if value not in values[:i]]
+
+
+def configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
+    """The cartesian product of the multi-valued flags, each a copy of `args` with single values;
+    a combination that cannot run (a crop larger than its resize, a stage its backbone lacks) is a
+    parser error naming it."""
+    combinations = itertools.product(
+        distinct(args.model_architecture),
+        distinct(layer_choices(args.layers)),
+        distinct(args.resize),
+        distinct(args.cropsize),
+        distinct(args.reduced_dim or [None]),
+    )
+    chosen = []
+    for architecture, layers, resize, cropsize, reduced_dim in combinations:
+        if cropsize > resize:
+            parser.error(f"--cropsize {cropsize} is larger than --resize {resize}")
+        try:
+            stages = list(hooked_layers(BACKBONES[architecture], layers))
+        except ValueError as err:
+            parser.error(f"--layers: {err}")
+        single = {
+            "model_architecture": architecture,
+            "layers": stages,
+            "resize": resize,
+            "cropsize": cropsize,
+            "reduced_dim": reduced_dim,
+        }
+        if not any(all(getattr(config, key) == value for key, value in single.items()) for config in chosen):
+            chosen.append(argparse.Namespace(**{**vars(args), **single}))
+    return chosen
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked; `configurations` holds one single-valued copy per combination to run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        args.dataset, args.model_architecture, args.data_path = "mvtec", "efficientnet_lite0", DEMO_DATA_DIR
-        args.cropsize = min(args.cropsize, 224)
+        args.dataset, args.model_architecture, args.data_path = "mvtec", ["efficientnet_lite0"], DEMO_DATA_DIR
+        args.cropsize = [min(cropsize, 224) for cropsize in args.cropsize]
         args.results_subdir = args.results_subdir or "demo"
     if args.data_path is None:
         parser.error("--data_path is required (or --demo)")
-    if args.cropsize > args.resize:
-        parser.error(f"--cropsize {args.cropsize} is larger than --resize {args.resize}")
-    try:
-        args.layers = list(hooked_layers(BACKBONES[args.model_architecture], args.layers))
-    except ValueError as err:
-        parser.error(f"--layers: {err}")
+    args.configurations = configurations(args, parser)
     if args.augmentations_enabled and not (args.horizontal_flip or args.vertical_flip):
         parser.error("--augmentations_enabled needs --horizontal_flip and/or --vertical_flip")
     if args.test_class_path and not args.test_class_name:
@@ -141,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, progress bars on rank 0 only (read at tqdm's import)
+        os.environ["TQDM_DISABLE"] = "1"
     import experiment  # torch, pandas, matplotlib: only once the flags are known to be good
 
     return run_main(

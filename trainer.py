@@ -35,6 +35,7 @@ from datasets.images import (
 from datasets.split import ClassSplit, DataError
 from utils import metrics
 from utils.backbones import FeatureExtractor
+from utils.distributed import World
 from utils.embedding import channel_index
 from utils.evaluation import ClassEvaluation
 from utils.model_io import (
@@ -69,6 +70,18 @@ class ScoredSet:
     masks: np.ndarray
     images: np.ndarray
     skipped: int
+
+    @classmethod
+    def join(cls, parts: list[ScoredSet]) -> ScoredSet:
+        """The parts of a set scored by several ranks, in rank order: the whole set's ScoredSet."""
+        return cls(
+            samples=[sample for part in parts for sample in part.samples],
+            scores=np.concatenate([part.scores for part in parts]),
+            maps=np.concatenate([part.maps for part in parts]),
+            masks=np.concatenate([part.masks for part in parts]),
+            images=np.concatenate([part.images for part in parts]),
+            skipped=sum(part.skipped for part in parts),
+        )
 
 
 class NonFiniteError(ValueError):
@@ -218,6 +231,22 @@ def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) ->
         )
 
 
+def _reusable_model(path: Path, identity: dict, save_distribution: bool) -> tuple[dict, GaussianStats] | None:
+    """The matching cached model when reuse is asked for (--save_distribution); an earlier run's model that
+    does not match is removed when this run will not replace it, so it never sits beside other results."""
+    cached = _cached_model(path, identity)
+    if save_distribution:
+        return cached
+    if cached is None and path.is_file():
+        path.unlink()
+        log.warning(
+            "removed %s: an earlier run's model that does not match this run's results "
+            "(add --save_distribution to save this run's)",
+            path,
+        )
+    return None
+
+
 def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
     """The saved model and its statistics when it was made from the same backbone, settings and training images."""
     if not path.is_file():
@@ -237,19 +266,23 @@ def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | No
 
 
 def _threshold(
-    model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace
+    model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace, world: World
 ) -> tuple[float, dict, int]:
-    """Operating threshold from held-out good images; from the fit images only when there are none."""
+    """Operating threshold from held-out good images; from the fit images only when there are none.
+
+    Each rank scores its share; every rank gets every score, so all agree on the threshold
+    (and on a failure). Returns (threshold, provenance, this rank's unreadable images)."""
     source, samples = "held-out normal training images", split.holdout
     if not samples:
         source, samples = "training images (too few to hold any out; biased low)", split.fit
         log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
-    scored = score_samples(model, samples, geometry, args, "threshold", keep_maps=False)
-    if scored.scores.size == 0:
+    scored = score_samples(model, world.part(samples), geometry, args, "threshold", keep_maps=False)
+    scores = np.concatenate(world.everyone(scored.scores))
+    if scores.size == 0:
         raise DataError("no readable image to set the threshold")
-    require_finite_scores(scored.scores, "threshold images")
-    value = metrics.threshold_from_normals(scored.scores, args.threshold_quantile)
-    provenance = {"source": source, "quantile": args.threshold_quantile, "n_images": int(scored.scores.size)}
+    require_finite_scores(scores, "threshold images")
+    value = metrics.threshold_from_normals(scores, args.threshold_quantile)
+    provenance = {"source": source, "quantile": args.threshold_quantile, "n_images": int(scores.size)}
     return value, provenance, scored.skipped
 
 
@@ -268,18 +301,14 @@ def fit_or_load(
     args: argparse.Namespace,
     identity: dict,
     model_path: Path,
+    world: World,
 ) -> tuple[float, dict, int]:
-    """Fit the Gaussian and set the threshold, or take both from a matching cached model file."""
-    cached = _cached_model(model_path, identity)
-    if not args.save_distribution:  # a matching model may stay beside this run's results, but is reused only when asked
-        if cached is None and model_path.is_file():
-            model_path.unlink()
-            log.warning(
-                "removed %s: an earlier run's model that does not match this run's results "
-                "(add --save_distribution to save this run's)",
-                model_path,
-            )
-        cached = None
+    """Fit the Gaussian and set the threshold, or take both from a matching cached model file.
+
+    With several ranks (--distribute images) rank 0 decides on the cached model and shares it;
+    each rank fits its share of the images and the sums are added up (World.merge_sums).
+    Returns (threshold, provenance, this rank's unreadable images)."""
+    cached = world.from_root(_reusable_model(model_path, identity, args.save_distribution) if world.is_root else None)
     if cached is not None:
         content, stats = cached
         model.use(stats)
@@ -291,12 +320,12 @@ def fit_or_load(
     )
     skipped: list[str] = []
     torch.manual_seed(args.seed)
-    batches = readable_batches(image_loader(split.fit, geometry, args, augment), "fit", skipped)
-    stats = model.fit(batch.images for batch in batches)
+    batches = readable_batches(image_loader(world.part(split.fit), geometry, args, augment), "fit", skipped)
+    stats = model.fit((batch.images for batch in batches), merge=world.merge_sums)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
-    threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args)
-    if args.save_distribution:
+    threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args, world)
+    if args.save_distribution and world.is_root:
         save_model(
             model_path,
             {
@@ -428,8 +457,13 @@ def run_class_processing(
     out_dir: Path,
     devices: dict[str, torch.device],
     plot=None,
-) -> dict:
-    """Process one class end to end and return its master_results row (raises DataError for a bad class)."""
+    world: World | None = None,
+) -> dict | None:
+    """Process one class end to end and return its master_results row (raises DataError for a bad class).
+
+    With a distributed `world` (--distribute images) the ranks share the fit, hold-out and test
+    images; rank 0 alone evaluates, writes and returns the row, the others return None."""
+    world = world or World()
     load_class = DATASET_LOADERS[args.dataset]
     split = load_class(
         class_dir, holdout_ratio=args.holdout_ratio, seed=args.seed, test_sample_ratio=args.test_sample_ratio
@@ -442,7 +476,8 @@ def run_class_processing(
     model = build_model(extractor, args, devices)
     index = model.index
     log_split(split, index.numel())
-    warn_on_crop_losses(split.test, geometry, split.name)
+    if world.is_root:
+        warn_on_crop_losses(split.test, geometry, split.name)
     identity = {
         "backbone": extractor.spec.name,
         "weights_id": weights_id,
@@ -452,10 +487,11 @@ def run_class_processing(
         "fingerprint": training_fingerprint(split.fit + split.holdout, class_dir),
         "training_config": _training_config(args, index),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_root:
+        out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     threshold, provenance, fit_skipped = fit_or_load(
-        model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME
+        model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME, world
     )
     fit_seconds = time.perf_counter() - start
     log.info(
@@ -468,7 +504,12 @@ def run_class_processing(
     )
 
     start = time.perf_counter()
-    scored = score_samples(model, split.test, geometry, args, "score", keep_maps=True)
+    scored = score_samples(model, world.part(split.test), geometry, args, "score", keep_maps=True)
+    scored.skipped += fit_skipped
+    parts = world.to_root(scored)
+    if parts is None:
+        return None
+    scored = ScoredSet.join(parts) if len(parts) > 1 else scored
     if scored.scores.size == 0:
         raise DataError("no readable test image")
     require_finite_scores(scored.scores, "test images")
@@ -492,7 +533,7 @@ def run_class_processing(
         "n_train": model.stats.count,
         "n_holdout": len(split.holdout),
         "n_test": int(scored.scores.size),
-        "n_skipped": fit_skipped + scored.skipped + len(split.ignored_files),
+        "n_skipped": scored.skipped + len(split.ignored_files),
         "fit_seconds": round(fit_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "status": "ok",

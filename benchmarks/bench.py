@@ -40,6 +40,7 @@ from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
 from utils.cli import at_least  # noqa: E402
+from utils.distributed import World  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.plotting import plot_class_results  # noqa: E402
 
@@ -141,7 +142,7 @@ def pipeline_args(args: argparse.Namespace, backbone: str) -> argparse.Namespace
             "--num_workers",
             str(args.num_workers),
         ]
-    )
+    ).configurations[0]
 
 
 def evenly(items: list, count: int | None) -> list:
@@ -175,7 +176,7 @@ def synchronize(device: torch.device) -> None:
 def fit(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
     """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out threshold."""
     threshold, _, _ = trainer.fit_or_load(
-        model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs, identity={}, model_path=Path()
+        model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs, {}, Path(), World()
     )
     return threshold
 

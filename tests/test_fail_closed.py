@@ -279,8 +279,8 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
 def _poison_fit(monkeypatch) -> None:
     original = Padim.fit
 
-    def poisoned(self, batches):
-        stats = original(self, batches)
+    def poisoned(self, batches, merge=None):
+        stats = original(self, batches, merge)
         stats.mean[0, 0] = float("nan")
         return stats
 

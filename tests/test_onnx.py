@@ -179,11 +179,12 @@ def test_broken_export_is_one_clear_line(kind: str, exported, texture_root: Path
 
 
 def test_readme_snippet_scores_one_image_without_torch(exported, texture_root: Path, tmp_path):
-    """The README's deployment snippet (onnxruntime + numpy + Pillow) runs as printed and gives the
-    graph's score for an image already at the model input size."""
+    """The deployment snippet the README links (onnxruntime + numpy + Pillow) runs as printed and gives
+    the graph's score for an image already at the model input size."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Deploying a model") :]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "[docs/deploying.md](docs/deploying.md)" in readme[readme.index("## Deploying a model") :]
+    page = (ROOT / "docs" / "deploying.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     assert len(snippet.strip().splitlines()) <= 15
     _, graph = exported["lite0_crop224"]
     image = sorted((texture_root / "brick" / "test").glob("*/*.png"))[-1]

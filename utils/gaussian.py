@@ -76,6 +76,26 @@ class GaussianAccumulator:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")
         self.count += images
 
+    def moments(self) -> list[torch.Tensor]:
+        """The sums that add up over disjoint sets of images (first moments, upper blocks of the second)."""
+        return [self.sum, *self.outer.blocks]
+
+    def recentre(self, shift: torch.Tensor) -> None:
+        """Re-express the sums around another shift (P, 1, D), so that sums of several accumulators
+        (one per process) can be added.
+
+        With y = x - a around the old shift a and delta = a - b: sum(x - b) = S1 + n delta and
+        sum (x - b)(x - b)^T = S2 + v delta^T + delta v^T, where v = S1 + (n / 2) delta.
+        """
+        delta = (self.shift - shift)[:, 0, :].double()
+        v = (self.sum + delta * (self.count / 2)).float().unsqueeze(2)
+        delta_column = delta.float().unsqueeze(2)
+        for (start, stop), block in zip(self.outer.spans, self.outer.blocks):
+            block.baddbmm_(v[:, start:stop], delta_column[:, start:].transpose(1, 2))
+            block.baddbmm_(delta_column[:, start:stop], v[:, start:].transpose(1, 2))
+        self.sum += delta * self.count
+        self.shift.copy_(shift)
+
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, TriangularBlocks]:
         """(mean (P, D), covariance as upper blocks): unbiased, plus epsilon * I; the buffers are reused in place."""
         if self.count == 0:

@@ -5,7 +5,7 @@ Holds tensors only; data loading, files and metrics stay with the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,6 +22,11 @@ BAND_ELEMENTS = 2**22  # values per band of embedding rows: bounds its memory (t
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
+Grid = tuple[int, int]
+Merge = Callable[
+    [GaussianAccumulator | None, Grid | None, Callable[[Grid], GaussianAccumulator]],
+    tuple[GaussianAccumulator | None, Grid | None],
+]
 
 
 def image_groups(batches: Iterable[tuple[Item, int]], images_together: int) -> Iterator[list[Item]]:
@@ -103,14 +108,23 @@ class Padim:
         """The group's embedding in bands of grid rows (embedding_bands)."""
         return embedding_bands([chosen for _, chosen in group], self.band_elements)
 
-    def fit(self, image_batches: Iterable[torch.Tensor]) -> GaussianStats:
-        """One pass: each group's embedding is folded into running sums band by band and dropped."""
+    def new_accumulator(self, grid: Grid) -> GaussianAccumulator:
+        return GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
+
+    def fit(self, image_batches: Iterable[torch.Tensor], merge: Merge | None = None) -> GaussianStats:
+        """One pass: each group's embedding is folded into running sums band by band and dropped.
+
+        `merge` adds up the sums of every process that fitted a share of the images
+        (utils.distributed.World.merge_sums) before the Gaussian is formed.
+        """
         accumulator, grid = None, None
         for group in self.groups((None, images) for images in image_batches):
             if accumulator is None:
                 grid = tuple(group[0][1][0].shape[1:3])
-                accumulator = GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
+                accumulator = self.new_accumulator(grid)
             accumulator.update(self.bands(group))
+        if merge is not None:
+            accumulator, grid = merge(accumulator, grid, self.new_accumulator)
         if accumulator is None:
             raise ValueError("no readable training images")
         mean, covariance = accumulator.finalize()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -603,3 +604,32 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualization
             _save(figure, out_dir / f"patch_score_distribution_{suffix}.png")
         write_visualizations(result, categories, scale, out_dir / "visualizations", max_visualizations)
     log.info("%s: plots written to %s", result.name, out_dir)
+
+
+def comparison_figure(comparison: pd.DataFrame) -> Figure:
+    """Per class, every configuration's image AUROC (with its bootstrap 95% interval) and pixel AUROC
+    side by side: configurations down the rows, so long names stay readable."""
+    classes = list(dict.fromkeys(comparison["class_name"]))
+    configurations = list(dict.fromkeys(comparison["configuration"]))
+    rows = np.arange(len(configurations))
+    figure = Figure(figsize=(8.0, 1.0 + len(classes) * (0.6 + 0.35 * len(configurations))), dpi=DPI)
+    axes = figure.subplots(len(classes), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, classes):
+        table = comparison[comparison["class_name"] == name].set_index("configuration").reindex(configurations)
+        image, low, high = (table[key].to_numpy(float) for key in ("roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"))
+        interval = np.stack([image - low, high - image])
+        ax.errorbar(image, rows - 0.12, xerr=interval, fmt="o", capsize=3, label="image AUROC (95% CI)")
+        ax.plot(table["pixel_roc_auc"].to_numpy(float), rows + 0.12, "s", label="pixel AUROC")
+        ax.set_yticks(rows, configurations)
+        ax.set_ylim(len(configurations) - 0.5, -0.5)
+        ax.set_title(name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize="small")
+    axes[-1].set_xlabel("AUROC")
+    figure.tight_layout()
+    return figure
+
+
+def save_comparison_figure(comparison: pd.DataFrame, path: Path) -> None:
+    with matplotlib.rc_context(_style()):
+        _save(comparison_figure(comparison), path)
