@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -409,7 +408,6 @@ def run_job(
     log.info("class %s: training on %s%s", job.name, job.class_dir, test)
     if class_world.is_root:
         clear_class_folder(out_dir)
-    plot = partial(plot_class_results, max_visualizations=args.max_visualizations)
     try:
         row = run_class_processing(
             args,
@@ -419,7 +417,7 @@ def run_job(
             configuration.weights_id,
             out_dir,
             devices,
-            plot,
+            plot_class_results,
             class_world,
         )
     except (DataError, ModelFileError, ValueError) as err:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from importlib import import_module
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from utils import metrics
 from utils.backbones import FeatureExtractor
 from utils.distributed import World
 from utils.embedding import channel_index
-from utils.evaluation import ClassEvaluation
+from utils.evaluation import ClassEvaluation, MapSummary
 from utils.model_io import (
     MODEL_FILENAME,
     ModelFileError,
@@ -62,25 +63,25 @@ MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize",
 
 @dataclass
 class ScoredSet:
-    """Scores (and maps, masks, display images) of the readable samples of a set, in order."""
+    """Scores of the readable samples of a set, in order, and (test sets) the summary of their maps."""
 
     samples: list[Sample]
     scores: np.ndarray
-    maps: np.ndarray
-    masks: np.ndarray
-    images: np.ndarray
     skipped: int
+    maps: MapSummary | None = None
 
     @classmethod
     def join(cls, parts: list[ScoredSet]) -> ScoredSet:
         """The parts of a set scored by several ranks, in rank order: the whole set's ScoredSet."""
+        first = parts[0]
+        for part in parts[1:]:
+            if first.maps is not None:
+                first.maps.absorb(part.maps)
         return cls(
             samples=[sample for part in parts for sample in part.samples],
             scores=np.concatenate([part.scores for part in parts]),
-            maps=np.concatenate([part.maps for part in parts]),
-            masks=np.concatenate([part.masks for part in parts]),
-            images=np.concatenate([part.images for part in parts]),
             skipped=sum(part.skipped for part in parts),
+            maps=first.maps,
         )
 
 
@@ -119,51 +120,40 @@ def readable_batches(loader: DataLoader, description: str, skipped: list[str]) -
                 yield batch
 
 
-def _write_display_images(images: torch.Tensor, out: np.ndarray) -> None:
-    """Normalised model inputs (B, 3, H, W) back to uint8 RGB, written into `out` (B, H, W, 3) for the visualizations.
-
-    One arithmetic pass in the output's layout, straight into the caller's array, where
-    separate products, a permuted copy and a second copy into the array cost several times
-    as much (benchmarks/README.md).
-    """
+def display_pixels(images: torch.Tensor, i: int) -> np.ndarray:
+    """The i-th normalised model input of a (B, 3, H, W) batch back to uint8 RGB (H, W, 3), for a figure."""
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    pixels = torch.addcmul(mean, images.cpu().permute(0, 2, 3, 1), std)
-    torch.from_numpy(out).copy_(pixels.mul_(255).clamp_(0, 255).round_())
+    pixels = torch.addcmul(mean, images[i].cpu().permute(1, 2, 0), std)
+    return pixels.mul_(255).clamp_(0, 255).round_().to(torch.uint8).numpy()
 
 
 def score_samples(
-    model: Padim, samples: list[Sample], geometry: Geometry, args: argparse.Namespace, description: str, keep_maps: bool
+    model: Padim,
+    samples: list[Sample],
+    geometry: Geometry,
+    args: argparse.Namespace,
+    description: str,
+    maps: MapSummary | None = None,
 ) -> ScoredSet:
-    """Anomaly maps and scores of every readable sample (maps, masks and images only when asked).
-
-    Maps, masks and images are written into arrays made for the whole set, not joined from
-    per-batch parts at the end, which would copy them all a second time.
-    """
+    """Scores of every readable sample; each batch's maps are folded into `maps` (when given) and dropped,
+    so memory does not grow with the number of images."""
     skipped: list[str] = []
-    size, capacity = geometry.input_size, len(samples) if keep_maps else 0
-    maps = np.empty((capacity, size, size), np.float32)
-    masks = np.empty((capacity, size, size), bool)
-    images = np.empty((capacity, size, size, 3), np.uint8)
     kept, scores = [], []
     batches = (
         (batch, batch.images) for batch in readable_batches(image_loader(samples, geometry, args), description, skipped)
     )
     for batch, batch_maps, batch_scores in model.stream_anomaly_maps(batches):
-        if keep_maps:
-            rows = slice(len(kept), len(kept) + len(batch.indices))
-            maps[rows] = batch_maps.numpy()
-            masks[rows] = batch.masks.numpy()
-            _write_display_images(batch.images, images[rows])
-        kept.extend(samples[i] for i in batch.indices)
+        batch_samples = [samples[i] for i in batch.indices]
+        if maps is not None and torch.isfinite(batch_scores).all():  # a non-finite score fails the class below
+            display = partial(display_pixels, batch.images)
+            maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display)
+        kept.extend(batch_samples)
         scores.append(batch_scores.numpy())
-    held = len(kept) if keep_maps else 0
     return ScoredSet(
         samples=kept,
         scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
-        maps=maps[:held],
-        masks=masks[:held],
-        images=images[:held],
         skipped=len(skipped),
+        maps=maps,
     )
 
 
@@ -276,7 +266,7 @@ def _threshold(
     if not samples:
         source, samples = "training images (too few to hold any out; biased low)", split.fit
         log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
-    scored = score_samples(model, world.part(samples), geometry, args, "threshold", keep_maps=False)
+    scored = score_samples(model, world.part(samples), geometry, args, "threshold")
     scores = np.concatenate(world.everyone(scored.scores))
     if scores.size == 0:
         raise DataError("no readable image to set the threshold")
@@ -345,9 +335,7 @@ def fit_or_load(
 
 def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: bool) -> ClassEvaluation:
     """All metrics of one class; an undefined one is None and the reason is logged."""
-    result = ClassEvaluation(
-        name, scored.samples, scored.scores, scored.maps, scored.masks, scored.images, threshold, has_ground_truth
-    )
+    result = ClassEvaluation(name, scored.samples, scored.scores, scored.maps, threshold, has_ground_truth)
     labels, scores = result.labels, result.scores
     summary = {
         "roc_auc": metrics.image_auroc(labels, scores),
@@ -381,8 +369,7 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     summary["f1_max"] = best[0] if best else None
     summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
     if has_ground_truth:
-        selected = result.with_mask
-        curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
+        curves = result.maps.pixel_histogram().curves()
         if curves is None:
             log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
         else:
@@ -426,8 +413,7 @@ def defect_type_table(result: ClassEvaluation) -> pd.DataFrame:
             "roc_auc": metrics.image_auroc(labels[good | of_type], result.scores[good | of_type]),
         }
         if result.has_ground_truth:
-            selected = (good | of_type) & result.with_mask
-            curves = metrics.pixel_curves(result.masks[selected], result.maps[selected])
+            curves = result.maps.pixel_histogram([defect]).curves()
             if curves is not None:
                 row["pixel_roc_auc"], row["pixel_aupro"] = metrics.pixel_metrics(curves)
         rows.append(row)
@@ -504,7 +490,8 @@ def run_class_processing(
     )
 
     start = time.perf_counter()
-    scored = score_samples(model, world.part(split.test), geometry, args, "score", keep_maps=True)
+    summary = MapSummary(threshold, geometry.input_size, args.max_visualizations)
+    scored = score_samples(model, world.part(split.test), geometry, args, "score", summary)
     scored.skipped += fit_skipped
     parts = world.to_root(scored)
     if parts is None:

@@ -41,6 +41,7 @@ from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
 from utils.cli import at_least  # noqa: E402
 from utils.distributed import World  # noqa: E402
+from utils.evaluation import MapSummary  # noqa: E402
 from utils.padim import Padim  # noqa: E402
 from utils.plotting import plot_class_results  # noqa: E402
 
@@ -225,13 +226,14 @@ def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devi
     start = time.perf_counter()
     threshold = fit(model, split, pargs)
     fitted = time.perf_counter()
-    scored = trainer.score_samples(model, split.test, geometry, pargs, "score", keep_maps=True)
+    summary = MapSummary(threshold, geometry.input_size, pargs.max_visualizations)
+    scored = trainer.score_samples(model, split.test, geometry, pargs, "score", summary)
     scoring_done = time.perf_counter()
     result = trainer.evaluate(scored, threshold, split.name, split.has_ground_truth)
     metrics_done = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
         plots_start = time.perf_counter()
-        plot_class_results(result, Path(out_dir), max_visualizations=pargs.max_visualizations)
+        plot_class_results(result, Path(out_dir))
         plots_s = time.perf_counter() - plots_start
     return {
         "fit_s": fitted - start,

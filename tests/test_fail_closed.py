@@ -267,8 +267,8 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
     """Make the scores of one score_samples stage ("threshold" or "score") non-finite."""
     original = trainer.score_samples
 
-    def poisoned(model, samples, geometry, args, description, keep_maps):
-        scored = original(model, samples, geometry, args, description, keep_maps)
+    def poisoned(model, samples, geometry, args, description, maps=None):
+        scored = original(model, samples, geometry, args, description, maps)
         if description == stage:
             scored.scores[-1] = float("inf") if stage == "threshold" else float("nan")
         return scored

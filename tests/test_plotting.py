@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,7 +14,7 @@ from PIL import Image
 from datasets.images import Sample
 from trainer import ScoredSet, evaluate
 from utils import metrics, plotting
-from utils.evaluation import ClassEvaluation
+from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary
 
 SIZE = 64
 CLASS_FILES = [
@@ -40,9 +42,18 @@ def _samples(with_masks: bool) -> list[Sample]:
     return good + defects
 
 
-def make_result(with_masks: bool = True, good_only: bool = False) -> ClassEvaluation:
-    """A synthetic class scored by the real `trainer.evaluate`, with FPs (bright good images)
-    and FNs (faint defects)."""
+@dataclass
+class Synthetic:
+    samples: list[Sample]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    images: np.ndarray
+    threshold: float
+
+
+def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
+    """A synthetic test set with FPs (bright good images) and FNs (faint defects)."""
     rng = np.random.default_rng(7)
     samples = _samples(with_masks)
     if good_only:
@@ -61,9 +72,19 @@ def make_result(with_masks: bool = True, good_only: bool = False) -> ClassEvalua
     maps[15] = maps[0]
     images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
     scores = maps.reshape(n, -1).max(axis=1)
-    threshold = float(np.quantile(scores[:16], 0.8))
-    scored = ScoredSet(samples, scores, maps, masks, images, skipped=0)
-    return evaluate(scored, threshold, "synthetic", has_ground_truth=with_masks)
+    return Synthetic(samples, scores, maps, masks, images, float(np.quantile(scores[:16], 0.8)))
+
+
+def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
+    """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `trainer.evaluate`."""
+    data = synthetic(with_masks, good_only)
+    summary = MapSummary(data.threshold, SIZE, limit)
+    for start in range(0, len(data.samples), 5):
+        rows = slice(start, start + 5)
+        display = partial(lambda offset, i: data.images[offset + i], start)
+        summary.add(data.samples[rows], data.scores[rows], data.maps[rows], data.masks[rows], display)
+    scored = ScoredSet(data.samples, data.scores, skipped=0, maps=summary)
+    return evaluate(scored, data.threshold, "synthetic", has_ground_truth=with_masks)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +93,14 @@ def result() -> ClassEvaluation:
 
 
 @pytest.fixture(scope="module")
-def plotted_with(result, tmp_path_factory):
+def plotted_with(tmp_path_factory):
     """plot_class_results' output folder for a max_visualizations value, made once per module."""
     folders: dict[int, Path] = {}
 
     def plotted(limit: int) -> Path:
         if limit not in folders:
             folders[limit] = tmp_path_factory.mktemp(f"plots_{limit}")
-            plotting.plot_class_results(result, folders[limit], max_visualizations=limit)
+            plotting.plot_class_results(make_result(limit=limit), folders[limit])
         return folders[limit]
 
     return plotted
@@ -99,7 +120,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _category_files(out: Path) -> dict[str, set[str]]:
     root = out / "visualizations"
-    return {c: {p.name for p in (root / c).glob("*.png")} for c in plotting.CATEGORIES}
+    return {c: {p.name for p in (root / c).glob("*.png")} for c in CATEGORIES}
 
 
 def test_fixture_has_every_outcome(result):
@@ -127,12 +148,26 @@ def test_categories_match_operating_point(seed):
     assert (scores[categories["TP"]] > threshold).all() and (labels[categories["TP"]] == 1).all()
 
 
-def test_selection_takes_the_furthest_from_threshold_first():
-    scores = np.array([5.0, 9.0, 7.0, 9.0, 6.0])
-    indices = np.array([0, 1, 2, 3, 4])
-    assert plotting.select_for_visualization(indices, scores, 4.0, 3).tolist() == [1, 3, 2]
-    assert plotting.select_for_visualization(indices, scores, 4.0, 0).size == 0
-    assert plotting.select_for_visualization(indices, scores, 4.0, -1).tolist() == [1, 3, 2, 4, 0]
+@pytest.mark.parametrize("batches", [[5], [2, 3], [1, 1, 1, 1, 1]])
+def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(batches):
+    """Five good images above the threshold (all FP); kept per limit, furthest first, ties in test order,
+    whether folded in one batch, several, or as summaries of parts that absorb each other."""
+    scores = np.array([5.0, 9.0, 7.0, 9.0, 6.0], np.float32)
+    samples = [Sample(Path(f"{i}.png"), 0, "good") for i in range(5)]
+    maps = np.ones((5, 4, 4), np.float32) * scores[:, None, None]
+    for limit, expected in ((3, [1, 3, 2]), (0, []), (-1, [1, 3, 2, 4, 0])):
+        summaries, start = [], 0
+        for size in batches:
+            summary = MapSummary(4.0, 4, limit)
+            rows = slice(start, start + size)
+            summary.add(samples[rows], scores[rows], maps[rows], np.zeros((size, 4, 4), bool), lambda i: maps[0])
+            summaries.append(summary)
+            start += size
+        for part in summaries[1:]:
+            summaries[0].absorb(part)
+        kept = summaries[0].shown_images("FP")
+        assert [image.index for image in kept] == expected
+        assert all(np.array_equal(image.map, maps[image.index]) for image in kept)
 
 
 def test_file_names_keep_the_stem_and_drop_unsafe_characters():
@@ -192,17 +227,21 @@ def test_visualizations_are_named_by_defect_and_stem_in_their_category(result, p
 
 def test_rerun_with_a_lower_limit_removes_stale_figures(result, tmp_path):
     categories = plotting.confusion_categories(result.labels, result.scores, result.threshold)
-    scale = plotting.class_colour_scale(result.maps)
-    plotting.write_visualizations(result, categories, scale, tmp_path / "visualizations", 3)
-    plotting.write_visualizations(result, categories, scale, tmp_path / "visualizations", 1)
+    scale = plotting.class_colour_scale(np.array([result.maps.low, result.maps.high]))
+    plotting.write_visualizations(make_result(limit=3), scale, tmp_path / "visualizations")
+    plotting.write_visualizations(make_result(limit=1), scale, tmp_path / "visualizations")
     assert {c: len(names) for c, names in _category_files(tmp_path).items()} == {
         c: min(1, len(i)) for c, i in categories.items()
     }
 
 
-def test_mean_map_titles_carry_the_reported_counts(result):
+def test_mean_maps_and_their_titles_carry_the_reported_counts(result):
+    data = synthetic()
     categories = plotting.confusion_categories(result.labels, result.scores, result.threshold)
-    figure = plotting.mean_maps_figure(result.maps, categories, result.name)
+    means = result.maps.mean_maps()
+    for category, indices in categories.items():
+        np.testing.assert_allclose(means[category], data.maps[indices].mean(axis=0), rtol=1e-5)
+    figure = plotting.mean_maps_figure(result.maps, result.name)
     titles = {ax.get_title().split(" ")[0]: ax.get_title() for ax in figure.axes if ax.get_title()}
     summary = result.summary
     reported = {
@@ -215,12 +254,9 @@ def test_mean_map_titles_carry_the_reported_counts(result):
         assert titles[category].endswith(f"n={count}")
 
 
-def test_an_empty_category_gets_a_panel_that_says_so(result):
-    categories = {
-        c: np.array([], dtype=int) if c == "FN" else i
-        for c, i in plotting.confusion_categories(result.labels, result.scores, result.threshold).items()
-    }
-    figure = plotting.mean_maps_figure(result.maps, categories, "x")
+def test_an_empty_category_gets_a_panel_that_says_so():
+    good_only = make_result(good_only=True)
+    figure = plotting.mean_maps_figure(good_only.maps, "x")
     panel = next(ax for ax in figure.axes if ax.get_title().startswith("FN"))
     assert panel.get_title().endswith("n=0")
     assert [t.get_text() for t in panel.texts] == ["no images in this category"]
@@ -266,50 +302,55 @@ def test_summary_counts_from_another_threshold_are_warned_about(result, caplog):
 
 
 def test_heat_maps_share_the_class_scale(result):
-    scale = plotting.class_colour_scale(result.maps)
-    assert (scale.vmin, scale.vmax) == (float(result.maps.min()), float(result.maps.max()))
+    data = synthetic()
+    scale = plotting.class_colour_scale(np.array([result.maps.low, result.maps.high]))
+    assert (scale.vmin, scale.vmax) == (float(data.maps.min()), float(data.maps.max()))
     drawer = plotting.ImageFigure((SIZE, SIZE), scale, result.threshold)
-    for index in (0, len(result.samples) - 1):
-        drawer.draw(result.images[index], result.maps[index], result.masks[index], "t")
+    for index in (0, len(data.samples) - 1):
+        drawer.draw(data.images[index], data.maps[index], data.masks[index], "t")
         assert drawer.heat_panel.get_clim() == (scale.vmin, scale.vmax)
     assert "class scale" in drawer.figure.axes[-1].get_ylabel()
 
 
-def test_ground_truth_outline_drawn_only_with_a_mask(result):
-    drawer = plotting.ImageFigure((SIZE, SIZE), plotting.class_colour_scale(result.maps), result.threshold)
-    with_mask = next(i for i, s in enumerate(result.samples) if s.mask_path is not None)
-    drawer.draw(result.images[with_mask], result.maps[with_mask], result.masks[with_mask], "t")
-    changed = (np.asarray(drawer.input_panel.get_array()) != result.images[with_mask]).any(axis=-1)
+def test_ground_truth_outline_drawn_only_with_a_mask():
+    data = synthetic()
+    scale = plotting.class_colour_scale(data.maps)
+    drawer = plotting.ImageFigure((SIZE, SIZE), scale, data.threshold)
+    with_mask = next(i for i, s in enumerate(data.samples) if s.mask_path is not None)
+    drawer.draw(data.images[with_mask], data.maps[with_mask], data.masks[with_mask], "t")
+    changed = (np.asarray(drawer.input_panel.get_array()) != data.images[with_mask]).any(axis=-1)
     assert (
-        changed.any()
-        and (np.abs(np.argwhere(changed).mean(0) - np.argwhere(result.masks[with_mask]).mean(0)) < 3).all()
+        changed.any() and (np.abs(np.argwhere(changed).mean(0) - np.argwhere(data.masks[with_mask]).mean(0)) < 3).all()
     )
     assert "ground truth" in drawer.panel_titles[0].get_text()
-    drawer.draw(result.images[0], result.maps[0], None, "t")
-    assert np.array_equal(drawer.input_panel.get_array(), result.images[0])
+    drawer.draw(data.images[0], data.maps[0], None, "t")
+    assert np.array_equal(drawer.input_panel.get_array(), data.images[0])
     assert drawer.panel_titles[0].get_text() == "input"
 
 
-def test_pixel_samples_come_from_the_right_pixels(result, monkeypatch):
-    monkeypatch.setattr(plotting, "PIXEL_SAMPLE_LIMIT", 500)
-    normal, abnormal = plotting.pixel_samples(result)
-    assert normal.values.size == 500 and normal.total == 16 * SIZE * SIZE
-    in_masks = result.maps[result.masks]
-    assert abnormal.total == in_masks.size and abnormal.values.size == 500
-    assert np.isin(abnormal.values, in_masks).all()
-    again, _ = plotting.pixel_samples(result)
-    assert np.array_equal(again.values, normal.values)
+def test_pixel_distributions_count_the_right_pixels(result):
+    """Good images: all their pixels; defect images: the pixels inside the masks, bin by bin."""
+    data = synthetic()
+    normal, abnormal = plotting.pixel_distributions(result)
+    bins = result.maps.bins
+    good = data.maps[[s.label == 0 for s in data.samples]]
+    np.testing.assert_array_equal(normal.counts, np.bincount(bins.index(good).ravel(), minlength=bins.count))
+    in_masks = data.maps[data.masks]
+    np.testing.assert_array_equal(abnormal.counts, np.bincount(bins.index(in_masks), minlength=bins.count))
+    assert normal.label == f"good images: {16 * SIZE * SIZE:,} pixels"
+    edges = np.linspace(float(data.maps.min()), float(data.maps.max()), 101)
+    assert np.trapezoid(abnormal.density(edges), (edges[1:] + edges[:-1]) / 2) == pytest.approx(1.0, abs=0.05)
 
 
 def test_without_masks_no_pro_curve_and_abnormal_uses_all_defect_pixels(tmp_path):
-    unmasked = make_result(with_masks=False)
-    plotting.plot_class_results(unmasked, tmp_path, max_visualizations=1)
+    unmasked = make_result(with_masks=False, limit=1)
+    plotting.plot_class_results(unmasked, tmp_path)
     assert not (tmp_path / "pro_curve.png").exists()
     for name in CLASS_FILES:
         assert _png_size(tmp_path / name)
     assert _png_size(tmp_path / "roc_curve.png") == (500, 460)
-    _, abnormal = plotting.pixel_samples(unmasked)
-    assert abnormal.total == 12 * SIZE * SIZE and "all pixels" in abnormal.label
+    _, abnormal = plotting.pixel_distributions(unmasked)
+    assert abnormal.counts.sum() == 12 * SIZE * SIZE and "all pixels" in abnormal.label
 
 
 def test_a_test_set_of_good_images_only_still_plots(tmp_path):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from utils import metrics
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
-from utils.evaluation import ClassEvaluation
+from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary
 from utils.output_files import atomic_write
 
 if TYPE_CHECKING:
@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 
 DPI = 100
 OUTLINE_RGB = (0, 255, 255)
-PIXEL_SAMPLE_LIMIT = 200_000
-PIXEL_SAMPLE_SEED = 0
-CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
 CATEGORY_MEANING = MappingProxyType(
     {
         "TN": "good, called good",
@@ -71,19 +68,23 @@ class ColourScale:
 
 
 @dataclass(frozen=True)
-class PixelSample:
-    """A seeded sample of map values and how many values it was drawn from, for honest legends."""
+class PixelDistribution:
+    """Counts of map values on the evaluation's fine bins (metrics.ScoreBins), for one kind of pixel."""
 
-    values: np.ndarray
-    total: int
+    counts: np.ndarray
+    bins: metrics.ScoreBins
     description: str
     colour: str
 
     @property
     def label(self) -> str:
-        if self.values.size == self.total:
-            return f"{self.description}: all {self.total:,} pixels"
-        return f"{self.description}: {self.values.size:,} of {self.total:,} pixels (seeded sample)"
+        return f"{self.description}: {int(self.counts.sum()):,} pixels"
+
+    def density(self, edges: np.ndarray) -> np.ndarray:
+        """Density on the display bins `edges` (each fine bin counted at its centre)."""
+        counts, _ = np.histogram(self.bins.centres(), bins=edges, weights=self.counts)
+        total = counts.sum()
+        return counts / (total * np.diff(edges)) if total else counts
 
 
 def class_colour_scale(maps: np.ndarray) -> ColourScale:
@@ -115,22 +116,12 @@ def summary_counts(summary: dict) -> np.ndarray:
     )
 
 
-def select_for_visualization(indices: np.ndarray, scores: np.ndarray, threshold: float, limit: int) -> np.ndarray:
-    """The `limit` images of a category furthest from the threshold (-1 all, 0 none), ties in test order.
-
-    That is the most confident correct calls (lowest-scoring TN, highest-scoring TP) and the
-    worst errors (highest-scoring FP, lowest-scoring FN): the cases worth looking at first.
-    """
-    order = indices[np.argsort(-np.abs(scores[indices] - threshold), kind="stable")]
-    return order if limit < 0 else order[:limit]
-
-
 def visualization_name(sample: Sample) -> str:
     """`<defect>_<stem>.png` with path separators and characters Windows rejects replaced by `_`."""
     return UNSAFE_FILENAME_CHARACTERS.sub("_", f"{sample.defect}_{sample.path.stem}") + ".png"
 
 
-def _unique_names(samples: list[Sample], indices: np.ndarray) -> list[str]:
+def _unique_names(samples: list[Sample], indices: list[int]) -> list[str]:
     """File names for one category; a repeated name (same stem in test/good and train/good) gets `_<index>`."""
     names: list[str] = []
     for index in indices:
@@ -359,13 +350,13 @@ def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: 
     return figure
 
 
-def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: str) -> Figure:
+def mean_maps_figure(maps: MapSummary, name: str) -> Figure:
     """Mean anomaly map per category, laid out as the confusion matrix ([[TN, FP], [FN, TP]]).
 
     The four panels share one scale, the range of the mean maps: averaging pulls every mean
     far below the class's per-image peaks, and on the class scale they were near-uniform dark.
     """
-    means = {c: maps[categories[c]].mean(axis=0) for c in CATEGORIES if categories[c].size}
+    means = maps.mean_maps()
     values = np.stack(list(means.values())) if means else np.zeros(1)
     scale = class_colour_scale(values)
     figure = Figure(figsize=(7.4, 6.6), dpi=DPI)
@@ -373,11 +364,10 @@ def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: 
     figure.subplots_adjust(left=0.03, right=0.84, top=0.88, bottom=0.03, wspace=0.08, hspace=0.22)
     shown = None
     for ax, category in zip(axes.ravel(), CATEGORIES):
-        indices = categories[category]
-        ax.set_title(f"{category} ({CATEGORY_MEANING[category]})\nn={indices.size}", fontsize="medium")
-        if indices.size == 0:
+        ax.set_title(f"{category} ({CATEGORY_MEANING[category]})\nn={maps.map_counts[category]}", fontsize="medium")
+        if category not in means:
             _note(ax, "no images in this category")
-            ax.set_box_aspect(maps.shape[1] / maps.shape[2])
+            ax.set_box_aspect(1.0)
             continue
         shown = ax.imshow(means[category], cmap=HEAT_COLORMAP, vmin=scale.vmin, vmax=scale.vmax)
         ax.axis("off")
@@ -388,68 +378,33 @@ def mean_maps_figure(maps: np.ndarray, categories: dict[str, np.ndarray], name: 
     return figure
 
 
-def _pixel_sample(
-    maps: np.ndarray,
-    images: np.ndarray,
-    inside: np.ndarray | None,
-    rng: np.random.Generator,
-    description: str,
-    colour: str,
-) -> PixelSample:
-    """Up to PIXEL_SAMPLE_LIMIT values of `maps[images]` (only where `inside`, when given), drawn without
-    copying the maps, so a 600-image class samples in milliseconds."""
-    flat = maps.reshape(len(maps), -1)
-    per_image = flat.shape[1]
-    if inside is None:
-        total = images.size * per_image
-        positions = (
-            rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False) if total > PIXEL_SAMPLE_LIMIT else np.arange(total)
-        )
-    else:
-        eligible = np.flatnonzero(inside[images])
-        total = eligible.size
-        positions = (
-            eligible[rng.choice(total, PIXEL_SAMPLE_LIMIT, replace=False)] if total > PIXEL_SAMPLE_LIMIT else eligible
-        )
-    positions = np.sort(positions)
-    return PixelSample(flat[images[positions // per_image], positions % per_image], int(total), description, colour)
-
-
-def pixel_samples(result: ClassEvaluation) -> tuple[PixelSample, PixelSample]:
+def pixel_distributions(result: ClassEvaluation) -> tuple[PixelDistribution, PixelDistribution]:
     """Map values of good images, and of defect images: inside the masks when the class has any
     defect pixels in its masks, else all pixels of the defect images (said in the label)."""
-    rng = np.random.default_rng(PIXEL_SAMPLE_SEED)
-    labels = result.labels
-    normal = _pixel_sample(result.maps, np.flatnonzero(labels == 0), None, rng, "good images", "tab:blue")
-    masked = np.flatnonzero((labels == 1) & result.with_mask)
-    if result.has_ground_truth and result.masks[masked].any():
-        abnormal = _pixel_sample(
-            result.maps, masked, result.masks, rng, "defect images, inside the masks", "tab:orange"
-        )
-    else:
-        abnormal = _pixel_sample(
-            result.maps, np.flatnonzero(labels == 1), None, rng, "defect images, all pixels", "tab:orange"
-        )
-    return normal, abnormal
+    maps = result.maps
+    good = maps.good_pixels.outside + maps.good_pixels.inside
+    normal = PixelDistribution(good, maps.bins, "good images", "tab:blue")
+    defect_types = list(maps.defect_pixels.values())
+    inside = sum((histogram.inside for histogram in defect_types), np.zeros_like(good))
+    if result.has_ground_truth and inside.any():
+        return normal, PixelDistribution(inside, maps.bins, "defect images, inside the masks", "tab:orange")
+    every = maps.unmasked_pixels.outside + maps.unmasked_pixels.inside
+    every = every + sum((h.outside + h.inside for h in defect_types), np.zeros_like(good))
+    return normal, PixelDistribution(every, maps.bins, "defect images, all pixels", "tab:orange")
 
 
-def pixel_distribution_figure(samples: list[PixelSample], scale: ColourScale, threshold: float, title: str) -> Figure:
+def pixel_distribution_figure(
+    distributions: list[PixelDistribution], scale: ColourScale, threshold: float, title: str
+) -> Figure:
     """Density of map values on fixed bins over the class scale, so the three pixel figures line up."""
     figure = Figure(figsize=(8.0, 4.8), dpi=DPI)
     ax = figure.subplots()
-    bins = np.linspace(scale.vmin, scale.vmax, 101)
-    drawn = [sample for sample in samples if sample.values.size]
-    for sample in drawn:
-        sns.histplot(
-            x=sample.values,
-            bins=bins,
-            stat="density",
-            element="step",
-            alpha=0.35,
-            color=sample.colour,
-            label=sample.label,
-            ax=ax,
-        )
+    edges = np.linspace(scale.vmin, scale.vmax, 101)
+    drawn = [distribution for distribution in distributions if distribution.counts.any()]
+    for distribution in drawn:
+        density = distribution.density(edges)
+        ax.stairs(density, edges, fill=True, alpha=0.35, color=distribution.colour, label=distribution.label)
+        ax.stairs(density, edges, color=distribution.colour)
     if not drawn:
         _note(ax, "no pixels of this kind in the test set")
     else:
@@ -531,27 +486,22 @@ def _clear_stale_visualizations(folder: Path) -> None:
             old.unlink()
 
 
-def write_visualizations(
-    result: ClassEvaluation,
-    categories: dict[str, np.ndarray],
-    scale: ColourScale,
-    folder: Path,
-    max_visualizations: int,
-) -> None:
-    """visualizations/<category>/<defect>_<stem>.png for up to `max_visualizations` images per category."""
+def write_visualizations(result: ClassEvaluation, scale: ColourScale, folder: Path) -> None:
+    """visualizations/<category>/<defect>_<stem>.png for the images the evaluation kept to show
+    (MapSummary: up to --max_visualizations per category, the furthest from the threshold)."""
     _clear_stale_visualizations(folder)
     jobs = []
     for category in CATEGORIES:
-        chosen = select_for_visualization(categories[category], result.scores, result.threshold, max_visualizations)
-        jobs += [(category, index, name) for index, name in zip(chosen, _unique_names(result.samples, chosen))]
+        shown = result.maps.shown_images(category)
+        names = _unique_names(result.samples, [image.index for image in shown])
+        jobs += [(category, image, name) for image, name in zip(shown, names)]
     if not jobs:
         return
     for category in {category for category, _, _ in jobs}:
         (folder / category).mkdir(parents=True, exist_ok=True)
-    drawer = ImageFigure(result.maps.shape[1:], scale, result.threshold)
-    for category, index, name in tqdm(jobs, desc=f"{result.name} figures", unit="fig", leave=False):
-        mask = result.masks[index] if result.samples[index].mask_path is not None else None
-        figure = drawer.draw(result.images[index], result.maps[index], mask, _image_title(result, index, category))
+    drawer = ImageFigure(jobs[0][1].map.shape, scale, result.threshold)
+    for category, image, name in tqdm(jobs, desc=f"{result.name} figures", unit="fig", leave=False):
+        figure = drawer.draw(image.image, image.map, image.mask, _image_title(result, image.index, category))
         _save(figure, folder / category / name)
 
 
@@ -582,19 +532,19 @@ def _style() -> dict:
     return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.8)}
 
 
-def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualizations: int = 20) -> None:
+def plot_class_results(result: ClassEvaluation, out_dir: Path) -> None:
     """Write every figure of one class into `out_dir` (file list in the README's plots section)."""
     out_dir = Path(out_dir)
     categories = confusion_categories(result.labels, result.scores, result.threshold)
     counts = summary_counts(result.summary)
     _warn_on_count_mismatch(result.name, counts, categories)
-    scale = class_colour_scale(result.maps)
+    scale = class_colour_scale(np.array([result.maps.low, result.maps.high]))
     with matplotlib.rc_context(_style()):
         _write_curves(result, out_dir)
         _save(score_distribution_figure(result), out_dir / "score_distribution.png")
         _save(confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png")
-        _save(mean_maps_figure(result.maps, categories, result.name), out_dir / "mean_anomaly_maps.png")
-        normal, abnormal = pixel_samples(result)
+        _save(mean_maps_figure(result.maps, result.name), out_dir / "mean_anomaly_maps.png")
+        normal, abnormal = pixel_distributions(result)
         for suffix, samples, title in (
             ("normal", [normal], "pixel anomaly values of good images"),
             ("abnormal", [abnormal], "pixel anomaly values of defect images"),
@@ -602,7 +552,7 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path, max_visualization
         ):
             figure = pixel_distribution_figure(samples, scale, result.threshold, f"{result.name}: {title}")
             _save(figure, out_dir / f"patch_score_distribution_{suffix}.png")
-        write_visualizations(result, categories, scale, out_dir / "visualizations", max_visualizations)
+        write_visualizations(result, scale, out_dir / "visualizations")
     log.info("%s: plots written to %s", result.name, out_dir)
 
 
