@@ -289,7 +289,9 @@ class ResultBook:
 
 
 def count_images(class_dir: Path) -> int:
-    return sum(1 for path in class_dir.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
+    """The training and test images of a class (not its masks): the size of its jobs."""
+    folders = (class_dir / "train", class_dir / "test")
+    return sum(1 for folder in folders for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def share_jobs(jobs: list[Job], world: World) -> list[Job]:
@@ -343,10 +345,11 @@ def prepare(
             held.enter_context(folder_lock(folder, "results folder", DataError))
         for configuration in configurations:
             claim_results_folder(configuration.folder, experiment_settings(configuration.args))
+    sizes = [count_images(class_dir) for _, class_dir, _ in classes]
     return [
-        Job(index, name, class_dir, test_dir, count_images(class_dir))
+        Job(index, name, class_dir, test_dir, size)
         for index in range(len(configurations))
-        for name, class_dir, test_dir in classes
+        for (name, class_dir, test_dir), size in zip(classes, sizes)
     ]
 
 

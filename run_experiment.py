@@ -151,21 +151,12 @@ def layer_choices(values: list[str] | None) -> list[list[str] | None]:
     return [values]
 
 
-def distinct(values: list) -> list:
-    """The values in order, each once: a repeated value is not a second configuration."""
-    return [value for i, value in enumerate(values) if value not in values[:i]]
-
-
 def configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
     """The cartesian product of the multi-valued flags, each a copy of `args` with single values;
     a combination that cannot run (a crop larger than its resize, a stage its backbone lacks) is a
-    parser error naming it."""
+    parser error naming it; a repeated combination (a repeated value) is not a second configuration."""
     combinations = itertools.product(
-        distinct(args.model_architecture),
-        distinct(layer_choices(args.layers)),
-        distinct(args.resize),
-        distinct(args.cropsize),
-        distinct(args.reduced_dim or [None]),
+        args.model_architecture, layer_choices(args.layers), args.resize, args.cropsize, args.reduced_dim or [None]
     )
     chosen = []
     for architecture, layers, resize, cropsize, reduced_dim in combinations:

@@ -496,7 +496,7 @@ def run_class_processing(
     parts = world.to_root(scored)
     if parts is None:
         return None
-    scored = ScoredSet.join(parts) if len(parts) > 1 else scored
+    scored = ScoredSet.join(parts)
     if scored.scores.size == 0:
         raise DataError("no readable test image")
     require_finite_scores(scored.scores, "test images")

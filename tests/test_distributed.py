@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,11 @@ from conftest import ROOT, SMALL_MODEL_FLAGS
 import experiment
 import run_experiment
 from tests.test_math import _bands, _features, _symmetric
+from utils import distributed
 from utils.distributed import World
 from utils.gaussian import GaussianAccumulator
 from utils.model_io import load_model, stats_from_content
+from utils.output_files import OutputWriteError
 
 FLAGS = ["--dataset", "mvtec", *SMALL_MODEL_FLAGS, "--device", "cpu", "--save_distribution", "--results_subdir", "r"]
 COUNT_COLUMNS = ["class_name", "n_train", "n_holdout", "n_test", "n_skipped", "status"]
@@ -183,3 +187,38 @@ def test_a_killed_rank_stops_the_others_with_one_line(texture_root: Path, tmp_pa
     assert processes[0].returncode != 0 and time.monotonic() - killed < 30
     assert "another rank stopped answering" in err
     assert single_run(texture_root, tmp_path)  # nothing left holding the folder
+
+
+def test_a_row_rank_0_cannot_record_stops_it_instead_of_leaving_it_waiting(monkeypatch, caplog):
+    """The heartbeat hands another rank's row to rank 0's `deliver`; when that fails (say, master_results.csv
+    cannot be written), rank 0 stops with that reason instead of waiting for ever on a dead heartbeat."""
+    waiting = threading.Event()
+
+    def beat(heard, news, group):  # a two-rank all-gather, once rank 0 waits: rank 1 posted a row and is done
+        waiting.wait(10)
+        heard[:] = [news, (0, True, [("brick", {"status": "ok"})])]
+
+    def deliver(item):
+        raise OutputWriteError("cannot write master_results.csv: No space left on device")
+
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **options: None)
+    monkeypatch.setattr(distributed.dist, "all_gather_object", beat)
+    watch = distributed.PeerWatch(0, 2, timedelta(seconds=5), deliver)
+    outcome = []
+
+    def finish():
+        try:
+            watch.finish()
+        except distributed.PeerLost as err:
+            outcome.append(str(err))
+
+    finisher = threading.Thread(target=finish, daemon=True)
+    finisher.start()
+    while not watch.waiting:
+        time.sleep(0.01)
+    waiting.set()
+    finisher.join(10)
+    assert not finisher.is_alive(), "rank 0 was left waiting"
+    reason = "cannot write master_results.csv: No space left on device"
+    assert outcome == [f"rank 0 could not record another rank's result: {reason}; stopping"]
+    assert outcome[0] in caplog.text

@@ -39,6 +39,16 @@ class PeerLost(Exception):
     """Another rank stopped answering: killed, out of memory, or its machine lost."""
 
 
+def lost_peer_message(rank: int, err: Exception) -> str:
+    """The one line a rank logs when a collective with the others failed."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo prefixes its source file and line
+    reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    return (
+        f"rank {rank}: another rank stopped answering (killed, out of memory or its machine lost?): "
+        f"{reason}; stopping; the classes finished so far are in master_results.csv"
+    )
+
+
 class PeerWatch:
     """A background thread that all-gathers (steps reached, done, new items) of every rank each
     heartbeat; rank 0 hands the other ranks' items to `deliver`.
@@ -66,12 +76,16 @@ class PeerWatch:
             try:
                 dist.all_gather_object(heard, news, group=self.group)
             except RuntimeError as err:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
-                self._fail(err)
+                self._fail(lost_peer_message(self.rank, err))
                 return
             if self.rank == 0:
-                for _, _, items in heard[1:]:
-                    for item in items:
-                        self.deliver(item)
+                try:
+                    for _, _, items in heard[1:]:
+                        for item in items:
+                            self.deliver(item)
+                except Exception as err:  # escaping, it would end this thread silently and leave rank 0 waiting
+                    self._fail(f"rank 0 could not record another rank's result: {err}; stopping")
+                    return
             with self.state:
                 self.reached = min(step for step, _, _ in heard)
                 self.all_done = all(done for _, done, _ in heard)
@@ -81,13 +95,8 @@ class PeerWatch:
                 self.state.wait_for(lambda: self.kicked, timeout=HEARTBEAT_SECONDS)
                 self.kicked = False
 
-    def _fail(self, err: Exception) -> None:
-        text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo prefixes its source file and line
-        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
-        message = (
-            f"rank {self.rank}: another rank stopped answering (killed, out of memory or its machine lost?): "
-            f"{reason}; stopping; the classes finished so far are in master_results.csv"
-        )
+    def _fail(self, message: str) -> None:
+        """Log why the heartbeat ended and stop the main thread."""
         log.error(message)
         with self.state:
             self.failure = message

@@ -27,6 +27,12 @@ def category(label: int, score: float, threshold: float) -> str:
     return CATEGORIES[2 * int(label) + int(score > threshold)]
 
 
+def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Test-set indices of TN, FP, FN and TP, by `category`."""
+    names = np.array([category(label, score, threshold) for label, score in zip(labels, scores)], dtype="<U2")
+    return {name: np.flatnonzero(names == name) for name in CATEGORIES}
+
+
 @dataclass
 class ShownImage:
     """A test image kept for its per-image figure: its place in the test set, its distance from the

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from utils import metrics
 from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
-from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary
+from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary, confusion_categories
 from utils.output_files import atomic_write
 
 if TYPE_CHECKING:
@@ -91,18 +91,6 @@ def class_colour_scale(maps: np.ndarray) -> ColourScale:
     """Lowest to highest value of all maps: no pixel is clipped; a constant map set gets a unit range."""
     vmin, vmax = float(maps.min()), float(maps.max())
     return ColourScale(vmin, vmax if vmax > vmin else vmin + 1.0)
-
-
-def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Test-set indices of TN, FP, FN, TP with metrics.operating_point's rule: `score > threshold` is a defect."""
-    called_defect = scores > threshold
-    is_defect = labels == 1
-    return {
-        "TN": np.flatnonzero(~is_defect & ~called_defect),
-        "FP": np.flatnonzero(~is_defect & called_defect),
-        "FN": np.flatnonzero(is_defect & ~called_defect),
-        "TP": np.flatnonzero(is_defect & called_defect),
-    }
 
 
 def summary_counts(summary: dict) -> np.ndarray:
@@ -384,12 +372,13 @@ def pixel_distributions(result: ClassEvaluation) -> tuple[PixelDistribution, Pix
     maps = result.maps
     good = maps.good_pixels.outside + maps.good_pixels.inside
     normal = PixelDistribution(good, maps.bins, "good images", "tab:blue")
-    defect_types = list(maps.defect_pixels.values())
-    inside = sum((histogram.inside for histogram in defect_types), np.zeros_like(good))
-    if result.has_ground_truth and inside.any():
-        return normal, PixelDistribution(inside, maps.bins, "defect images, inside the masks", "tab:orange")
-    every = maps.unmasked_pixels.outside + maps.unmasked_pixels.inside
-    every = every + sum((h.outside + h.inside for h in defect_types), np.zeros_like(good))
+    defects = metrics.PixelHistogram(maps.bins)
+    for histogram in maps.defect_pixels.values():
+        defects += histogram
+    if result.has_ground_truth and defects.inside.any():
+        return normal, PixelDistribution(defects.inside, maps.bins, "defect images, inside the masks", "tab:orange")
+    defects += maps.unmasked_pixels
+    every = defects.outside + defects.inside
     return normal, PixelDistribution(every, maps.bins, "defect images, all pixels", "tab:orange")
 
 
