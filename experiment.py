@@ -28,12 +28,13 @@ from datasets.split import DataError, find_classes, is_class_dir
 from run_experiment import COMPARISON_SUFFIX
 from trainer import run_class_processing
 from utils.backbone_specs import BACKBONES
-from utils.backbones import FeatureExtractor, WeightsError, build_extractor, pick_device
+from utils.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision, pick_device
 from utils.cli import install_log_handler
 from utils.distributed import PeerLost, World
 from utils.model_io import MODEL_FILENAME, ModelFileError
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 from utils.plotting import plot_class_results, save_comparison_figure
+from utils.report import write_comparison_report, write_report
 
 log = logging.getLogger("padim")
 
@@ -368,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     console_handler(world)
     try:
         with contextlib.ExitStack() as held:
+            held.enter_context(float32_precision(args.allow_tf32))
             error = None
             try:
                 jobs = prepare(args, configurations, parent, world, devices, held)
@@ -439,6 +441,7 @@ def report(configurations: list[Configuration], book: ResultBook, parent: Path |
     """Rank 0, after the last job: the final tables, the summary on stdout, and with several configurations
     comparison.csv / comparison.png and the best configuration per class; 0 when any class succeeded."""
     tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
+    best = None
     if parent is None:
         [table], [configuration] = tables, configurations
         summary = table[[*SUMMARY_COLUMNS, "status"]]
@@ -455,6 +458,12 @@ def report(configurations: list[Configuration], book: ResultBook, parent: Path |
         print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
         print(f"comparison: {parent / COMPARISON_CSV}")
         log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
+    if not configurations[0].args.no_report:
+        for configuration in configurations:
+            print(f"report: {write_report(configuration.folder, configuration.folder.name)}")
+        if best is not None:
+            page = write_comparison_report(parent, parent / COMPARISON_CSV, parent / COMPARISON_PNG, best)
+            print(f"comparison report: {page}")
     return 0 if any((table["status"] == "ok").any() for table in tables) else 1
 
 

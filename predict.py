@@ -45,8 +45,8 @@ from utils.anomaly_map import (
     to_original_resolution,
 )
 from utils.backbone_specs import hooked_layers
-from utils.backbones import BACKBONES, WeightsError, build_extractor, pick_device, weights_digest
-from utils.cli import StrictParser, at_least, install_log_handler, positive_float, run_main
+from utils.backbones import BACKBONES, WeightsError, build_extractor, float32_precision, pick_device, weights_digest
+from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
 from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
 from utils.onnx_model import OnnxModelError, OnnxScorer, read_description
 from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda"],
         help="where the backbone and the distances run (auto: CUDA when available)",
     )
+    add_allow_tf32(parser)
     parser.add_argument(
         "--threshold", type=positive_float, help="anomaly threshold, overriding the model's (held-out normal quantile)"
     )
@@ -506,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_onnx(args.model, description, device)
     else:
         model = build(content, model_path, weights, device, args.batch_size)
-    with folder_lock(args.output, "output folder", PredictError):
+    with folder_lock(args.output, "output folder", PredictError), float32_precision(args.allow_tf32):
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:
             log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
 from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
-from utils.cli import StrictParser, at_least, run_main, unit_interval
+from utils.cli import StrictParser, add_allow_tf32, at_least, run_main, unit_interval
 
 DEMO_DATA_DIR = Path("demo_data")
 COMPARISON_SUFFIX = "comparison"
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
+    add_allow_tf32(parser)
     parser.add_argument(
         "--test_sample_ratio",
         type=unit_interval(True, False),
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(-1),
         default=20,
         help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all",
+    )
+    parser.add_argument(
+        "--no_report", action="store_true", help="skip report.html (and comparison.html), the run's one-page summary"
     )
     parser.add_argument(
         "--demo",

@@ -96,15 +96,18 @@ def require_finite_scores(scores: np.ndarray, what: str) -> None:
         raise NonFiniteError(f"{bad} of {scores.size} {what} got a non-finite score (NaN or infinity)")
 
 
-def image_loader(samples: list[Sample], geometry: Geometry, args: argparse.Namespace, augment=None) -> DataLoader:
-    """The DataLoader every pass over images uses (fit, hold-out, test, and the benchmark's forward-only pass)."""
+def image_loader(
+    samples: list[Sample], geometry: Geometry, args: argparse.Namespace, device: torch.device, augment=None
+) -> DataLoader:
+    """The DataLoader every pass over images uses (fit, hold-out, test, and the benchmark's forward-only pass);
+    batches are pinned only for a backbone on `device` CUDA (pinning asks CUDA for its context)."""
     return DataLoader(
         ImageDataset(samples, geometry, augment),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         collate_fn=collate_skipping_failures,
         generator=torch.Generator().manual_seed(args.seed),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=device.type == "cuda",
     )
 
 
@@ -139,9 +142,8 @@ def score_samples(
     so memory does not grow with the number of images."""
     skipped: list[str] = []
     kept, scores = [], []
-    batches = (
-        (batch, batch.images) for batch in readable_batches(image_loader(samples, geometry, args), description, skipped)
-    )
+    loader = image_loader(samples, geometry, args, model.device)
+    batches = ((batch, batch.images) for batch in readable_batches(loader, description, skipped))
     for batch, batch_maps, batch_scores in model.stream_anomaly_maps(batches):
         batch_samples = [samples[i] for i in batch.indices]
         if maps is not None and torch.isfinite(batch_scores).all():  # a non-finite score fails the class below
@@ -310,7 +312,8 @@ def fit_or_load(
     )
     skipped: list[str] = []
     torch.manual_seed(args.seed)
-    batches = readable_batches(image_loader(world.part(split.fit), geometry, args, augment), "fit", skipped)
+    loader = image_loader(world.part(split.fit), geometry, args, model.device, augment)
+    batches = readable_batches(loader, "fit", skipped)
     stats = model.fit((batch.images for batch in batches), merge=world.merge_sums)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")

@@ -38,7 +38,7 @@ import run_experiment  # noqa: E402
 import trainer  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
-from utils.backbones import BACKBONES, WeightsError, build_extractor  # noqa: E402
+from utils.backbones import BACKBONES, WeightsError, build_extractor, float32_precision  # noqa: E402
 from utils.cli import at_least  # noqa: E402
 from utils.distributed import World  # noqa: E402
 from utils.evaluation import MapSummary  # noqa: E402
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "workers sharing the cores, single timings of the same code spread by 10-20%%",
     )
     parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory fits (two extra fits per row)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
+    for flag in ("--stats_on_gpu", "--mahalanobis_on_gpu", "--allow_tf32"):
+        parser.add_argument(flag, action="store_true", help=f"as run_experiment.py {flag}")
     parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
     return parser
 
@@ -142,6 +145,9 @@ def pipeline_args(args: argparse.Namespace, backbone: str) -> argparse.Namespace
             str(args.batch_size),
             "--num_workers",
             str(args.num_workers),
+            "--device",
+            args.device,
+            *(f"--{flag}" for flag in ("stats_on_gpu", "mahalanobis_on_gpu", "allow_tf32") if getattr(args, flag)),
         ]
     ).configurations[0]
 
@@ -197,7 +203,7 @@ def warm_up(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> None:
     first timing would pay for every shape and the second would get them free.
     """
     geometry = Geometry(pargs.resize, pargs.cropsize)
-    first = next(iter(trainer.image_loader(split.fit, geometry, pargs))).images
+    first = next(iter(trainer.image_loader(split.fit, geometry, pargs, model.device))).images
     sizes = {min(len(samples), pargs.batch_size) for samples in (split.fit, split.holdout, split.test) if samples}
     sizes |= {len(samples) % pargs.batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
     for size in sorted(sizes):
@@ -213,7 +219,8 @@ def forward_only(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> 
     skipped: list[str] = []
     start = time.perf_counter()
     for samples in (split.fit, split.holdout, split.test):
-        for batch in trainer.readable_batches(trainer.image_loader(samples, geometry, pargs), "forward", skipped):
+        loader = trainer.image_loader(samples, geometry, pargs, model.device)
+        for batch in trainer.readable_batches(loader, "forward", skipped):
             model.features(batch.images)
     synchronize(model.device)
     return time.perf_counter() - start
@@ -329,7 +336,7 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
             "backbone": backbone,
             "class_name": split.name,
             "weights": pargs.weights,
-            "device": devices["backbone"].type,
+            "devices": "/".join(devices[part].type for part in ("backbone", "stats", "mahalanobis")),
             "n_train": n_train,
             "n_test": n_test,
             "forward_s": forward_s,
@@ -402,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        return run(args)
+        with float32_precision(args.allow_tf32):
+            return run(args)
     except (DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@ between runs (10-20% on 2 cores) hides a change of a second or two. This times o
 utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
 GaussianAccumulator (in the groups and bands of grid rows Padim hands over), finalize and
 the precision factor, then `--score_batches` batches through mahalanobis, in the groups
-Padim scores together (GROUP_IMAGES images). The defaults are
+Padim scores together (GROUP_IMAGES images). Each batch starts on `--backbone_device` and is
+copied to `--device` (the statistics' and distances' device), as Padim moves the chosen maps
+there before building the embedding. The defaults are
 wide_resnet50_2's on magnetic_tile at crop 224: 550 dims, a 56x56 grid, batch 32, 22 fit
 batches (686 images), 22 scoring batches (76 hold-out + 582 test images).
 """
@@ -41,15 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_batches", type=at_least(1), default=22, help="batches scored")
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the median of each column is printed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the statistics live")
+    parser.add_argument(
+        "--backbone_device",
+        choices=("auto", "cpu", "cuda"),
+        help="where each batch's maps come from (default: --device)",
+    )
     return parser
 
 
 def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """One run: fit (accumulate + finalize), factor, scoring; seconds of each."""
-    batches = [([embedding], args.batch_size)]  # one batch's chosen maps: the embedding itself, channels last
+
+    def batches(count: int):
+        """Each batch's chosen maps (the embedding itself, channels last) moved to the statistics' device."""
+        for _ in range(count):
+            yield [embedding.to(device)], args.batch_size
+
     start = time.perf_counter()
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
-    for group in image_groups(batches * args.fit_batches, GROUP_IMAGES):
+    for group in image_groups(batches(args.fit_batches), GROUP_IMAGES):
         accumulator.update(embedding_bands(group, BAND_ELEMENTS))
     mean, covariance = accumulator.finalize()
     synchronize(device)
@@ -57,7 +69,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     factor = precision_factor_(covariance)
     synchronize(device)
     factored = time.perf_counter()
-    for group in image_groups(batches * args.score_batches, GROUP_IMAGES):
+    for group in image_groups(batches(args.score_batches), GROUP_IMAGES):
         for top, band in embedding_bands(group, BAND_ELEMENTS):
             positions = band_positions(top, band)
             mahalanobis(band, mean[positions], factor[positions])
@@ -69,12 +81,14 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = pick_device(args.device, "--device")
+    backbone_device = pick_device(args.backbone_device or args.device, "--backbone_device")
     generator = torch.Generator().manual_seed(0)
-    embedding = torch.randn(args.batch_size, args.grid, args.grid, args.dims, generator=generator).to(device)
+    embedding = torch.randn(args.batch_size, args.grid, args.grid, args.dims, generator=generator).to(backbone_device)
     runs = pd.DataFrame([time_steps(embedding, args, device) for _ in range(args.repeat)])
     runs["total_s"] = runs.sum(axis=1)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}, {args.dims} dims, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, maps from {backbone_device.type}, "
+        f"statistics on {device.type}, {args.dims} dims, "
         f"{args.grid}x{args.grid} grid, batch {args.batch_size}, {args.fit_batches} fit / {args.score_batches} "
         f"scoring batches, median of {args.repeat} (each run: {', '.join(f'{v:.3f}' for v in runs.total_s)} s)"
     )

@@ -224,6 +224,11 @@ class Batch:
     indices: list[int]
     failures: list[tuple[int, str]]
 
+    def pin_memory(self) -> Batch:
+        """The batch with its tensors in page-locked memory: the DataLoader calls this when it pins
+        (the backbone on CUDA), so that copies to the GPU overlap the next batch's work."""
+        return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.indices, self.failures)
+
 
 def collate_skipping_failures(items) -> Batch:
     """Stack the readable items; unreadable ones are reported, not fatal."""

@@ -22,6 +22,7 @@ from conftest import ROOT, SMALL_MODEL_FLAGS
 import experiment
 import run_experiment
 from tests.test_math import _bands, _features, _symmetric
+from tests.test_report import Page, assert_links_resolve, assert_table_equals_csv
 from utils import distributed
 from utils.distributed import World
 from utils.gaussian import GaussianAccumulator
@@ -143,6 +144,10 @@ def test_several_configurations_equal_their_single_runs_and_are_compared(
     )
     np.testing.assert_array_equal(comparison.roc_auc, expected.roc_auc)
     assert (parent / "comparison.png").stat().st_size > 10_000
+    page = Page(parent / "comparison.html")
+    assert_table_equals_csv(page, "comparison", parent / "comparison.csv")
+    assert_links_resolve(page, parent / "comparison.html")
+    assert {link.split("/")[0] for link in page.links if link.endswith("report.html")} == set(comparison.configuration)
     out = capsys.readouterr().out
     for name, rows in comparison.groupby("class_name"):
         best = rows.sort_values(["roc_auc", "pixel_roc_auc"], ascending=False).iloc[0]

@@ -64,7 +64,8 @@ class MapOperator:
     Each matrix is one axis of it: the bilinear weights of resample_centred, blurred along
     that axis with gaussian_blur's kernel and borders. Two small matmuls per batch instead
     of a resampling and two convolutions; built one axis at a time, not by sending unit
-    impulses through smooth_upsample.
+    impulses through smooth_upsample, in float64 on the CPU (no device's reduced-precision
+    convolution reaches the weights) and then moved to `device` as float32.
     """
 
     rows: torch.Tensor
@@ -74,12 +75,12 @@ class MapOperator:
     def build(cls, grid: tuple[int, int], size: int, device: torch.device) -> MapOperator:
         ratio = stride_ratio(size, grid[1])  # one ratio for both axes, as smooth_upsample takes it
         radius = min(blur_radius(BLUR_SIGMA), size - 1)
-        kernel = gaussian_taps(radius, BLUR_SIGMA, torch.float32, device).view(1, 1, -1)
+        kernel = gaussian_taps(radius, BLUR_SIGMA, torch.float64, torch.device("cpu")).view(1, 1, -1)
 
         def axis(cells: int) -> torch.Tensor:
-            upsampling = centred_weights(size, cells, ratio, torch.float32, device)  # (size, cells)
+            upsampling = centred_weights(size, cells, ratio, torch.float64, torch.device("cpu"))  # (size, cells)
             padded = F.pad(upsampling.T.unsqueeze(1), (radius, radius), mode="reflect")
-            return F.conv1d(padded, kernel)[:, 0].T.contiguous()
+            return F.conv1d(padded, kernel)[:, 0].T.to(device, torch.float32).contiguous()
 
         return cls(axis(grid[0]), axis(grid[1]))
 

@@ -18,6 +18,15 @@ from typing import NoReturn
 log = logging.getLogger(__name__)
 
 
+def add_allow_tf32(parser: argparse.ArgumentParser) -> None:
+    """--allow_tf32, as run_experiment.py and predict.py both take it (utils.backbones.float32_precision)."""
+    parser.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="let CUDA convolve and multiply in TF32: faster on recent GPUs, scores off by about 1e-3 relative",
+    )
+
+
 class StrictParser(argparse.ArgumentParser):
     """argparse without abbreviations (`--crop 300` must not silently set `--cropsize`), whose
     errors are one line naming the closest flag instead of the whole usage."""

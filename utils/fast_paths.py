@@ -15,19 +15,16 @@ import torch
 from threadpoolctl import threadpool_limits
 
 
-def cholesky(matrices: torch.Tensor) -> torch.Tensor:
-    """torch.linalg.cholesky of symmetric positive-definite (P, n, n) matrices, reading their lower
-    triangle only; through NumPy on the CPU. ValueError when one is not positive definite."""
-    if matrices.device.type == "cpu":
-        try:
-            return torch.from_numpy(np.linalg.cholesky(matrices.numpy()))
-        except np.linalg.LinAlgError:
-            pass
-    else:
-        lower, info = torch.linalg.cholesky_ex(matrices)
-        if int(info.max()) == 0:
-            return lower
-    raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
+def cholesky_ex(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.cholesky_ex of symmetric (P, n, n) matrices, reading their lower triangle only:
+    (L, info), info non-zero where a matrix is not positive definite; through NumPy on the CPU,
+    where a failure makes the whole chunk's info non-zero. Nothing waits for the device."""
+    if matrices.device.type != "cpu":
+        return torch.linalg.cholesky_ex(matrices)
+    try:
+        return torch.from_numpy(np.linalg.cholesky(matrices.numpy())), torch.zeros(len(matrices), dtype=torch.int32)
+    except np.linalg.LinAlgError:
+        return torch.full_like(matrices, float("nan")), torch.ones(len(matrices), dtype=torch.int32)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from utils.fast_paths import cholesky, chunk_workers
+from utils.fast_paths import cholesky_ex, chunk_workers
 from utils.triangular import TriangularBlocks, invert_below_diagonal_
 
 COVARIANCE_EPSILON = 0.01  # the paper's
@@ -26,6 +26,7 @@ CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries
 # matrices per chunk of the factorisation: a worker's temporaries stay cache-sized (tuning)
 FACTOR_CHUNK_ELEMENTS = 2**21
 FACTOR_CHUNK_MATRICES = 32
+FACTOR_DEVICE_CHUNK_ELEMENTS = 2**27  # on a GPU: a few large chunks (1 GiB of float64 each)
 
 
 def positions_first(embedding: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,12 @@ def precision_factor_reference(covariance: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(lower, identity, upper=False).float()
 
 
+def require_positive_definite(info: torch.Tensor) -> None:
+    """ValueError when any Cholesky `info` is non-zero: the one point where the factorisation waits for its device."""
+    if bool(info.any()):
+        raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
+
+
 def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
     """precision_factor_reference on the covariance's upper blocks; returns W's lower blocks,
     written into the covariance's own memory (`covariance` is consumed).
@@ -129,29 +136,36 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
     inverse in float32 (L's condition number is only the square root of S's); the evidence is
     in docs/algorithm.md. The factor's lower blocks have the covariance's upper blocks' shapes
     in reverse order (triangular.block_edges), so no second set of P matrices is made. Two
-    passes: chunks of positions get L, with its diagonal blocks inverted, on CPU worker
-    threads; then invert_below_diagonal_ finishes W block row by block row.
+    passes: chunks of positions get L, with its diagonal blocks inverted (on CPU worker
+    threads, or a few large chunks on a GPU); then invert_below_diagonal_ finishes W block
+    row by block row. Whether every matrix was positive definite is read once, at the end.
     """
     positions, dims = covariance.blocks[0].shape[0], covariance.dims
     factor = TriangularBlocks(covariance.blocks[::-1], lower=True)
-    chunk = min(FACTOR_CHUNK_MATRICES, max(1, FACTOR_CHUNK_ELEMENTS // (dims * dims)))
+    on_cpu = factor.blocks[0].device.type == "cpu"
+    if on_cpu:
+        chunk = min(FACTOR_CHUNK_MATRICES, max(1, FACTOR_CHUNK_ELEMENTS // (dims * dims)))
+    else:
+        chunk = max(1, FACTOR_DEVICE_CHUNK_ELEMENTS // (dims * dims))
 
-    def factorise(start: int) -> None:
+    def factorise(start: int) -> torch.Tensor:
         rows = slice(start, start + chunk)
-        lower = cholesky(covariance[rows].lower_triangle_of_symmetric(torch.float64)).float()
+        lower, info = cholesky_ex(covariance[rows].lower_triangle_of_symmetric(torch.float64))
+        lower = lower.float()
         for (first, stop), block in zip(factor.spans, factor.blocks):
             block[rows] = lower[:, first:stop, :stop]
             identity = torch.eye(stop - first, dtype=lower.dtype, device=lower.device)
             diagonal = lower[:, first:stop, first:stop]
             block[rows, :, first:] = torch.linalg.solve_triangular(diagonal, identity, upper=False)
+        return info
 
     starts = range(0, positions, chunk)
-    if factor.blocks[0].device.type != "cpu":
-        for start in starts:
-            factorise(start)
-    else:
+    if on_cpu:
         with chunk_workers() as workers, ThreadPoolExecutor(workers) as pool:
-            list(pool.map(factorise, starts))
+            infos = list(pool.map(factorise, starts))
+    else:
+        infos = [factorise(start) for start in starts]
+    require_positive_definite(torch.cat(infos))
     invert_below_diagonal_(factor)
     return factor
 

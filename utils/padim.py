@@ -89,20 +89,28 @@ class Padim:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
 
     def chosen_features(
-        self, batches: Iterable[tuple[Key, torch.Tensor]]
+        self, batches: Iterable[tuple[Key, torch.Tensor]], device: torch.device
     ) -> Iterator[tuple[tuple[Key, list[torch.Tensor]], int]]:
-        """((key, the batch's maps cut down to the chosen channels), images) for every (key, images) batch."""
+        """((key, the batch's maps cut down to the chosen channels, on `device`), images) for every
+        (key, images) batch.
+
+        Only the chosen maps cross from the backbone's device to the Gaussian's, and the
+        embedding is built there: the deeper maps cross before they are resampled onto the
+        first map's grid, so a fraction of the embedding's bytes travel.
+        """
         for key, images in batches:
-            chosen = chosen_channels(self.features(images), self.local_index)
+            chosen = [level.to(device) for level in chosen_channels(self.features(images), self.local_index)]
             yield (key, chosen), len(chosen[0])
 
-    def groups(self, batches: Iterable[tuple[Key, torch.Tensor]]) -> Iterator[list[tuple[Key, list[torch.Tensor]]]]:
-        """The batches' chosen maps in groups of at least `images_together` images.
+    def groups(
+        self, batches: Iterable[tuple[Key, torch.Tensor]], device: torch.device
+    ) -> Iterator[list[tuple[Key, list[torch.Tensor]]]]:
+        """The batches' chosen maps, on `device`, in groups of at least `images_together` images.
 
         Fitting and scoring read every position's (D, D) matrix once per group, so the more
         images a group holds, the fewer times per image; only the chosen channels are held.
         """
-        return image_groups(self.chosen_features(batches), self.images_together)
+        return image_groups(self.chosen_features(batches, device), self.images_together)
 
     def bands(self, group: list[tuple[Key, list[torch.Tensor]]]) -> Iterator[tuple[int, torch.Tensor]]:
         """The group's embedding in bands of grid rows (embedding_bands)."""
@@ -118,7 +126,7 @@ class Padim:
         (utils.distributed.World.merge_sums) before the Gaussian is formed.
         """
         accumulator, grid = None, None
-        for group in self.groups((None, images) for images in image_batches):
+        for group in self.groups(((None, images) for images in image_batches), self.stats_device):
             if accumulator is None:
                 grid = tuple(group[0][1][0].shape[1:3])
                 accumulator = self.new_accumulator(grid)
@@ -146,7 +154,7 @@ class Padim:
         self, batches: Iterable[tuple[Key, torch.Tensor]]
     ) -> Iterator[tuple[Key, torch.Tensor, torch.Tensor]]:
         """(key, maps, scores) of every (key, images) batch, in order, scored a group at a time."""
-        for group in self.groups(batches):
+        for group in self.groups(batches, self.mahalanobis_device):
             sizes = [len(chosen[0]) for _, chosen in group]
             distances = torch.empty(sum(sizes), *self.stats.grid, device=self.mahalanobis_device)
             for top, band in self.bands(group):

@@ -1,0 +1,204 @@
+"""report.html and comparison.html: what the page says equals the files, every link resolves, users'
+names stay text, and a real browser (headless Chromium) shows it without an error and sorts it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from conftest import TRAIN_FLAGS
+from PIL import Image
+
+import run_experiment
+from utils.report import write_report
+
+HOSTILE_CLASS = "brick<script>window.injected=1"
+HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+INSTALL = "apt-get install chromium (Debian) and pip install playwright"
+
+
+class Page(HTMLParser):
+    """The parts of a page the tests read: tables by id (header and cell texts), links, images, scripts,
+    event-handler attributes, the text of every h2, and every piece of text."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.tables: dict[str, dict] = {}
+        self.links: list[str] = []
+        self.scripts = 0
+        self.handlers: list[str] = []
+        self.headings: list[str] = []
+        self.texts: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self._row: list[str] | None = None
+        self._heading: list[str] | None = None
+        self.feed(path.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.handlers += [name for name in attributes if name.startswith("on")]
+        if tag == "script":
+            self.scripts += 1
+        if tag in ("a", "img"):
+            self.links.append(attributes.get("href") or attributes.get("src") or "")
+        if tag == "table":
+            self._table = attributes.get("id")
+            self.tables[self._table] = {"header": [], "rows": []}
+        if tag == "tr" and self._table:
+            self._row = []
+        if tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        if tag == "h2":
+            self._heading = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        if tag == "tr" and self._row is not None:
+            table = self.tables[self._table]
+            if table["header"]:
+                table["rows"].append(self._row)
+            else:
+                table["header"] = self._row
+            self._row = None
+        if tag == "table":
+            self._table = None
+        if tag == "h2" and self._heading is not None:
+            self.headings.append("".join(self._heading).strip())
+            self._heading = None
+
+    def handle_data(self, data):
+        self.texts.append(data)
+        for part in (self._cell, self._heading):
+            if part is not None:
+                part.append(data)
+
+
+def assert_table_equals_csv(page: Page, table_id: str, csv_path: Path) -> None:
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    shown = page.tables[table_id]
+    assert shown["header"] == header
+    assert shown["rows"] == rows
+
+
+def assert_links_resolve(page: Page, page_path: Path) -> None:
+    local = [link for link in page.links if not link.startswith("#")]
+    assert local, "the page links to nothing"
+    for link in local:
+        assert "://" not in link, f"{link}: the page must open offline"
+        assert (page_path.parent / unquote(link)).is_file(), f"{link} does not resolve"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(texture_root: Path, tmp_path_factory) -> Path:
+    """Two classes, one named like a script tag, with test images named like markup, and one class that
+    fails (no training images): the run's results folder."""
+    data = tmp_path_factory.mktemp("hostile") / "data"
+    shutil.copytree(texture_root / "brick", data / HOSTILE_CLASS)
+    shutil.copytree(texture_root / "gravel", data / "gravel")
+    for image in (data / "gravel" / "train" / "good").iterdir():
+        image.unlink()
+    for k, image in enumerate(sorted((data / HOSTILE_CLASS / "test" / "good").iterdir())):
+        image.rename(image.with_name(f"{HOSTILE_IMAGE}{k}.png"))
+    results = tmp_path_factory.mktemp("hostile_results")
+    flags = [*TRAIN_FLAGS, "--max_visualizations", "2", "--data_path", str(data), "--base_results_dir", str(results)]
+    assert run_experiment.main(flags) == 0
+    return results / "r"
+
+
+def test_report_shows_master_results_as_written_and_every_link_resolves(hostile_run: Path):
+    page_path = hostile_run / "report.html"
+    page = Page(page_path)
+    assert_table_equals_csv(page, "master-results", hostile_run / "master_results.csv")
+    assert_links_resolve(page, page_path)
+    assert any(link.startswith("report_files/") for link in page.links), "no thumbnail on the page"
+    assert any(link.endswith("scores.csv") for link in page.links) and "experiment_log.log" in page.links
+
+
+def test_names_from_users_folders_are_shown_as_text(hostile_run: Path):
+    page = Page(hostile_run / "report.html")
+    assert page.scripts == 1 and page.handlers == []  # the sorting script only; no injected tag or handler
+    assert HOSTILE_CLASS in page.headings
+    assert any(HOSTILE_IMAGE in text for text in page.texts)  # a caption of the highest-scored good images
+
+
+def test_failed_classes_are_marked(hostile_run: Path):
+    text = (hostile_run / "report.html").read_text(encoding="utf-8")
+    failed = [line for line in text.splitlines() if line.startswith('<tr class="failed">')]
+    assert len(failed) == 1 and "<td>gravel</td>" in failed[0] and "failed: no training images" in failed[0]
+
+
+def test_no_report_writes_no_page(tmp_path: Path, texture_root: Path):
+    flags = [*TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
+    assert run_experiment.main([*flags, "--no_report"]) == 0
+    assert not (tmp_path / "r" / "report.html").exists() and not (tmp_path / "r" / "report_files").exists()
+
+
+def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hostile_run: Path, tmp_path: Path):
+    """Headless Chromium opens the page from disk: no console error, every image decoded, the table sorted
+    by roc_auc on a click (blanks last) and reversed on a second; a screenshot is taken."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the browser test: {INSTALL}")
+        pytest.skip(f"needs Chromium: {INSTALL}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason=f"needs Playwright: {INSTALL}")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((hostile_run / "report.html").as_uri())
+        page.evaluate("document.querySelectorAll('img').forEach(function (img) { img.loading = 'eager'; })")
+        page.wait_for_function("Array.from(document.images).every(function (img) { return img.complete; })")
+        broken = page.evaluate(
+            "Array.from(document.images).filter(function (img) { return img.naturalWidth === 0; })"
+            ".map(function (img) { return img.getAttribute('src'); })"
+        )
+        injected = page.evaluate("window.injected === undefined")
+        header = page.locator("#master-results th button", has_text="roc_auc").first
+        column = page.evaluate(
+            "Array.from(document.querySelectorAll('#master-results th')).findIndex("
+            "function (th) { return th.textContent.trim() === 'roc_auc'; })"
+        )
+        cells = f"#master-results tbody tr td:nth-child({column + 1})"
+        header.click()
+        ascending = page.locator(cells).all_inner_texts()
+        header.click()
+        descending = page.locator(cells).all_inner_texts()
+        screenshot = Path(os.environ.get("REPORT_SCREENSHOT", tmp_path / "report.png"))
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert errors == [] and broken == [] and injected
+    numbers = [float(text) for text in ascending if text]
+    assert numbers == sorted(numbers) and ascending[-1] == ""  # the failed class has no AUROC: last
+    assert [float(text) for text in descending if text] == sorted(numbers, reverse=True)
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_a_new_page_removes_only_the_thumbnails_it_no_longer_shows(hostile_run: Path, tmp_path: Path):
+    """Thumbnails are named by content: rewriting the page after a figure changed keeps every link resolving
+    and leaves no stale thumbnail behind (the run's folder is copied, the fixture's stays as it was)."""
+    folder = tmp_path / "copy"
+    shutil.copytree(hostile_run, folder)
+    before = set((folder / "report_files").iterdir())
+    roc = folder / HOSTILE_CLASS / "roc_curve.png"
+    Image.open(roc).rotate(90, expand=True).save(roc)
+    write_report(folder, "again")
+    page = Page(folder / "report.html")
+    assert_links_resolve(page, folder / "report.html")
+    shown = {folder / unquote(link) for link in page.links if link.startswith("report_files/")}
+    after = set((folder / "report_files").iterdir())
+    assert after == shown and len(after - before) == 1 and len(before - after) == 1
