@@ -88,14 +88,22 @@ def relative_gap(scores: pd.Series, reference: pd.Series) -> float:
     return float(np.max(np.abs(paired[:, 0] - paired[:, 1]) / np.abs(paired[:, 1])))
 
 
-def syncs_per_batch(model_dir: Path, images: list[Path], device: torch.device) -> float:
+def run_args(data: Path) -> argparse.Namespace:
+    """The single configuration run_experiment.py makes of RUN_FLAGS: the loaders below use its settings."""
+    return run_experiment.parse_args([*RUN_FLAGS, "--data_path", str(data)]).configurations[0]
+
+
+def loaded_batches(images: list[Path], args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+    """The images as the run's loader hands them to a backbone on `device`."""
+    geometry = Geometry(args.resize, args.cropsize)
+    return [batch.images for batch in trainer.image_loader([Sample(p, 0, "") for p in images], geometry, args, device)]
+
+
+def syncs_per_batch(model_dir: Path, batches: list[torch.Tensor], device: torch.device) -> float:
     """Blocking syncs per scoring batch of predict.py's model on `device` (CUDA's sync debug mode warns
     once per sync); the first batch is a warm-up."""
     content, path, weights = predict.read_model(model_dir, None)
-    model = predict.build(content, path, weights, device, 16)
-    args = argparse.Namespace(batch_size=16, num_workers=0, seed=0)
-    loader = trainer.image_loader([Sample(p, 0, "") for p in images], model.geometry, args, device)
-    batches = [batch.images for batch in loader]
+    model = predict.build(content, path, weights, device, len(batches[0]))
     model.scorer.anomaly_maps(batches[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -109,12 +117,9 @@ def syncs_per_batch(model_dir: Path, images: list[Path], device: torch.device) -
     return syncs / max(1, len(batches) - 1)
 
 
-def pinned_share(images: list[Path], device: torch.device) -> float:
-    """Share of the loader's batches whose images arrive in pinned memory for a backbone on `device`."""
-    args = argparse.Namespace(batch_size=16, num_workers=2, seed=0)
-    geometry = Geometry(128, 112)
-    batches = list(trainer.image_loader([Sample(p, 0, "") for p in images], geometry, args, device))
-    return sum(batch.images.is_pinned() for batch in batches) / len(batches)
+def pinned_share(batches: list[torch.Tensor]) -> float:
+    """Share of the batches whose images arrived in pinned memory."""
+    return sum(images.is_pinned() for images in batches) / len(batches)
 
 
 def gaussian_step_seconds(device: torch.device) -> str:
@@ -163,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         flags = " ".join(gpu_flags) or "--device cpu"
         agreement(f"run with {flags}, its model by predict.py on the CPU", relative_gap(cpu_rescored, gpu_scores))
         if device.type == "cuda":
-            syncs = syncs_per_batch(cpu_model, tests, device)
+            cuda_batches = loaded_batches(tests, run_args(brick), device)
+            syncs = syncs_per_batch(cpu_model, cuda_batches, device)
             row("blocking syncs per scoring batch", syncs, "<= 2", syncs <= 2)
-            share = pinned_share(tests, device)
+            share = pinned_share(cuda_batches)
             row("share of batches pinned for a CUDA backbone", share, "1", share == 1.0)
-        share = pinned_share(tests, torch.device("cpu"))
+        share = pinned_share(loaded_batches(tests, run_args(brick), torch.device("cpu")))
         row("share of batches pinned for a CPU backbone", share, "0", share == 0.0)
         with float32_precision():
             row(f"gaussian_steps.py on {device.type}, seconds", gaussian_step_seconds(device), "(informative)")

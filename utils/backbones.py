@@ -217,8 +217,8 @@ def float32_precision(allow_tf32: bool = False) -> Iterator[None]:
     the caller's settings are restored after.
 
     torch lets cuDNN convolve in TF32 by default on Ampere and newer GPUs, which moves image
-    scores by about 1e-3 relative: more than the 1e-4 within which a model must give the same
-    scores on every device. No effect on the CPU.
+    scores by more than the 1e-4 within which a model must give the same scores on every
+    device (benchmarks/README.md, tf32_effect.py). No effect on the CPU.
     """
     settings = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
     before = [setting.fp32_precision for setting in settings]

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import platform
+import shlex
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -203,7 +204,7 @@ def _sortable(table: pd.DataFrame) -> dict:
 def _render(template: str, path: Path, **context) -> None:
     page = TEMPLATES.get_template(template).render(
         generated=datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join(sys.argv),
+        command=shlex.join(sys.argv),
         versions=versions(),
         **context,
     )
