@@ -2,7 +2,7 @@
 hold the results folders, call trainer per (configuration, class) job, write master_results.csv,
 the logs and, for several configurations, the comparison.
 
-Under torchrun the same command runs as several ranks (utils.distributed): the jobs are shared
+Under torchrun the same command runs as several ranks (utils.runtime.distributed): the jobs are shared
 out (`--distribute jobs`) or every class's images are (`--distribute images`), and rank 0
 writes the tables as the rows arrive."""
 
@@ -27,14 +27,14 @@ from datasets.images import IMAGE_EXTENSIONS
 from datasets.split import DataError, find_classes, is_class_dir
 from run_experiment import COMPARISON_SUFFIX
 from trainer import run_class_processing
-from utils.backbone_specs import BACKBONES
-from utils.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision, pick_device
 from utils.cli import install_log_handler
-from utils.distributed import PeerLost, World
-from utils.model_io import MODEL_FILENAME, ModelFileError
-from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
-from utils.plotting import plot_class_results, save_comparison_figure
-from utils.report import write_comparison_report, write_report
+from utils.padim.backbone_specs import BACKBONES
+from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision, pick_device
+from utils.padim.model_file import MODEL_FILENAME, ModelFileError
+from utils.reporting.plotting import plot_class_results, save_comparison_figure
+from utils.reporting.report import write_comparison_report, write_report
+from utils.runtime.distributed import PeerLost, World
+from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
 log = logging.getLogger("padim")
 

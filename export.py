@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import predict
-    from utils.onnx_model import (
+    from utils.padim.onnx_graph import (
         INPUT_NAME,
         ONNX_FORMAT,
         ONNX_FORMAT_VERSION,
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         export_graph,
         file_sha256,
     )
-    from utils.output_files import atomic_write, prove_writable
+    from utils.runtime.output_files import atomic_write, prove_writable
 
     if args.output.suffix != ".onnx":
         raise predict.PredictError(f"--output {args.output}: the graph's name must end in .onnx")
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
     from predict import PredictError
-    from utils.model_io import ModelFileError
-    from utils.onnx_model import OnnxModelError
-    from utils.output_files import OutputWriteError
+    from utils.padim.model_file import ModelFileError
+    from utils.padim.onnx_graph import OnnxModelError
+    from utils.runtime.output_files import OutputWriteError
 
     return run_main(
         run, args, (PredictError, ModelFileError, OnnxModelError, OutputWriteError), "the model was not exported"

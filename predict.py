@@ -36,7 +36,8 @@ from datasets.images import (
     collate_skipping_failures,
     list_images,
 )
-from utils.anomaly_map import (
+from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
+from utils.padim.anomaly_map import (
     HEAT_COLORMAP,
     Region,
     anomaly_regions,
@@ -44,13 +45,19 @@ from utils.anomaly_map import (
     draw_regions,
     to_original_resolution,
 )
-from utils.backbone_specs import hooked_layers
-from utils.backbones import BACKBONES, WeightsError, build_extractor, float32_precision, pick_device, weights_digest
-from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
-from utils.model_io import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
-from utils.onnx_model import OnnxModelError, OnnxScorer, read_description
-from utils.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
-from utils.padim import Padim
+from utils.padim.backbone_specs import hooked_layers
+from utils.padim.backbones import (
+    BACKBONES,
+    WeightsError,
+    build_extractor,
+    float32_precision,
+    pick_device,
+    weights_digest,
+)
+from utils.padim.model import Padim
+from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.padim.onnx_graph import OnnxModelError, OnnxScorer, read_description
+from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
 log = logging.getLogger("padim.predict")
 

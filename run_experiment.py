@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
 from utils.cli import StrictParser, add_allow_tf32, at_least, run_main, unit_interval
+from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
 
 DEMO_DATA_DIR = Path("demo_data")
 COMPARISON_SUFFIX = "comparison"

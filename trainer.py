@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import DATASET_LAYOUTS
 from datasets.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,13 +31,13 @@ from datasets.images import (
     build_flips,
     collate_skipping_failures,
 )
-from datasets.split import ClassSplit, DataError
-from utils import metrics
-from utils.backbones import FeatureExtractor
-from utils.distributed import World
-from utils.embedding import channel_index
-from utils.evaluation import ClassEvaluation, MapSummary
-from utils.model_io import (
+from datasets.split import ClassSplit, DataError, load_class
+from utils.evaluation import metrics
+from utils.evaluation.summary import ClassEvaluation, MapSummary
+from utils.padim.backbones import FeatureExtractor
+from utils.padim.embedding import channel_index
+from utils.padim.model import GaussianStats, Padim
+from utils.padim.model_file import (
     MODEL_FILENAME,
     ModelFileError,
     load_model,
@@ -48,12 +46,11 @@ from utils.model_io import (
     stats_from_content,
     training_fingerprint,
 )
-from utils.output_files import atomic_write
-from utils.padim import GaussianStats, Padim
+from utils.runtime.distributed import World
+from utils.runtime.output_files import atomic_write
 
 log = logging.getLogger(__name__)
 
-DATASET_LOADERS = {name: import_module(f"datasets.{name}").load_class for name in DATASET_LAYOUTS}
 SCORES_FILENAME = "scores.csv"
 DEFECT_TYPES_FILENAME = "defect_types.csv"
 MIN_HOLDOUT_IMAGES = 20
@@ -453,13 +450,18 @@ def run_class_processing(
     With a distributed `world` (--distribute images) the ranks share the fit, hold-out and test
     images; rank 0 alone evaluates, writes and returns the row, the others return None."""
     world = world or World()
-    load_class = DATASET_LOADERS[args.dataset]
     split = load_class(
-        class_dir, holdout_ratio=args.holdout_ratio, seed=args.seed, test_sample_ratio=args.test_sample_ratio
+        args.dataset,
+        class_dir,
+        holdout_ratio=args.holdout_ratio,
+        seed=args.seed,
+        test_sample_ratio=args.test_sample_ratio,
     )
     has_ground_truth = split.has_ground_truth
     if test_class_dir is not None:
-        other = load_class(test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio)
+        other = load_class(
+            args.dataset, test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio
+        )
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(args.resize, args.cropsize)
     model = build_model(extractor, args, devices)

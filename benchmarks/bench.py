@@ -8,7 +8,7 @@ threshold, then scoring; no metrics, no plots), their ratio, the metrics and plo
 the peak resident memory of the fit with a few and with all training images, each measured
 in a fresh process next to that process's baseline after the model is loaded.
 
-Every step calls the project's own code (trainer, utils.padim, build_extractor), so the
+Every step calls the project's own code (trainer, utils.padim.model, build_extractor), so the
 numbers are those of `run_experiment.py`, not of a copy.
 """
 
@@ -38,12 +38,12 @@ import run_experiment  # noqa: E402
 import trainer  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
-from utils.backbones import BACKBONES, WeightsError, build_extractor, float32_precision  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.distributed import World  # noqa: E402
-from utils.evaluation import MapSummary  # noqa: E402
-from utils.padim import Padim  # noqa: E402
-from utils.plotting import plot_class_results  # noqa: E402
+from utils.evaluation.summary import MapSummary  # noqa: E402
+from utils.padim.backbones import BACKBONES, WeightsError, build_extractor, float32_precision  # noqa: E402
+from utils.padim.model import Padim  # noqa: E402
+from utils.reporting.plotting import plot_class_results  # noqa: E402
+from utils.runtime.distributed import World  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
@@ -296,7 +296,7 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
     """
     splits = []
     for _, class_dir, _ in experiment.class_jobs(pargs):
-        split = trainer.DATASET_LOADERS[pargs.dataset](
+        split = trainer.load_class(pargs.dataset, 
             class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed, test_sample_ratio=pargs.test_sample_ratio
         )
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))

@@ -25,10 +25,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.images import Geometry, list_images  # noqa: E402
-from utils.backbone_specs import BACKBONES  # noqa: E402
-from utils.backbones import build_extractor  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.triangular import TriangularBlocks  # noqa: E402
+from utils.padim.backbone_specs import BACKBONES  # noqa: E402
+from utils.padim.backbones import build_extractor  # noqa: E402
+from utils.padim.triangular import TriangularBlocks  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 

@@ -2,7 +2,7 @@
 
 bench.py's ratio mixes these steps with the forward pass and data loading, whose spread
 between runs (10-20% on 2 cores) hides a change of a second or two. This times only
-utils.gaussian, as the pipeline calls it: `--fit_batches` batches through
+utils.padim.gaussian, as the pipeline calls it: `--fit_batches` batches through
 GaussianAccumulator (in the groups and bands of grid rows Padim hands over), finalize and
 the precision factor, then `--score_batches` batches through mahalanobis, in the groups
 Padim scores together (GROUP_IMAGES images). Each batch starts on `--backbone_device` and is
@@ -27,11 +27,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.bench import synchronize  # noqa: E402
-from utils.backbones import pick_device  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.embedding import embedding_bands  # noqa: E402
-from utils.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_  # noqa: E402
-from utils.padim import BAND_ELEMENTS, GROUP_IMAGES, image_groups  # noqa: E402
+from utils.padim.backbones import pick_device  # noqa: E402
+from utils.padim.embedding import embedding_bands  # noqa: E402
+from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_  # noqa: E402
+from utils.padim.model import BAND_ELEMENTS, GROUP_IMAGES, image_groups  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

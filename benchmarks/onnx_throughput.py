@@ -1,7 +1,7 @@
 """Export time and size of each backbone's ONNX graph, and ONNX Runtime against torch in images per second.
 
 For every backbone: a model fitted on the first `--fit_images` training images of the class
-(the graph's size does not depend on how many), exported with utils.onnx_model.export_graph
+(the graph's size does not depend on how many), exported with utils.padim.onnx_graph.export_graph
 (timed), then the test images scored by torch (Padim, as predict.py runs it) and by ONNX
 Runtime (the exported graph), at each batch size, from the same decoded pixels. Decoding is
 left out of both timings. Only efficientnet_lite0 loads ImageNet weights; the others run with
@@ -25,11 +25,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from datasets.images import Geometry, ImageDataset, Sample, list_images  # noqa: E402
-from utils.backbones import build_extractor  # noqa: E402
 from utils.cli import at_least  # noqa: E402
-from utils.embedding import channel_index  # noqa: E402
-from utils.onnx_model import DEFAULT_OPSET, OnnxScorer, export_graph  # noqa: E402
-from utils.padim import Padim  # noqa: E402
+from utils.padim.backbones import build_extractor  # noqa: E402
+from utils.padim.embedding import channel_index  # noqa: E402
+from utils.padim.model import Padim  # noqa: E402
+from utils.padim.onnx_graph import DEFAULT_OPSET, OnnxScorer, export_graph  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 OFFLINE_PRETRAINED = {"efficientnet_lite0"}

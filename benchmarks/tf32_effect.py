@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 import trainer  # noqa: E402
 from benchmarks import bench  # noqa: E402
 from datasets.images import Geometry  # noqa: E402
-from utils.backbones import BACKBONES, build_extractor  # noqa: E402
+from utils.padim.backbones import BACKBONES, build_extractor  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
 

@@ -1,6 +1,11 @@
 """Data layouts: reading images, splitting a class folder into fit / hold-out / test.
 
-DATASET_LAYOUTS names the layouts `--dataset` takes, each a module here with `load_class`.
+DATASET_LAYOUTS names the layouts `--dataset` takes (torch-free, for the flags); they share the
+MVTec AD folders and differ in one thing, MOVES_TRAIN_SHARE: BowTie (what data/process_data.py
+writes) moves a seeded, disjoint `test_sample_ratio` share of train/good to the test normals, so
+a product line with few set-aside good parts still has normals to test on; MVTec ships its own.
+datasets.split.load_class applies it.
 """
 
-DATASET_LAYOUTS = ("bowtie", "mvtec")
+MOVES_TRAIN_SHARE = {"bowtie": True, "mvtec": False}
+DATASET_LAYOUTS = tuple(sorted(MOVES_TRAIN_SHARE))

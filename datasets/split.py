@@ -1,7 +1,7 @@
 """Turning a class folder (train/good, test/good, test/<defect>) into fit / hold-out / test samples.
 
 Shared by the MVTec and BowTie layouts; they differ only in whether a share of train/good
-moves to the test set.
+moves to the test set (datasets.MOVES_TRAIN_SHARE).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets import MOVES_TRAIN_SHARE
 from datasets.images import Sample, list_images, non_image_files
 
 log = logging.getLogger(__name__)
@@ -110,3 +111,11 @@ def build_split(class_dir: Path, *, test_share_of_train: float, holdout_ratio: f
         ignored_files=ignored,
         moved_to_test=len(moved_to_test),
     )
+
+
+def load_class(
+    layout: str, class_dir: Path, *, holdout_ratio: float, seed: int, test_sample_ratio: float
+) -> ClassSplit:
+    """A class folder of `layout` (datasets.DATASET_LAYOUTS) split into fit / hold-out / test samples."""
+    moved = test_sample_ratio if MOVES_TRAIN_SHARE[layout] else 0.0
+    return build_split(class_dir, test_share_of_train=moved, holdout_ratio=holdout_ratio, seed=seed)

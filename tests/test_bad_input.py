@@ -18,7 +18,7 @@ from PIL import Image
 
 import run_experiment
 from datasets.images import Geometry, ImageDataset, ImageReadError, Sample, read_mask, read_rgb
-from utils.model_io import ModelFileError, load_model, save_model
+from utils.padim.model_file import ModelFileError, load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [*SMALL_MODEL_FLAGS, "--dataset", "mvtec"]
@@ -314,9 +314,9 @@ def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_p
 MEMORY_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from utils.backbones import build_extractor
-from utils.embedding import channel_index
-from utils.padim import Padim
+from utils.padim.backbones import build_extractor
+from utils.padim.embedding import channel_index
+from utils.padim.model import Padim
 count = int(sys.argv[1])
 extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
 model = Padim(extractor, channel_index(448, 100, 0), 16, *[torch.device("cpu")] * 3)

@@ -19,12 +19,13 @@ import run_experiment
 import trainer
 from datasets.images import Batch, Geometry
 from datasets.split import Sample
-from utils import gaussian, padim
-from utils.backbones import FeatureExtractor, build_extractor, float32_precision
-from utils.embedding import split_channel_index
-from utils.model_io import load_model, stats_content, stats_from_content
-from utils.padim import GaussianStats, Padim
-from utils.triangular import TriangularBlocks
+from utils.padim import gaussian
+from utils.padim import model as padim
+from utils.padim.backbones import FeatureExtractor, build_extractor, float32_precision
+from utils.padim.embedding import split_channel_index
+from utils.padim.model import GaussianStats, Padim
+from utils.padim.model_file import load_model, stats_content, stats_from_content
+from utils.padim.triangular import TriangularBlocks
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 ARRANGEMENTS = list(itertools.product((CPU, CUDA), repeat=3))  # backbone, statistics, Mahalanobis

@@ -23,11 +23,11 @@ import experiment
 import run_experiment
 from tests.test_math import _bands, _features, _symmetric
 from tests.test_report import Page, assert_links_resolve, assert_table_equals_csv
-from utils import distributed
-from utils.distributed import World
-from utils.gaussian import GaussianAccumulator
-from utils.model_io import load_model, stats_from_content
-from utils.output_files import OutputWriteError
+from utils.padim.gaussian import GaussianAccumulator
+from utils.padim.model_file import load_model, stats_from_content
+from utils.runtime import distributed
+from utils.runtime.distributed import World
+from utils.runtime.output_files import OutputWriteError
 
 FLAGS = ["--dataset", "mvtec", *SMALL_MODEL_FLAGS, "--device", "cpu", "--save_distribution", "--results_subdir", "r"]
 COUNT_COLUMNS = ["class_name", "n_train", "n_holdout", "n_test", "n_skipped", "status"]

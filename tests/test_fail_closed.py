@@ -22,9 +22,9 @@ from PIL import Image
 import predict
 import run_experiment
 import trainer
-from utils import output_files
-from utils.model_io import ENTRY_TYPES, ModelFileError, content_checksum, load_model, save_model
-from utils.padim import Padim
+from utils.padim.model import Padim
+from utils.padim.model_file import ENTRY_TYPES, ModelFileError, content_checksum, load_model, save_model
+from utils.runtime import output_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
@@ -400,7 +400,7 @@ HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from utils.output_files import folder_lock
+from utils.runtime.output_files import folder_lock
 with folder_lock(Path(sys.argv[1]), "folder", RuntimeError):
     print("held", flush=True)
     time.sleep(120)

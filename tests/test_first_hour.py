@@ -14,8 +14,8 @@ import torch
 from conftest import TRAIN_FLAGS
 
 import run_experiment
-from utils.model_io import MODEL_FILENAME
-from utils.output_files import LOCK_FILENAME
+from utils.padim.model_file import MODEL_FILENAME
+from utils.runtime.output_files import LOCK_FILENAME
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [flag for flag in TRAIN_FLAGS if flag not in ("--save_distribution", "--results_subdir", "r")]

@@ -16,9 +16,9 @@ from statsmodels.stats.proportion import proportion_confint
 
 from datasets.images import Geometry, Sample
 from trainer import defect_type_table, warn_on_crop_losses
-from utils import metrics
-from utils.anomaly_map import anomaly_regions, to_original_resolution
-from utils.evaluation import ClassEvaluation, MapSummary
+from utils.evaluation import metrics
+from utils.evaluation.summary import ClassEvaluation, MapSummary
+from utils.padim.anomaly_map import anomaly_regions, to_original_resolution
 
 Z95 = 1.959963984540054
 

@@ -12,8 +12,8 @@ from conftest import TRAIN_FLAGS
 
 import predict
 import run_experiment
-from utils.backbone_specs import BACKBONES, hooked_layers
-from utils.backbones import build_extractor
+from utils.padim.backbone_specs import BACKBONES, hooked_layers
+from utils.padim.backbones import build_extractor
 
 FAST = [flag for flag in TRAIN_FLAGS if flag not in ("--results_subdir", "r")]
 DEFAULT_DIMS = {"wide_resnet50_2": 1792, "resnet18": 448, "efficientnet_b5": 472, "efficientnet_lite0": 144}

@@ -12,21 +12,22 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from utils import fast_paths, metrics, triangular
-from utils.anomaly_map import MapOperator, gaussian_blur, image_scores, smooth_upsample
-from utils.backbones import build_extractor
-from utils.embedding import channel_index, chosen_channels, embedding_bands, split_channel_index
-from utils.gaussian import (
+from utils.evaluation import metrics
+from utils.padim import fast_paths, triangular
+from utils.padim.anomaly_map import MapOperator, gaussian_blur, image_scores, smooth_upsample
+from utils.padim.backbones import build_extractor
+from utils.padim.embedding import channel_index, chosen_channels, embedding_bands, split_channel_index
+from utils.padim.gaussian import (
     COVARIANCE_EPSILON,
     GaussianAccumulator,
     mahalanobis,
     precision_factor_,
     precision_factor_reference,
 )
-from utils.grid import linear_weights, resample_centred, stride_ratio
-from utils.model_io import ModelFileError, stats_from_content
-from utils.padim import Padim, image_groups
-from utils.triangular import TriangularBlocks, block_edges
+from utils.padim.grid import linear_weights, resample_centred, stride_ratio
+from utils.padim.model import Padim, image_groups
+from utils.padim.model_file import ModelFileError, stats_from_content
+from utils.padim.triangular import TriangularBlocks, block_edges
 
 # band_elements of two grid rows of resnet18's 16 x 16 grid at 64 px: rows x images x width x dims
 TWO_GRID_ROWS = 2 * 6 * 16 * 100

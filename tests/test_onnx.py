@@ -20,9 +20,9 @@ import export
 import predict
 import run_experiment
 from datasets.images import ImageDataset, Sample
-from utils import onnx_model
-from utils.onnx_model import description_path, read_description
-from utils.output_files import file_sha256
+from utils.padim import onnx_graph as onnx_model
+from utils.padim.onnx_graph import description_path, read_description
+from utils.runtime.output_files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "4"]

@@ -15,11 +15,10 @@ from sklearn.metrics import roc_auc_score
 import experiment
 import run_experiment
 import trainer
-from datasets import bowtie
 from datasets.images import Geometry
-from datasets.split import DataError
+from datasets.split import DataError, load_class
 from experiment import RESULT_COLUMNS
-from utils.backbones import (
+from utils.padim.backbones import (
     BACKBONES,
     TRUNKS,
     FeatureExtractor,
@@ -27,7 +26,7 @@ from utils.backbones import (
     build_extractor,
     load_backbone,
 )
-from utils.model_io import MODEL_FILENAME, load_model
+from utils.padim.model_file import MODEL_FILENAME, load_model
 
 FAST = SMALL_MODEL_FLAGS
 
@@ -173,8 +172,8 @@ def test_every_class_failing_exits_non_zero(tmp_path, texture_root):
 
 def test_bowtie_split_is_seeded_and_disjoint(texture_root):
     brick = texture_root / "brick"
-    split = bowtie.load_class(brick, holdout_ratio=0.1, seed=4, test_sample_ratio=0.25)
-    again = bowtie.load_class(brick, holdout_ratio=0.1, seed=4, test_sample_ratio=0.25)
+    split = load_class("bowtie", brick, holdout_ratio=0.1, seed=4, test_sample_ratio=0.25)
+    again = load_class("bowtie", brick, holdout_ratio=0.1, seed=4, test_sample_ratio=0.25)
     fit = {s.path for s in split.fit}
     holdout = {s.path for s in split.holdout}
     test = {s.path for s in split.test}
@@ -182,7 +181,7 @@ def test_bowtie_split_is_seeded_and_disjoint(texture_root):
     assert len(moved) == 6 and len(holdout) == 2 and len(fit) == 16
     assert not (fit & holdout) and not (fit & test) and not (holdout & test)
     assert fit == {s.path for s in again.fit} and moved == {p for p in (s.path for s in again.test) if p in moved}
-    other = bowtie.load_class(brick, holdout_ratio=0.1, seed=5, test_sample_ratio=0.25)
+    other = load_class("bowtie", brick, holdout_ratio=0.1, seed=5, test_sample_ratio=0.25)
     assert {s.path for s in other.fit} != fit
 
 

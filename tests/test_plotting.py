@@ -13,8 +13,9 @@ from PIL import Image
 
 from datasets.images import Sample
 from trainer import ScoredSet, evaluate
-from utils import metrics, plotting
-from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary
+from utils.evaluation import metrics
+from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary
+from utils.reporting import plotting
 
 SIZE = 64
 CLASS_FILES = [

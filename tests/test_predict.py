@@ -19,14 +19,14 @@ from torchvision.transforms import v2
 
 import predict
 from datasets.images import Geometry
-from utils.anomaly_map import (
+from utils.padim.anomaly_map import (
     REGION_BOX_COLOUR,
     blend_overlay,
     input_geometry,
     to_original_resolution,
 )
-from utils.backbones import load_backbone
-from utils.model_io import save_model
+from utils.padim.backbones import load_backbone
+from utils.padim.model_file import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]

@@ -15,7 +15,7 @@ from conftest import TRAIN_FLAGS
 from PIL import Image
 
 import run_experiment
-from utils.report import write_report
+from utils.reporting.report import write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
 HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'

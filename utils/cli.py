@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def add_allow_tf32(parser: argparse.ArgumentParser) -> None:
-    """--allow_tf32, as run_experiment.py and predict.py both take it (utils.backbones.float32_precision)."""
+    """--allow_tf32, as run_experiment.py and predict.py both take it (utils.padim.backbones.float32_precision)."""
     parser.add_argument(
         "--allow_tf32",
         action="store_true",

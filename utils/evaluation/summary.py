@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from datasets.images import Sample
-from utils import metrics
+from utils.evaluation import metrics
 
 CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
 

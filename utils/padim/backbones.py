@@ -20,8 +20,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.models import efficientnet
 
-from utils.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec, hooked_layers
-from utils.output_files import file_sha256
+from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec, hooked_layers
+from utils.runtime.output_files import file_sha256
 
 log = logging.getLogger(__name__)
 

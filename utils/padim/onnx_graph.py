@@ -3,7 +3,7 @@
 The graph takes uint8 RGB images (N, S, S, 3) already resized and cropped to the model input
 size S, and returns `anomaly_map` (N, S, S) and `score` (N,): normalisation, the backbone up
 to its last hooked stage, the channel choice, the centre-aligned resampling, Mahalanobis
-with the stored factor, the up-sampling and blur, and the max, exactly as utils.padim
+with the stored factor, the up-sampling and blur, and the max, exactly as utils.padim.model
 computes them. The description (`<graph stem>.json`) holds what a line application needs
 to prepare images and decide: geometry, threshold, class, and the source model's checksum.
 """
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
-from utils.anomaly_map import MapOperator, image_scores
-from utils.embedding import chosen_channels, patch_embedding
-from utils.gaussian import mahalanobis
-from utils.output_files import file_sha256
-from utils.padim import Padim
-from utils.triangular import TriangularBlocks
+from utils.padim.anomaly_map import MapOperator, image_scores
+from utils.padim.embedding import chosen_channels, patch_embedding
+from utils.padim.gaussian import mahalanobis
+from utils.padim.model import Padim
+from utils.padim.triangular import TriangularBlocks
+from utils.runtime.output_files import file_sha256
 
 ONNX_FORMAT = "padim-suite-onnx"
 ONNX_FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ class OnnxModelError(Exception):
 
 
 class PadimGraph(nn.Module):
-    """utils.padim's scoring of uint8 (N, S, S, 3) images, as one module that exports to ONNX."""
+    """utils.padim.model's scoring of uint8 (N, S, S, 3) images, as one module that exports to ONNX."""
 
     def __init__(self, padim: Padim):
         super().__init__()

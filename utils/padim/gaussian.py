@@ -7,7 +7,7 @@ For every position p of the embedding grid (P = H*W of them), over the N trainin
 
 All positions at once, with batched linear algebra; never a Python loop over patches. The
 symmetric S and the triangular W are stored as row blocks of their triangles
-(utils.triangular); precision_factor_reference is the plain torch definition the tests hold
+(utils.padim.triangular); precision_factor_reference is the plain torch definition the tests hold
 the blocked code to.
 """
 
@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from utils.fast_paths import cholesky_ex, chunk_workers
-from utils.triangular import TriangularBlocks, invert_below_diagonal_
+from utils.padim.fast_paths import cholesky_ex, chunk_workers
+from utils.padim.triangular import TriangularBlocks, invert_below_diagonal_
 
 COVARIANCE_EPSILON = 0.01  # the paper's
 CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries

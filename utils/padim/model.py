@@ -11,11 +11,11 @@ from typing import TypeVar
 
 import torch
 
-from utils.anomaly_map import MapOperator, image_scores
-from utils.backbones import FeatureExtractor
-from utils.embedding import chosen_channels, embedding_bands, split_channel_index
-from utils.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
-from utils.triangular import TriangularBlocks
+from utils.padim.anomaly_map import MapOperator, image_scores
+from utils.padim.backbones import FeatureExtractor
+from utils.padim.embedding import chosen_channels, embedding_bands, split_channel_index
+from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
+from utils.padim.triangular import TriangularBlocks
 
 GROUP_IMAGES = 128  # images fitted or scored in one pass: each (D, D) matrix is read once per group (tuning)
 BAND_ELEMENTS = 2**22  # values per band of embedding rows: bounds its memory (tuning)
@@ -123,7 +123,7 @@ class Padim:
         """One pass: each group's embedding is folded into running sums band by band and dropped.
 
         `merge` adds up the sums of every process that fitted a share of the images
-        (utils.distributed.World.merge_sums) before the Gaussian is formed.
+        (utils.runtime.distributed.World.merge_sums) before the Gaussian is formed.
         """
         accumulator, grid = None, None
         for group in self.groups(((None, images) for images in image_batches), self.stats_device):

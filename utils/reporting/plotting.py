@@ -30,10 +30,10 @@ from skimage.segmentation import find_boundaries
 from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
-from utils import metrics
-from utils.anomaly_map import HEAT_COLORMAP, blend_overlay
-from utils.evaluation import CATEGORIES, ClassEvaluation, MapSummary, confusion_categories
-from utils.output_files import atomic_write
+from utils.evaluation import metrics
+from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary, confusion_categories
+from utils.padim.anomaly_map import HEAT_COLORMAP, blend_overlay
+from utils.runtime.output_files import atomic_write
 
 if TYPE_CHECKING:
     from datasets.images import Sample

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from utils.gaussian import GaussianAccumulator
+from utils.padim.gaussian import GaussianAccumulator
 
 log = logging.getLogger(__name__)
 

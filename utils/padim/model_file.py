@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from datasets.images import Sample
-from utils.output_files import atomic_write
-from utils.padim import GaussianStats
-from utils.triangular import TriangularBlocks
+from utils.padim.model import GaussianStats
+from utils.padim.triangular import TriangularBlocks
+from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
 MODEL_FORMAT_VERSION = 5  # 5 adds the checksum; files of earlier versions cannot be verified and are refused

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from utils.grid import centred_weights, linear_weights, resample_centred, stride_ratio
+from utils.padim.grid import centred_weights, linear_weights, resample_centred, stride_ratio
 
 HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
 OVERLAY_ALPHA = 0.5
@@ -47,7 +47,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tens
 
 
 def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.grid),
+    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.padim.grid),
     Gaussian blur sigma 4.
 
     The definition of an anomaly map; MapOperator computes the same thing faster.

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from utils.grid import resample_centred, stride_ratio
+from utils.padim.grid import resample_centred, stride_ratio
 
 
 def channel_index(total_dims: int, reduced_dim: int, seed: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def patch_embedding(
     """One batch's chosen maps -> the `rows` of its embedding (B, rows, W, D), written into `out` when given.
 
     Deeper maps are resampled onto the first map's grid at the centres of its cells
-    (utils.grid), so every channel of a patch describes the same spot of the image.
+    (utils.padim.grid), so every channel of a patch describes the same spot of the image.
     """
     first = chosen[0]
     height, width = first.shape[1:3]

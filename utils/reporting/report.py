@@ -26,9 +26,9 @@ import pandas as pd
 from PIL import Image
 
 from datasets.split import Sample
-from utils.evaluation import category
-from utils.output_files import atomic_write
-from utils.plotting import CATEGORY_MEANING, visualization_name
+from utils.evaluation.summary import category
+from utils.reporting.plotting import CATEGORY_MEANING, visualization_name
+from utils.runtime.output_files import atomic_write
 
 REPORT_FILENAME = "report.html"
 COMPARISON_REPORT_FILENAME = "comparison.html"
