@@ -31,7 +31,7 @@ from utils.cli import install_log_handler
 from utils.padim.backbone_specs import BACKBONES
 from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision, pick_device
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
-from utils.reporting.plotting import plot_class_results, save_comparison_figure
+from utils.reporting.plotting import save_comparison_figure
 from utils.reporting.report import write_comparison_report, write_report
 from utils.runtime.distributed import PeerLost, World
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
@@ -422,7 +422,6 @@ def run_job(
             configuration.weights_id,
             out_dir,
             devices,
-            plot_class_results,
             class_world,
         )
     except (DataError, ModelFileError, ValueError) as err:

@@ -46,6 +46,7 @@ from utils.padim.model_file import (
     stats_from_content,
     training_fingerprint,
 )
+from utils.reporting.plotting import plot_class_results
 from utils.runtime.distributed import World
 from utils.runtime.output_files import atomic_write
 
@@ -442,7 +443,6 @@ def run_class_processing(
     weights_id: str,
     out_dir: Path,
     devices: dict[str, torch.device],
-    plot=None,
     world: World | None = None,
 ) -> dict | None:
     """Process one class end to end and return its master_results row (raises DataError for a bad class).
@@ -518,8 +518,7 @@ def run_class_processing(
     atomic_write(
         out_dir / DEFECT_TYPES_FILENAME, lambda tmp: result.defect_types.to_csv(tmp, index=False, float_format="%.6g")
     )
-    if plot is not None:
-        plot(result, out_dir)
+    plot_class_results(result, out_dir)
     return {
         **result.summary,
         "n_train": model.stats.count,

@@ -296,8 +296,12 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
     """
     splits = []
     for _, class_dir, _ in experiment.class_jobs(pargs):
-        split = trainer.load_class(pargs.dataset, 
-            class_dir, holdout_ratio=pargs.holdout_ratio, seed=pargs.seed, test_sample_ratio=pargs.test_sample_ratio
+        split = trainer.load_class(
+            pargs.dataset,
+            class_dir,
+            holdout_ratio=pargs.holdout_ratio,
+            seed=pargs.seed,
+            test_sample_ratio=pargs.test_sample_ratio,
         )
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
     return splits
