@@ -8,7 +8,6 @@ writes the tables as the rows arrive."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -25,11 +24,11 @@ import torch
 from data.demo_data import make_demo_dataset
 from datasets.images import IMAGE_EXTENSIONS
 from datasets.split import DataError, find_classes, is_class_dir
-from run_experiment import COMPARISON_SUFFIX
-from trainer import run_class_processing
+from trainer import resolve_devices, run_class
 from utils.cli import install_log_handler
-from utils.padim.backbone_specs import BACKBONES
-from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision, pick_device
+from utils.config import ModelConfig, RunConfig
+from utils.evaluation.results import RESULT_COLUMNS
+from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
 from utils.reporting.plotting import save_comparison_figure
 from utils.reporting.report import write_comparison_report, write_report
@@ -39,50 +38,9 @@ from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lo
 log = logging.getLogger("padim")
 
 USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
-RESULT_COLUMNS = [
-    "class_name",
-    "roc_auc",
-    "optimal_threshold",
-    "precision",
-    "recall",
-    "f1_score",
-    "false_positive_rate",
-    "precision_ci_low",
-    "precision_ci_high",
-    "recall_ci_low",
-    "recall_ci_high",
-    "false_positive_rate_ci_low",
-    "false_positive_rate_ci_high",
-    "true_negatives",
-    "false_positives",
-    "false_negatives",
-    "true_positives",
-    "roc_auc_ci_low",
-    "roc_auc_ci_high",
-    "pr_auc",
-    "pixel_roc_auc",
-    "pixel_aupro",
-    "f1_max",
-    "n_train",
-    "n_holdout",
-    "n_test",
-    "n_skipped",
-    "fit_seconds",
-    "eval_seconds",
-    "status",
-]
 EXPERIMENT_FILENAME = "experiment.json"
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_PNG = "comparison.png"
-
-
-def resolve_devices(args: argparse.Namespace) -> dict[str, torch.device]:
-    """Backbone, statistics and Mahalanobis devices; a GPU request without CUDA falls back with a warning."""
-    return {
-        "backbone": pick_device(args.device, "--device cuda"),
-        "stats": pick_device("cuda" if args.stats_on_gpu else "cpu", "--stats_on_gpu"),
-        "mahalanobis": pick_device("cuda" if args.mahalanobis_on_gpu else "cpu", "--mahalanobis_on_gpu"),
-    }
 
 
 def ensure_demo_data(root: Path) -> None:
@@ -99,69 +57,27 @@ def ensure_demo_data(root: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def class_jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path | None]]:
+def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
     """(result folder name, training class, test class or None) for every class to run."""
-    if not args.data_path.is_dir():
-        raise DataError(f"--data_path {args.data_path} is not a folder")
-    classes = find_classes(args.data_path)
-    if args.test_class_name:
+    if not config.data_path.is_dir():
+        raise DataError(f"--data_path {config.data_path} is not a folder")
+    classes = find_classes(config.data_path)
+    if config.test_class_name:
         if len(classes) != 1:
             names = ", ".join(c.name for c in classes) or "none"
             raise DataError(f"--test_class_name needs --data_path to be one class folder; found classes: {names}")
-        search_root = args.test_class_path or args.data_path.parent
+        search_root = config.test_class_path or config.data_path.parent
         test_dir = (
             search_root
-            if is_class_dir(search_root) and search_root.name == args.test_class_name
-            else search_root / args.test_class_name
+            if is_class_dir(search_root) and search_root.name == config.test_class_name
+            else search_root / config.test_class_name
         )
         if not is_class_dir(test_dir):
             raise DataError(f"test class {test_dir} has no train/ and test/ folders")
         return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
     if not classes:
-        raise DataError(f"no class folder (with train/ and test/) in {args.data_path}")
+        raise DataError(f"no class folder (with train/ and test/) in {config.data_path}")
     return [(c.name, c, None) for c in classes]
-
-
-def results_folder(args: argparse.Namespace, parent: Path | None) -> Path:
-    """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
-    backbone, resize and crop (and the hooked stages when they are not the backbone's default); with
-    several configurations, that default name (plus _dim-<N> for a given --reduced_dim) inside `parent`."""
-    default = f"{args.dataset}_{args.model_architecture}_resize-{args.resize}_crop-{args.cropsize}"
-    if tuple(args.layers) != BACKBONES[args.model_architecture].default_layers:
-        default += f"_layers-{'-'.join(args.layers)}"
-    if parent is None:
-        return args.base_results_dir / (args.results_subdir or default)
-    return parent / (default + (f"_dim-{args.reduced_dim}" if args.reduced_dim else ""))
-
-
-def comparison_folder(args: argparse.Namespace) -> Path | None:
-    """Where a run of several configurations puts their folders and the comparison; None for one configuration."""
-    if len(args.configurations) == 1:
-        return None
-    return args.base_results_dir / (args.results_subdir or f"{args.dataset}_{COMPARISON_SUFFIX}")
-
-
-def experiment_settings(args: argparse.Namespace) -> dict:
-    """The settings that make two runs one experiment: only such runs may share a results folder."""
-    return {
-        "dataset": args.dataset,
-        "data_path": str(args.data_path.resolve()),
-        "test_class_name": args.test_class_name,
-        "test_class_path": str(args.test_class_path.resolve()) if args.test_class_path else None,
-        "model_architecture": args.model_architecture,
-        "layers": args.layers,
-        "weights": args.weights if args.weights in ("imagenet", "none") else str(Path(args.weights).resolve()),
-        "resize": args.resize,
-        "cropsize": args.cropsize,
-        "reduced_dim": args.reduced_dim,
-        "seed": args.seed,
-        "holdout_ratio": args.holdout_ratio,
-        "threshold_quantile": args.threshold_quantile,
-        "test_sample_ratio": args.test_sample_ratio if args.dataset == "bowtie" else None,
-        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob]
-        if args.augmentations_enabled
-        else None,
-    }
 
 
 def claim_results_folder(out_dir: Path, settings: dict) -> None:
@@ -181,12 +97,6 @@ def claim_results_folder(out_dir: Path, settings: dict) -> None:
                 f"results folder {out_dir} holds another experiment's results (it differs in "
                 f"{'; '.join(changed)}): choose another --results_subdir, or remove that folder"
             )
-    elif (out_dir / "master_results.csv").exists():
-        log.warning(
-            "results folder %s holds results of an earlier version that did not record its experiment; "
-            "they are replaced class by class",
-            out_dir,
-        )
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
 
 
@@ -245,9 +155,9 @@ def write_results(rows: list[dict], path: Path) -> pd.DataFrame:
 
 @dataclass
 class Configuration:
-    """One combination of the multi-valued flags (single-valued `args`), its folder, backbone and result rows."""
+    """One configuration of the run while it runs: its settings, folder, backbone and result rows."""
 
-    args: argparse.Namespace
+    model: ModelConfig
     folder: Path
     extractor: FeatureExtractor | None = None
     weights_id: str = ""
@@ -256,7 +166,7 @@ class Configuration:
 
     @property
     def reduced_dim(self) -> int:
-        return self.args.reduced_dim or self.extractor.default_reduced_dim
+        return self.extractor.reduced_dim(self.model.reduced_dim)
 
 
 @dataclass(frozen=True)
@@ -313,39 +223,39 @@ def on_rank(devices: dict[str, torch.device], world: World) -> dict[str, torch.d
 
 
 def prepare(
-    args: argparse.Namespace,
+    config: RunConfig,
     configurations: list[Configuration],
-    parent: Path | None,
     world: World,
     devices: dict[str, torch.device],
     held: contextlib.ExitStack,
 ) -> list[Job]:
     """Check what can fail early (output writable, classes, weights, dims) before creating anything, then
     (rank 0) hold and claim the results folders for the rest of the run, so no other run writes there."""
+    parent = config.comparison_folder()
     folders = ([parent] if parent else []) + [configuration.folder for configuration in configurations]
     if world.is_root:
         for folder in folders:
             prove_writable(folder, "results folder", DataError)
-    classes = class_jobs(args)
+    classes = class_jobs(config)
     extractors = {}
     for configuration in configurations:
-        config = configuration.args
-        key = (config.model_architecture, tuple(config.layers))
+        model = configuration.model
+        key = (model.architecture, model.layers)
         if key not in extractors:
             extractors[key] = build_extractor(
-                config.model_architecture, config.weights, devices["backbone"], config.seed, config.layers
+                model.architecture, model.weights, devices["backbone"], model.seed, list(model.layers)
             )
         configuration.extractor, configuration.weights_id = extractors[key]
-        if config.reduced_dim is not None and config.reduced_dim > configuration.extractor.dims:
+        if model.reduced_dim is not None and model.reduced_dim > configuration.extractor.dims:
             raise DataError(
-                f"--reduced_dim {config.reduced_dim} exceeds the {configuration.extractor.dims} channels of "
-                f"{config.model_architecture} at stages {' '.join(config.layers)}"
+                f"--reduced_dim {model.reduced_dim} exceeds the {configuration.extractor.dims} channels of "
+                f"{model.architecture} at stages {' '.join(model.layers)}"
             )
     if world.is_root:
         for folder in folders:
             held.enter_context(folder_lock(folder, "results folder", DataError))
         for configuration in configurations:
-            claim_results_folder(configuration.folder, experiment_settings(configuration.args))
+            claim_results_folder(configuration.folder, config.identity(configuration.model))
     sizes = [count_images(class_dir) for _, class_dir, _ in classes]
     return [
         Job(index, name, class_dir, test_dir, size)
@@ -354,56 +264,60 @@ def prepare(
     ]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: RunConfig) -> int:
     """Every (configuration, class) job, shared out over the ranks when torchrun started several; rank 0
     writes each configuration's master_results.csv as rows arrive, and the comparison at the end."""
-    if args.demo:
-        ensure_demo_data(args.data_path)
-    parent = comparison_folder(args)
-    configurations = [Configuration(config, results_folder(config, parent)) for config in args.configurations]
+    if config.demo:
+        ensure_demo_data(config.data_path)
+    configurations = [Configuration(model, config.results_folder(model)) for model in config.models]
     book = ResultBook(configurations, [])
-    devices = resolve_devices(args)
+    devices = resolve_devices(config.devices)
     cuda = any(device.type == "cuda" for device in devices.values())
-    world = World.join(book.record, args.dist_timeout_s, cuda)
+    world = World.join(book.record, config.dist_timeout_s, cuda)
     devices = on_rank(devices, world)
     console_handler(world)
     try:
         with contextlib.ExitStack() as held:
-            held.enter_context(float32_precision(args.allow_tf32))
+            held.enter_context(float32_precision(config.devices.allow_tf32))
             error = None
             try:
-                jobs = prepare(args, configurations, parent, world, devices, held)
+                jobs = prepare(config, configurations, world, devices, held)
             except USER_ERRORS as err:
                 error = err
             world.agree(error)
             book.class_names = list(dict.fromkeys(job.name for job in jobs))
-            if args.distribute == "images":  # every rank takes part in every class
-                mine, class_world = jobs, world
+            if config.distribute == "images":  # every rank takes part in every class
+                mine, class_ranks = jobs, world
             else:  # each rank runs its own classes whole
-                mine, class_world = share_jobs(jobs, world), World()
+                mine, class_ranks = share_jobs(jobs, world), World()
             for job in mine:
-                row = run_job(job, configurations[job.configuration], class_world, world, devices)
+                row = run_job(config, job, configurations[job.configuration], class_ranks, world, devices)
                 if row is not None:
                     world.post((job.configuration, job.name, row))
             world.close()
-            return report(configurations, book, parent) if world.is_root else 0
+            return report(config, configurations, book) if world.is_root else 0
     except PeerLost:
         return 1  # the reason is logged where it was noticed
 
 
 def run_job(
-    job: Job, configuration: Configuration, class_world: World, world: World, devices: dict[str, torch.device]
+    config: RunConfig,
+    job: Job,
+    configuration: Configuration,
+    class_ranks: World,
+    world: World,
+    devices: dict[str, torch.device],
 ) -> dict | None:
     """Fit, score and evaluate one class of one configuration; its row, or None on a rank that only helped
     (--distribute images). A class that fails is a `failed:` row and the run goes on."""
-    args, out_dir = configuration.args, configuration.folder / job.name
+    model, out_dir = configuration.model, configuration.folder / job.name
     log_file_handler(configuration.folder, world)
     if not configuration.logged:
         configuration.logged = True
-        log.info("configuration: %s", {k: str(v) for k, v in sorted(vars(args).items())})
+        log.info("configuration: %s, %s, %s", model, config.fit, config.devices)
         log.info(
             "backbone %s, weights %s, devices %s, rank %d of %d",
-            args.model_architecture,
+            model.architecture,
             configuration.weights_id,
             {k: str(v) for k, v in devices.items()},
             world.rank,
@@ -411,23 +325,24 @@ def run_job(
         )
     test = f", testing on {job.test_dir}" if job.test_dir else ""
     log.info("class %s: training on %s%s", job.name, job.class_dir, test)
-    if class_world.is_root:
+    if class_ranks.is_root:
         clear_class_folder(out_dir)
     try:
-        row = run_class_processing(
-            args,
+        row = run_class(
             job.class_dir,
             job.test_dir,
+            model,
+            config.fit,
             configuration.extractor,
             configuration.weights_id,
             out_dir,
             devices,
-            class_world,
+            class_ranks,
         )
     except (DataError, ModelFileError, ValueError) as err:
         log.error("class %s failed: %s", job.name, err)
         row = {"status": f"failed: {err}"}
-    if not class_world.is_root:
+    if not class_ranks.is_root:
         return None
     log.info("class %s: %s", job.name, row)
     return row
@@ -436,10 +351,11 @@ def run_job(
 SUMMARY_COLUMNS = ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped"]
 
 
-def report(configurations: list[Configuration], book: ResultBook, parent: Path | None) -> int:
+def report(config: RunConfig, configurations: list[Configuration], book: ResultBook) -> int:
     """Rank 0, after the last job: the final tables, the summary on stdout, and with several configurations
     comparison.csv / comparison.png and the best configuration per class; 0 when any class succeeded."""
     tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
+    parent = config.comparison_folder()
     best = None
     if parent is None:
         [table], [configuration] = tables, configurations
@@ -457,7 +373,7 @@ def report(configurations: list[Configuration], book: ResultBook, parent: Path |
         print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
         print(f"comparison: {parent / COMPARISON_CSV}")
         log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
-    if not configurations[0].args.no_report:
+    if config.write_report:
         for configuration in configurations:
             print(f"report: {write_report(configuration.folder, configuration.folder.name)}")
         if best is not None:
@@ -470,13 +386,13 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
     """One row per configuration x class: the configuration's settings, then the master_results columns."""
     parts = []
     for configuration, table in zip(configurations, tables):
-        config = configuration.args
+        model = configuration.model
         settings = {
             "configuration": configuration.folder.name,
-            "model_architecture": config.model_architecture,
-            "layers": ",".join(config.layers),
-            "resize": config.resize,
-            "cropsize": config.cropsize,
+            "model_architecture": model.architecture,
+            "layers": ",".join(model.layers),
+            "resize": model.resize,
+            "cropsize": model.cropsize,
             "reduced_dim": configuration.reduced_dim,
         }
         parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])

@@ -8,17 +8,16 @@ command line: it checks every flag before the heavy libraries load (experiment.p
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
 from utils.cli import StrictParser, add_allow_tf32, at_least, run_main, unit_interval
-from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE, hooked_layers
+from utils.config import COMPARISON_SUFFIX, DeviceConfig, FitConfig, Flips, ModelConfig, RunConfig, model_configs
+from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE
 
 DEMO_DATA_DIR = Path("demo_data")
-COMPARISON_SUFFIX = "comparison"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model_architecture",
         nargs="+",
-        default=["wide_resnet50_2"],
+        default=[ModelConfig.architecture],
         choices=sorted(BACKBONES),
         metavar="ARCH",
         help=f"backbone(s) of {', '.join(sorted(BACKBONES))}; {OFFLINE_BACKBONE} has ImageNet weights that "
@@ -34,12 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weights",
-        default="imagenet",
+        default=ModelConfig.weights,
         help="'imagenet', 'none' (random init, for tests only) or a path to a state dict",
     )
-    parser.add_argument("--dataset", default="bowtie", choices=sorted(DATASET_LAYOUTS), help="data layout")
+    parser.add_argument("--dataset", default=FitConfig.layout, choices=sorted(DATASET_LAYOUTS), help="data layout")
     parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
-    parser.add_argument("--base_results_dir", type=Path, default=Path("./results"), help="where results go")
+    parser.add_argument("--base_results_dir", type=Path, default=RunConfig.base_results_dir, help="where results go")
     parser.add_argument(
         "--results_subdir",
         help="sub-folder of the results, holding one experiment (None: <dataset>_<arch>_resize-<R>_crop-<C>, "
@@ -47,13 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
         f"such folder per configuration and the comparison (None: <dataset>_{COMPARISON_SUFFIX})",
     )
     parser.add_argument(
-        "--resize", type=at_least(1), nargs="+", default=[256], help="short side of the image is resized to this"
+        "--resize",
+        type=at_least(1),
+        nargs="+",
+        default=[ModelConfig.resize],
+        help="short side of the image is resized to this",
     )
     parser.add_argument(
         "--cropsize",
         type=at_least(0),
         nargs="+",
-        default=[256],
+        default=[ModelConfig.cropsize],
         help="centre crop; 0 = no crop, resize to resize x resize and keep the whole part",
     )
     parser.add_argument(
@@ -74,30 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--distribute",
         choices=["jobs", "images"],
-        default="jobs",
+        default=RunConfig.distribute,
         help="under torchrun: share out whole (configuration, class) jobs, or every class's images",
     )
     parser.add_argument(
         "--dist_timeout_s",
         type=at_least(1),
-        default=300,
+        default=RunConfig.dist_timeout_s,
         help="under torchrun: a rank silent this long is taken as lost and the run stops",
     )
-    parser.add_argument("--seed", type=int, default=1024, help="seed for channel subset, splits, augmentation")
+    parser.add_argument(
+        "--seed", type=int, default=ModelConfig.seed, help="seed for channel subset, splits, augmentation"
+    )
     parser.add_argument(
         "--save_distribution",
         action="store_true",
         help="save the model file (needed by predict.py) and reuse it on reruns when it matches",
     )
-    parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=at_least(0), default=2, help="data loading processes")
+    parser.add_argument("--batch_size", type=at_least(1), default=FitConfig.batch_size, help="images per forward pass")
+    parser.add_argument("--num_workers", type=at_least(0), default=FitConfig.num_workers, help="data loading processes")
     parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
     parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
     parser.add_argument("--vertical_flip", action="store_true", help="with augmentations: vertical flips")
     parser.add_argument(
         "--augmentation_prob",
         type=unit_interval(True, True),
-        default=0.5,
+        default=Flips.probability,
         help="probability of each flip, applied independently",
     )
     parser.add_argument("--test_class_name", help="train on --data_path's class, test on this class")
@@ -106,32 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder that holds the test class (None: the folder that holds --data_path)",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
+    parser.add_argument(
+        "--device", default=DeviceConfig.device, choices=["auto", "cpu", "cuda"], help="device of the backbone"
+    )
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
     add_allow_tf32(parser)
     parser.add_argument(
         "--test_sample_ratio",
         type=unit_interval(True, False),
-        default=0.2,
+        default=FitConfig.test_sample_ratio,
         help="bowtie: share of train/good moved (seeded, disjoint) to the test normals",
     )
     parser.add_argument(
         "--holdout_ratio",
         type=unit_interval(True, False),
-        default=0.1,
+        default=FitConfig.holdout_ratio,
         help="share of training normals held out of the fit to choose the operating threshold",
     )
     parser.add_argument(
         "--threshold_quantile",
         type=unit_interval(False, True),
-        default=0.99,
+        default=FitConfig.threshold_quantile,
         help="operating threshold = this quantile of the held-out normal scores",
     )
     parser.add_argument(
         "--max_visualizations",
         type=at_least(-1),
-        default=20,
+        default=FitConfig.max_visualizations,
         help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all",
     )
     parser.add_argument(
@@ -155,35 +162,51 @@ def layer_choices(values: list[str] | None) -> list[list[str] | None]:
     return [values]
 
 
-def configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[argparse.Namespace]:
-    """The cartesian product of the multi-valued flags, each a copy of `args` with single values;
-    a combination that cannot run (a crop larger than its resize, a stage its backbone lacks) is a
-    parser error naming it; a repeated combination (a repeated value) is not a second configuration."""
-    combinations = itertools.product(
-        args.model_architecture, layer_choices(args.layers), args.resize, args.cropsize, args.reduced_dim or [None]
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The checked flags as the run's configuration; a combination that cannot run is a parser error."""
+    try:
+        models = model_configs(
+            args.model_architecture,
+            layer_choices(args.layers),
+            args.resize,
+            args.cropsize,
+            args.reduced_dim or [None],
+            args.weights,
+            args.seed,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    flips = Flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob)
+    fit = FitConfig(
+        layout=args.dataset,
+        test_sample_ratio=args.test_sample_ratio,
+        holdout_ratio=args.holdout_ratio,
+        threshold_quantile=args.threshold_quantile,
+        flips=flips if args.augmentations_enabled else None,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        save_distribution=args.save_distribution,
+        max_visualizations=args.max_visualizations,
     )
-    chosen = []
-    for architecture, layers, resize, cropsize, reduced_dim in combinations:
-        if cropsize > resize:
-            parser.error(f"--cropsize {cropsize} is larger than --resize {resize}")
-        try:
-            stages = list(hooked_layers(BACKBONES[architecture], layers))
-        except ValueError as err:
-            parser.error(f"--layers: {err}")
-        single = {
-            "model_architecture": architecture,
-            "layers": stages,
-            "resize": resize,
-            "cropsize": cropsize,
-            "reduced_dim": reduced_dim,
-        }
-        if not any(all(getattr(config, key) == value for key, value in single.items()) for config in chosen):
-            chosen.append(argparse.Namespace(**{**vars(args), **single}))
-    return chosen
+    devices = DeviceConfig(args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32)
+    return RunConfig(
+        data_path=args.data_path,
+        models=models,
+        fit=fit,
+        devices=devices,
+        base_results_dir=args.base_results_dir,
+        results_subdir=args.results_subdir,
+        test_class_name=args.test_class_name,
+        test_class_path=args.test_class_path,
+        demo=args.demo,
+        distribute=args.distribute,
+        dist_timeout_s=args.dist_timeout_s,
+        write_report=not args.no_report,
+    )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags, checked; `configurations` holds one single-valued copy per combination to run."""
+def parse_args(argv: list[str] | None) -> RunConfig:
+    """The flags, checked, as the run's configuration."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
@@ -192,22 +215,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.results_subdir = args.results_subdir or "demo"
     if args.data_path is None:
         parser.error("--data_path is required (or --demo)")
-    args.configurations = configurations(args, parser)
+    config = run_config(args, parser)
     if args.augmentations_enabled and not (args.horizontal_flip or args.vertical_flip):
         parser.error("--augmentations_enabled needs --horizontal_flip and/or --vertical_flip")
     if args.test_class_path and not args.test_class_name:
         parser.error("--test_class_path needs --test_class_name")
-    return args
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    config = parse_args(argv)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, progress bars on rank 0 only (read at tqdm's import)
         os.environ["TQDM_DISABLE"] = "1"
     import experiment  # torch, pandas, matplotlib: only once the flags are known to be good
 
     return run_main(
-        experiment.run, args, experiment.USER_ERRORS, "finished classes are in master_results.csv; rerun to complete"
+        experiment.run, config, experiment.USER_ERRORS, "finished classes are in master_results.csv; rerun to complete"
     )
 
 

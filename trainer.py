@@ -1,16 +1,16 @@
-"""run_class_processing(): data -> fit -> save -> score -> metrics -> plots for ONE class.
+"""run_class(): data -> fit -> save -> score -> metrics -> plots for ONE class.
 
-An orchestrator: the math lives in utils/, the data in datasets/; this file only wires
-them together, times them and turns the outcome into one master_results.csv row.
+The single-class path of run_experiment.py, written as if there were one process: the math
+lives in utils/padim, the metrics in utils/evaluation, the figures in utils/reporting, the data
+in datasets/. Under torchrun with --distribute images, `ranks` (utils.runtime.distributed.World)
+is where the processes meet: each scores its part of a set, the fit's sums are added up, rank 0
+decides on a cached model and alone evaluates and writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -18,23 +18,23 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from datasets.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Batch,
     Geometry,
     ImageDataset,
     Sample,
     build_flips,
-    collate_skipping_failures,
+    image_loader,
+    readable_batches,
 )
 from datasets.split import ClassSplit, DataError, load_class
+from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
+from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
-from utils.padim.backbones import FeatureExtractor
+from utils.padim.backbones import FeatureExtractor, pick_device
 from utils.padim.embedding import channel_index
 from utils.padim.model import GaussianStats, Padim
 from utils.padim.model_file import (
@@ -59,30 +59,6 @@ MIN_KEPT_SHARE = 2 / 3
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
 
 
-@dataclass
-class ScoredSet:
-    """Scores of the readable samples of a set, in order, and (test sets) the summary of their maps."""
-
-    samples: list[Sample]
-    scores: np.ndarray
-    skipped: int
-    maps: MapSummary | None = None
-
-    @classmethod
-    def join(cls, parts: list[ScoredSet]) -> ScoredSet:
-        """The parts of a set scored by several ranks, in rank order: the whole set's ScoredSet."""
-        first = parts[0]
-        for part in parts[1:]:
-            if first.maps is not None:
-                first.maps.absorb(part.maps)
-        return cls(
-            samples=[sample for part in parts for sample in part.samples],
-            scores=np.concatenate([part.scores for part in parts]),
-            skipped=sum(part.skipped for part in parts),
-            maps=first.maps,
-        )
-
-
 class NonFiniteError(ValueError):
     """A NaN or an infinity where a score, statistic or threshold must be: the class fails, it is never a metric."""
 
@@ -94,31 +70,43 @@ def require_finite_scores(scores: np.ndarray, what: str) -> None:
         raise NonFiniteError(f"{bad} of {scores.size} {what} got a non-finite score (NaN or infinity)")
 
 
-def image_loader(
-    samples: list[Sample], geometry: Geometry, args: argparse.Namespace, device: torch.device, augment=None
-) -> DataLoader:
-    """The DataLoader every pass over images uses (fit, hold-out, test, and the benchmark's forward-only pass);
-    batches are pinned only for a backbone on `device` CUDA (pinning asks CUDA for its context)."""
-    return DataLoader(
-        ImageDataset(samples, geometry, augment),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        collate_fn=collate_skipping_failures,
-        generator=torch.Generator().manual_seed(args.seed),
-        pin_memory=device.type == "cuda",
-    )
+def resolve_devices(config: DeviceConfig) -> dict[str, torch.device]:
+    """Backbone, statistics and Mahalanobis devices; a GPU request without CUDA falls back with a warning."""
+    return {
+        "backbone": pick_device(config.device, "--device cuda"),
+        "stats": pick_device("cuda" if config.stats_on_gpu else "cpu", "--stats_on_gpu"),
+        "mahalanobis": pick_device("cuda" if config.mahalanobis_on_gpu else "cpu", "--mahalanobis_on_gpu"),
+    }
 
 
-def readable_batches(loader: DataLoader, description: str, skipped: list[str]) -> Iterator[Batch]:
-    """Readable batches with a progress bar; each unreadable image is warned about once and recorded."""
-    with tqdm(total=len(loader.dataset), desc=description, unit="img", leave=False) as bar:
-        for batch in loader:
-            for _, reason in batch.failures:
-                log.warning("skipped %s", reason)
-                skipped.append(reason)
-            bar.update(len(batch.indices) + len(batch.failures))
-            if batch.indices:
-                yield batch
+def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[str, torch.device]) -> Padim:
+    """The untrained model of a configuration: the seeded channel subset of the extractor's dims, the input
+    size, the devices."""
+    index = channel_index(extractor.dims, extractor.reduced_dim(model.reduced_dim), model.seed)
+    input_size = Geometry(model.resize, model.cropsize).input_size
+    return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
+
+
+def model_identity(
+    model: ModelConfig, fit: FitConfig, weights_id: str, layers: list[str], index: torch.Tensor, fingerprint: str
+) -> dict:
+    """What makes a saved model this run's model (MODEL_IDENTITY_KEYS): the backbone, its weights and
+    stages, the geometry, the training images, and the settings that change the fitted statistics or the
+    threshold (the same `settings()` experiment.json records)."""
+    return {
+        "backbone": model.architecture,
+        "weights_id": weights_id,
+        "layers": layers,
+        "resize": model.resize,
+        "cropsize": model.cropsize,
+        "fingerprint": fingerprint,
+        "training_config": {
+            "reduced_dim": int(index.numel()),
+            "channel_index": index.tolist(),
+            "seed": model.seed,
+            **fit.settings(),
+        },
+    }
 
 
 def display_pixels(images: torch.Tensor, i: int) -> np.ndarray:
@@ -132,7 +120,8 @@ def score_samples(
     model: Padim,
     samples: list[Sample],
     geometry: Geometry,
-    args: argparse.Namespace,
+    fit: FitConfig,
+    seed: int,
     description: str,
     maps: MapSummary | None = None,
 ) -> ScoredSet:
@@ -140,9 +129,9 @@ def score_samples(
     so memory does not grow with the number of images."""
     skipped: list[str] = []
     kept, scores = [], []
-    loader = image_loader(samples, geometry, args, model.device)
-    batches = ((batch, batch.images) for batch in readable_batches(loader, description, skipped))
-    for batch, batch_maps, batch_scores in model.stream_anomaly_maps(batches):
+    loader = image_loader(ImageDataset(samples, geometry), fit.batch_size, fit.num_workers, model.device, seed)
+    batches = readable_batches(loader, description, lambda _, reason: skipped.append(reason))
+    for batch, batch_maps, batch_scores in model.stream_anomaly_maps((batch, batch.images) for batch in batches):
         batch_samples = [samples[i] for i in batch.indices]
         if maps is not None and torch.isfinite(batch_scores).all():  # a non-finite score fails the class below
             display = partial(display_pixels, batch.images)
@@ -155,20 +144,6 @@ def score_samples(
         skipped=len(skipped),
         maps=maps,
     )
-
-
-def _training_config(args: argparse.Namespace, index: torch.Tensor) -> dict:
-    """Settings that change the fitted statistics or the threshold; part of the model's identity."""
-    return {
-        "reduced_dim": int(index.numel()),
-        "channel_index": index.tolist(),
-        "seed": args.seed,
-        "holdout_ratio": args.holdout_ratio,
-        "threshold_quantile": args.threshold_quantile,
-        "augmentations": [args.horizontal_flip, args.vertical_flip, args.augmentation_prob]
-        if args.augmentations_enabled
-        else None,
-    }
 
 
 def log_split(split: ClassSplit, dims: int) -> None:
@@ -221,10 +196,10 @@ def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) ->
         )
 
 
-def _reusable_model(path: Path, identity: dict, save_distribution: bool) -> tuple[dict, GaussianStats] | None:
+def reusable_model(path: Path, identity: dict, save_distribution: bool) -> tuple[dict, GaussianStats] | None:
     """The matching cached model when reuse is asked for (--save_distribution); an earlier run's model that
     does not match is removed when this run will not replace it, so it never sits beside other results."""
-    cached = _cached_model(path, identity)
+    cached = cached_model(path, identity)
     if save_distribution:
         return cached
     if cached is None and path.is_file():
@@ -237,7 +212,7 @@ def _reusable_model(path: Path, identity: dict, save_distribution: bool) -> tupl
     return None
 
 
-def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
+def cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
     """The saved model and its statistics when it was made from the same backbone, settings and training images."""
     if not path.is_file():
         return None
@@ -255,68 +230,57 @@ def _cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | No
     return content, stats
 
 
-def _threshold(
-    model: Padim, split: ClassSplit, geometry: Geometry, args: argparse.Namespace, world: World
+def threshold_from_holdout(
+    model: Padim, split: ClassSplit, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
 ) -> tuple[float, dict, int]:
     """Operating threshold from held-out good images; from the fit images only when there are none.
 
-    Each rank scores its share; every rank gets every score, so all agree on the threshold
-    (and on a failure). Returns (threshold, provenance, this rank's unreadable images)."""
+    Each rank scores its part; every rank gets every score, so all agree on the threshold (and on a
+    failure). Returns (threshold, provenance, this rank's unreadable images)."""
     source, samples = "held-out normal training images", split.holdout
     if not samples:
         source, samples = "training images (too few to hold any out; biased low)", split.fit
         log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
-    scored = score_samples(model, world.part(samples), geometry, args, "threshold")
-    scores = np.concatenate(world.everyone(scored.scores))
+    scored = score_samples(model, ranks.part(samples), geometry, fit, seed, "threshold")
+    scores = np.concatenate(ranks.everyone(scored.scores))
     if scores.size == 0:
         raise DataError("no readable image to set the threshold")
     require_finite_scores(scores, "threshold images")
-    value = metrics.threshold_from_normals(scores, args.threshold_quantile)
-    provenance = {"source": source, "quantile": args.threshold_quantile, "n_images": int(scores.size)}
+    value = metrics.threshold_from_normals(scores, fit.threshold_quantile)
+    provenance = {"source": source, "quantile": fit.threshold_quantile, "n_images": int(scores.size)}
     return value, provenance, scored.skipped
-
-
-def build_model(extractor: FeatureExtractor, args: argparse.Namespace, devices: dict[str, torch.device]) -> Padim:
-    """The untrained model of a run: the seeded channel subset of the extractor's dims, the input size, the devices."""
-    index = channel_index(extractor.dims, args.reduced_dim or extractor.default_reduced_dim, args.seed)
-    input_size = Geometry(args.resize, args.cropsize).input_size
-    return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
 
 
 def fit_or_load(
     model: Padim,
     split: ClassSplit,
-    class_dir: Path,
     geometry: Geometry,
-    args: argparse.Namespace,
+    fit: FitConfig,
+    seed: int,
     identity: dict,
     model_path: Path,
-    world: World,
+    ranks: World,
 ) -> tuple[float, dict, int]:
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file.
 
-    With several ranks (--distribute images) rank 0 decides on the cached model and shares it;
-    each rank fits its share of the images and the sums are added up (World.merge_sums).
-    Returns (threshold, provenance, this rank's unreadable images)."""
-    cached = world.from_root(_reusable_model(model_path, identity, args.save_distribution) if world.is_root else None)
+    Rank 0 decides on the cached model and shares it; each rank fits its part of the images and the
+    sums are added up (Padim.fit's peers). Returns (threshold, provenance, this rank's unreadable images)."""
+    cached = ranks.from_root(reusable_model(model_path, identity, fit.save_distribution) if ranks.is_root else None)
     if cached is not None:
         content, stats = cached
         model.use(stats)
         return content["threshold"], content["threshold_provenance"], 0
-    augment = (
-        build_flips(args.horizontal_flip, args.vertical_flip, args.augmentation_prob)
-        if args.augmentations_enabled
-        else None
-    )
+    augment = build_flips(fit.flips.horizontal, fit.flips.vertical, fit.flips.probability) if fit.flips else None
     skipped: list[str] = []
-    torch.manual_seed(args.seed)
-    loader = image_loader(world.part(split.fit), geometry, args, model.device, augment)
-    batches = readable_batches(loader, "fit", skipped)
-    stats = model.fit((batch.images for batch in batches), merge=world.merge_sums)
+    torch.manual_seed(seed)
+    dataset = ImageDataset(ranks.part(split.fit), geometry, augment)
+    loader = image_loader(dataset, fit.batch_size, fit.num_workers, model.device, seed)
+    batches = readable_batches(loader, "fit", lambda _, reason: skipped.append(reason))
+    stats = model.fit((batch.images for batch in batches), peers=ranks)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
-    threshold, provenance, threshold_skipped = _threshold(model, split, geometry, args, world)
-    if args.save_distribution and world.is_root:
+    threshold, provenance, threshold_skipped = threshold_from_holdout(model, split, geometry, fit, seed, ranks)
+    if fit.save_distribution and ranks.is_root:
         save_model(
             model_path,
             {
@@ -334,93 +298,6 @@ def fit_or_load(
     return threshold, provenance, len(skipped) + threshold_skipped
 
 
-def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: bool) -> ClassEvaluation:
-    """All metrics of one class; an undefined one is None and the reason is logged."""
-    result = ClassEvaluation(name, scored.samples, scored.scores, scored.maps, threshold, has_ground_truth)
-    labels, scores = result.labels, result.scores
-    summary = {
-        "roc_auc": metrics.image_auroc(labels, scores),
-        "pr_auc": metrics.average_precision(labels, scores),
-    }
-    if summary["roc_auc"] is None:
-        log.warning(
-            "%s: image AUROC/AP undefined: the test set has only %s images",
-            name,
-            "good" if labels.sum() == 0 else "defect",
-        )
-    ci = metrics.bootstrap_auroc_ci(labels, scores, seed=0)
-    summary["roc_auc_ci_low"], summary["roc_auc_ci_high"] = ci if ci else (None, None)
-    point = metrics.operating_point(labels, scores, threshold)
-    summary.update(
-        {
-            "optimal_threshold": threshold,
-            "precision": point.precision,
-            "recall": point.recall,
-            "f1_score": point.f1,
-            "false_positive_rate": point.false_positive_rate,
-            "true_negatives": point.true_negatives,
-            "false_positives": point.false_positives,
-            "false_negatives": point.false_negatives,
-            "true_positives": point.true_positives,
-        }
-    )
-    for rate, interval in point.intervals().items():
-        summary[f"{rate}_ci_low"], summary[f"{rate}_ci_high"] = interval if interval else (None, None)
-    best = metrics.f1_max(labels, scores)
-    summary["f1_max"] = best[0] if best else None
-    summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
-    if has_ground_truth:
-        curves = result.maps.pixel_histogram().curves()
-        if curves is None:
-            log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
-        else:
-            summary["pixel_roc_auc"], summary["pixel_aupro"] = metrics.pixel_metrics(curves)
-            result.pixel_curves = curves.thinned()
-    else:
-        log.info("%s: no ground_truth folder, pixel metrics not computed", name)
-    result.summary = summary
-    result.defect_types = defect_type_table(result)
-    return result
-
-
-DEFECT_TYPE_COLUMNS = [
-    "defect",
-    "n_images",
-    "recall",
-    "recall_ci_low",
-    "recall_ci_high",
-    "roc_auc",
-    "pixel_roc_auc",
-    "pixel_aupro",
-]
-
-
-def defect_type_table(result: ClassEvaluation) -> pd.DataFrame:
-    """Per defect type: its images, recall at the operating threshold (95% Wilson interval), image AUROC
-    against the good test images, and pixel AUROC / AUPRO over the good images and that type's masked ones."""
-    types = np.array([sample.defect for sample in result.samples])
-    labels, good = result.labels, result.labels == 0
-    rows = []
-    for defect in sorted(set(types[labels == 1])):
-        of_type = (types == defect) & (labels == 1)
-        caught = int((result.scores[of_type] > result.threshold).sum())
-        interval = metrics.wilson_interval(caught, int(of_type.sum()))
-        row = {
-            "defect": defect,
-            "n_images": int(of_type.sum()),
-            "recall": caught / of_type.sum(),
-            "recall_ci_low": interval[0],
-            "recall_ci_high": interval[1],
-            "roc_auc": metrics.image_auroc(labels[good | of_type], result.scores[good | of_type]),
-        }
-        if result.has_ground_truth:
-            curves = result.maps.pixel_histogram([defect]).curves()
-            if curves is not None:
-                row["pixel_roc_auc"], row["pixel_aupro"] = metrics.pixel_metrics(curves)
-        rows.append(row)
-    return pd.DataFrame(rows).reindex(columns=DEFECT_TYPE_COLUMNS)
-
-
 def write_scores(result: ClassEvaluation, path: Path) -> None:
     """Per-image scores and calls, the numbers behind every metric and the ones predict.py reproduces."""
     table = pd.DataFrame(
@@ -435,54 +312,43 @@ def write_scores(result: ClassEvaluation, path: Path) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
 
-def run_class_processing(
-    args: argparse.Namespace,
+def run_class(
     class_dir: Path,
     test_class_dir: Path | None,
+    model_config: ModelConfig,
+    fit: FitConfig,
     extractor: FeatureExtractor,
     weights_id: str,
     out_dir: Path,
     devices: dict[str, torch.device],
-    world: World | None = None,
+    ranks: World | None = None,
 ) -> dict | None:
     """Process one class end to end and return its master_results row (raises DataError for a bad class).
 
-    With a distributed `world` (--distribute images) the ranks share the fit, hold-out and test
-    images; rank 0 alone evaluates, writes and returns the row, the others return None."""
-    world = world or World()
+    With several `ranks` (--distribute images) they share the fit, hold-out and test images; rank 0
+    alone evaluates, writes and returns the row, the others return None."""
+    ranks = ranks or World()
+    seed = model_config.seed
     split = load_class(
-        args.dataset,
-        class_dir,
-        holdout_ratio=args.holdout_ratio,
-        seed=args.seed,
-        test_sample_ratio=args.test_sample_ratio,
+        fit.layout, class_dir, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio
     )
     has_ground_truth = split.has_ground_truth
     if test_class_dir is not None:
         other = load_class(
-            args.dataset, test_class_dir, holdout_ratio=0.0, seed=args.seed, test_sample_ratio=args.test_sample_ratio
+            fit.layout, test_class_dir, holdout_ratio=0.0, seed=seed, test_sample_ratio=fit.test_sample_ratio
         )
         split.test, has_ground_truth = other.test, other.has_ground_truth
-    geometry = Geometry(args.resize, args.cropsize)
-    model = build_model(extractor, args, devices)
-    index = model.index
-    log_split(split, index.numel())
-    if world.is_root:
+    geometry = Geometry(model_config.resize, model_config.cropsize)
+    model = build_model(extractor, model_config, devices)
+    log_split(split, model.index.numel())
+    if ranks.is_root:
         warn_on_crop_losses(split.test, geometry, split.name)
-    identity = {
-        "backbone": extractor.spec.name,
-        "weights_id": weights_id,
-        "layers": list(extractor.layers),
-        "resize": args.resize,
-        "cropsize": args.cropsize,
-        "fingerprint": training_fingerprint(split.fit + split.holdout, class_dir),
-        "training_config": _training_config(args, index),
-    }
-    if world.is_root:
         out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = training_fingerprint(split.fit + split.holdout, class_dir)
+    identity = model_identity(model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint)
     start = time.perf_counter()
     threshold, provenance, fit_skipped = fit_or_load(
-        model, split, class_dir, geometry, args, identity, out_dir / MODEL_FILENAME, world
+        model, split, geometry, fit, seed, identity, out_dir / MODEL_FILENAME, ranks
     )
     fit_seconds = time.perf_counter() - start
     log.info(
@@ -495,10 +361,10 @@ def run_class_processing(
     )
 
     start = time.perf_counter()
-    summary = MapSummary(threshold, geometry.input_size, args.max_visualizations)
-    scored = score_samples(model, world.part(split.test), geometry, args, "score", summary)
+    summary = MapSummary(threshold, geometry.input_size, fit.max_visualizations)
+    scored = score_samples(model, ranks.part(split.test), geometry, fit, seed, "score", summary)
     scored.skipped += fit_skipped
-    parts = world.to_root(scored)
+    parts = ranks.to_root(scored)
     if parts is None:
         return None
     scored = ScoredSet.join(parts)

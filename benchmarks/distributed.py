@@ -82,10 +82,10 @@ def all_reduce_volume(resize: int = 256, cropsize: int = 256) -> pd.DataFrame:
     the first moments (P x D float64) and the upper blocks of the second moments (float32)."""
     size = Geometry(resize, cropsize).input_size
     rows = []
-    for name, spec in BACKBONES.items():
+    for name in BACKBONES:
         extractor, _ = build_extractor(name, "none", torch.device("cpu"))
         grid = extractor(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
-        positions, dims = grid[0] * grid[1], min(spec.default_reduced_dim, extractor.dims)
+        positions, dims = grid[0] * grid[1], extractor.reduced_dim(None)
         second = sum(p * r * c for p, r, c in TriangularBlocks.shapes(positions, dims, lower=False)) * 4
         first = positions * dims * 8
         rows.append(

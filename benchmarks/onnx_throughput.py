@@ -71,7 +71,7 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict:
     geometry = Geometry(args.resize, args.cropsize)
     weights = "imagenet" if backbone in OFFLINE_PRETRAINED else "none"
     extractor, _ = build_extractor(backbone, weights, torch.device("cpu"))
-    index = channel_index(extractor.dims, extractor.default_reduced_dim, 1024)
+    index = channel_index(extractor.dims, extractor.reduced_dim(None), 1024)
     padim = Padim(extractor, index, geometry.input_size, *[torch.device("cpu")] * 3)
     train = list_images(args.data_path / "train" / "good")[: args.fit_images]
     test = sorted(args.data_path.glob("test/*/*"))[: args.test_images]

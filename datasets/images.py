@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -217,23 +219,27 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Batch:
-    """A collated batch: images (B,3,H,W), masks (B,H,W) bool, dataset indices, and the failures."""
+    """A collated batch: images (B,3,H,W), masks (B,H,W) bool, dataset indices, the failures, and (for
+    datasets that keep them, predict.py's) the original pixels of the readable images in the same order."""
 
     images: torch.Tensor
     masks: torch.Tensor
     indices: list[int]
     failures: list[tuple[int, str]]
+    originals: list[np.ndarray] | None = None
 
     def pin_memory(self) -> Batch:
         """The batch with its tensors in page-locked memory: the DataLoader calls this when it pins
         (the backbone on CUDA), so that copies to the GPU overlap the next batch's work."""
-        return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.indices, self.failures)
+        return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.indices, self.failures, self.originals)
 
 
 def collate_skipping_failures(items) -> Batch:
-    """Stack the readable items; unreadable ones are reported, not fatal."""
+    """Stack the readable items; unreadable ones are reported, not fatal. Items of a dataset that keeps
+    the original pixels carry them as a fourth element."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[1]) for item in items if item[0] is None]
+    originals = [item[3] for item in good] if good and len(good[0]) > 3 else None
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.bool), [], failures)
     return Batch(
@@ -241,4 +247,36 @@ def collate_skipping_failures(items) -> Batch:
         masks=torch.stack([item[1] for item in good]),
         indices=[item[2] for item in good],
         failures=failures,
+        originals=originals,
     )
+
+
+def image_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, seed: int | None = None
+) -> DataLoader:
+    """The DataLoader of every pass over images (fit, hold-out, test, predict.py, benchmarks); batches are
+    pinned only for a backbone on CUDA (pinning asks CUDA for its context); `seed` seeds the shuffling-free
+    loader's generator, which the random flips of augmentation draw from."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_failures,
+        generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def readable_batches(
+    loader: DataLoader, description: str, on_failure: Callable[[int, str], None], leave: bool = False
+) -> Iterator[Batch]:
+    """The loader's readable batches with a progress bar; each unreadable image is warned about once and
+    handed to `on_failure` (its dataset index and the reason)."""
+    with tqdm(total=len(loader.dataset), desc=description, unit="img", leave=leave) as bar:
+        for batch in loader:
+            for index, reason in batch.failures:
+                log.warning("skipped %s", reason)
+                on_failure(index, reason)
+            bar.update(len(batch.indices) + len(batch.failures))
+            if batch.indices:
+                yield batch

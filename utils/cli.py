@@ -13,9 +13,11 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 log = logging.getLogger(__name__)
+
+Config = TypeVar("Config")
 
 
 def add_allow_tf32(parser: argparse.ArgumentParser) -> None:
@@ -94,15 +96,15 @@ def positive_float(text: str) -> float:
 
 
 def run_main(
-    run: Callable[[argparse.Namespace], int],
-    args: argparse.Namespace,
+    run: Callable[[Config], int],
+    config: Config,
     user_errors: tuple[type[Exception], ...],
     interrupted: str,
 ) -> int:
-    """Call `run(args)`; user errors become one line on stderr, an interrupt a note of what was kept."""
+    """Call `run(config)`; user errors become one line on stderr, an interrupt a note of what was kept."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(args)
+        return run(config)
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -179,10 +179,9 @@ class FeatureExtractor(nn.Module):
         self.channels = [maps.shape[1] for maps in self(torch.zeros(1, 3, 64, 64))]  # of each hooked map
         self.dims = sum(self.channels)
 
-    @property
-    def default_reduced_dim(self) -> int:
-        """The channels kept when --reduced_dim is not given: the backbone's default, capped at `dims`."""
-        return min(self.spec.default_reduced_dim, self.dims)
+    def reduced_dim(self, requested: int | None) -> int:
+        """The channels kept: `requested`, or without it the backbone's default capped at `dims`."""
+        return requested or min(self.spec.default_reduced_dim, self.dims)
 
     def _capture(self, layer: str, module: nn.Module, inputs, output: torch.Tensor) -> None:
         self.captured[layer] = output

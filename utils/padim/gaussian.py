@@ -13,8 +13,9 @@ the blocked code to.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +28,17 @@ CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries
 FACTOR_CHUNK_ELEMENTS = 2**21
 FACTOR_CHUNK_MATRICES = 32
 FACTOR_DEVICE_CHUNK_ELEMENTS = 2**27  # on a GPU: a few large chunks (1 GiB of float64 each)
+
+
+class Peers(Protocol):
+    """The processes that fit shares of one set of images (utils.runtime.distributed.World): what
+    GaussianAccumulator.merged needs of them."""
+
+    def everyone(self, item: Any) -> list: ...
+
+    def broadcast_(self, tensor: torch.Tensor, source: int) -> None: ...
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None: ...
 
 
 def positions_first(embedding: torch.Tensor) -> torch.Tensor:
@@ -96,6 +108,38 @@ class GaussianAccumulator:
             block.baddbmm_(delta_column[:, start:stop], v[:, start:].transpose(1, 2))
         self.sum += delta * self.count
         self.shift.copy_(shift)
+
+    @staticmethod
+    def merged(
+        accumulator: GaussianAccumulator | None,
+        grid: tuple[int, int] | None,
+        peers: Peers,
+        new: Callable[[tuple[int, int]], GaussianAccumulator],
+    ) -> tuple[GaussianAccumulator | None, tuple[int, int] | None]:
+        """(sums, grid) of every peer added up (each fitted a share of the images): afterwards every peer
+        holds the sums a single process fitting all images would, up to float summation order; (None,
+        None) when no peer had a readable image.
+
+        The sums are first re-expressed around one shared shift (the first fitting peer's), then
+        all-reduced; a peer without readable images (no accumulator: `new` makes one for the grid)
+        contributes zeros.
+        """
+        counts = peers.everyone((accumulator.count, grid) if accumulator is not None else (0, None))
+        source = next((rank for rank, (count, _) in enumerate(counts) if count), None)
+        if source is None:
+            return None, None
+        grid = counts[source][1]
+        if accumulator is None:
+            accumulator = new(grid)
+            for moment in accumulator.moments():
+                moment.zero_()
+        shift = accumulator.shift.clone()
+        peers.broadcast_(shift, source)
+        accumulator.recentre(shift)
+        for moment in accumulator.moments():
+            peers.all_reduce_(moment)
+        accumulator.count = sum(count for count, _ in counts)
+        return accumulator, grid
 
     def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, TriangularBlocks]:
         """(mean (P, D), covariance as upper blocks): unbiased, plus epsilon * I; the buffers are reused in place."""

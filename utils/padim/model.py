@@ -5,7 +5,7 @@ Holds tensors only; data loading, files and metrics stay with the caller.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,7 +14,7 @@ import torch
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import FeatureExtractor
 from utils.padim.embedding import chosen_channels, embedding_bands, split_channel_index
-from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
+from utils.padim.gaussian import GaussianAccumulator, Peers, band_positions, mahalanobis, precision_factor_
 from utils.padim.triangular import TriangularBlocks
 
 GROUP_IMAGES = 128  # images fitted or scored in one pass: each (D, D) matrix is read once per group (tuning)
@@ -23,10 +23,6 @@ BAND_ELEMENTS = 2**22  # values per band of embedding rows: bounds its memory (t
 Key = TypeVar("Key")
 Item = TypeVar("Item")
 Grid = tuple[int, int]
-Merge = Callable[
-    [GaussianAccumulator | None, Grid | None, Callable[[Grid], GaussianAccumulator]],
-    tuple[GaussianAccumulator | None, Grid | None],
-]
 
 
 def image_groups(batches: Iterable[tuple[Item, int]], images_together: int) -> Iterator[list[Item]]:
@@ -119,11 +115,11 @@ class Padim:
     def new_accumulator(self, grid: Grid) -> GaussianAccumulator:
         return GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
 
-    def fit(self, image_batches: Iterable[torch.Tensor], merge: Merge | None = None) -> GaussianStats:
+    def fit(self, image_batches: Iterable[torch.Tensor], peers: Peers | None = None) -> GaussianStats:
         """One pass: each group's embedding is folded into running sums band by band and dropped.
 
-        `merge` adds up the sums of every process that fitted a share of the images
-        (utils.runtime.distributed.World.merge_sums) before the Gaussian is formed.
+        With `peers` (the other processes of a run, each fitting a share of the images) the sums of
+        all of them are added up (GaussianAccumulator.merged) before the Gaussian is formed.
         """
         accumulator, grid = None, None
         for group in self.groups(((None, images) for images in image_batches), self.stats_device):
@@ -131,8 +127,8 @@ class Padim:
                 grid = tuple(group[0][1][0].shape[1:3])
                 accumulator = self.new_accumulator(grid)
             accumulator.update(self.bands(group))
-        if merge is not None:
-            accumulator, grid = merge(accumulator, grid, self.new_accumulator)
+        if peers is not None:
+            accumulator, grid = GaussianAccumulator.merged(accumulator, grid, peers, self.new_accumulator)
         if accumulator is None:
             raise ValueError("no readable training images")
         mean, covariance = accumulator.finalize()

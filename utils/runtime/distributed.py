@@ -28,8 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from utils.padim.gaussian import GaussianAccumulator
-
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
@@ -228,33 +226,14 @@ class World:
                 self.watch.finish()  # every rank stops here: none is left waiting for a lost peer
             raise first
 
-    def merge_sums(
-        self,
-        accumulator: GaussianAccumulator | None,
-        grid: tuple[int, int] | None,
-        new_accumulator: Callable[[tuple[int, int]], GaussianAccumulator],
-    ) -> tuple[GaussianAccumulator | None, tuple[int, int] | None]:
-        """Add up the fit sums of every rank (each fitted a share of the images): afterwards every rank
-        holds the sums a single process fitting all images would, up to float summation order.
+    def broadcast_(self, tensor: torch.Tensor, source: int) -> None:
+        """Rank `source`'s tensor, in place, on every rank."""
+        if self.watch is not None:
+            self.watch.arrive()
+            dist.broadcast(tensor, src=source)
 
-        The sums are first re-expressed around one shared shift (the first fitting rank's), then
-        all-reduced; a rank without readable images contributes zeros.
-        """
-        if self.watch is None:
-            return accumulator, grid
-        counts = self.everyone((accumulator.count, grid) if accumulator is not None else (0, None))
-        source = next((rank for rank, (count, _) in enumerate(counts) if count), None)
-        if source is None:
-            return None, None
-        grid = counts[source][1]
-        if accumulator is None:
-            accumulator = new_accumulator(grid)
-            for moment in accumulator.moments():
-                moment.zero_()
-        shift = accumulator.shift.clone()
-        dist.broadcast(shift, src=source)
-        accumulator.recentre(shift)
-        for moment in accumulator.moments():
-            dist.all_reduce(moment)
-        accumulator.count = sum(count for count, _ in counts)
-        return accumulator, grid
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        """The sum of every rank's tensor, in place, on every rank."""
+        if self.watch is not None:
+            self.watch.arrive()
+            dist.all_reduce(tensor)

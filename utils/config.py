@@ -1,0 +1,178 @@
+"""The configuration of a run as frozen dataclasses: run_experiment.py turns its flags into these
+once, and everything below the command line receives them (never an argparse Namespace). The
+field defaults are the flags' defaults. Torch-free, so that a bad flag fails before torch loads.
+
+- ModelConfig: what the model is (backbone, stages, weights, geometry, channels, seed);
+- FitConfig: how a class is split, fitted, thresholded and evaluated, and how images are loaded;
+- DeviceConfig: where the backbone, the statistics and the distances run;
+- RunConfig: the data, the configurations to run, the folders, the distribution over ranks.
+
+`RunConfig.identity(model)` is what makes two runs one experiment (experiment.json); the
+model file's identity is built from the same `settings()` (trainer.model_identity).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.padim.backbone_specs import BACKBONES, hooked_layers
+
+COMPARISON_SUFFIX = "comparison"
+
+
+@dataclass(frozen=True)
+class Flips:
+    """Training-time augmentation: independent random flips, each with `probability`."""
+
+    horizontal: bool
+    vertical: bool
+    probability: float = 0.5
+
+    def settings(self) -> list:
+        return [self.horizontal, self.vertical, self.probability]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
+    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice."""
+
+    architecture: str = "wide_resnet50_2"
+    layers: tuple[str, ...] = ()
+    weights: str = "imagenet"
+    resize: int = 256
+    cropsize: int = 256
+    reduced_dim: int | None = None
+    seed: int = 1024
+
+    @property
+    def default_layers(self) -> bool:
+        return self.layers == BACKBONES[self.architecture].default_layers
+
+    def settings(self) -> dict:
+        """The model's part of the experiment's identity."""
+        return {
+            "model_architecture": self.architecture,
+            "layers": list(self.layers),
+            "weights": self.weights if self.weights in ("imagenet", "none") else str(Path(self.weights).resolve()),
+            "resize": self.resize,
+            "cropsize": self.cropsize,
+            "reduced_dim": self.reduced_dim,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a class is split (layout, moved test normals, hold-out), fitted (flips), thresholded
+    (quantile of the held-out scores) and evaluated; how images are loaded; what is kept."""
+
+    layout: str = "bowtie"
+    test_sample_ratio: float = 0.2
+    holdout_ratio: float = 0.1
+    threshold_quantile: float = 0.99
+    flips: Flips | None = None
+    batch_size: int = 32
+    num_workers: int = 2
+    save_distribution: bool = False
+    max_visualizations: int = 20
+
+    def settings(self) -> dict:
+        """The settings that change the fitted Gaussian or the threshold (beside the model's seed)."""
+        return {
+            "holdout_ratio": self.holdout_ratio,
+            "threshold_quantile": self.threshold_quantile,
+            "augmentations": self.flips.settings() if self.flips else None,
+        }
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Device of the backbone ('auto', 'cpu', 'cuda'), and whether the statistics and the distances
+    run on the GPU; TF32 is opt-in."""
+
+    device: str = "auto"
+    stats_on_gpu: bool = False
+    mahalanobis_on_gpu: bool = False
+    allow_tf32: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of run_experiment.py: the data, every configuration to run, and where results go."""
+
+    data_path: Path
+    models: tuple[ModelConfig, ...]
+    fit: FitConfig = FitConfig()
+    devices: DeviceConfig = DeviceConfig()
+    base_results_dir: Path = Path("./results")
+    results_subdir: str | None = None
+    test_class_name: str | None = None
+    test_class_path: Path | None = None
+    demo: bool = False
+    distribute: str = "jobs"
+    dist_timeout_s: int = 300
+    write_report: bool = True
+
+    def identity(self, model: ModelConfig) -> dict:
+        """The settings that make two runs one experiment: only such runs may share a results folder."""
+        fit = self.fit
+        return {
+            "dataset": fit.layout,
+            "data_path": str(self.data_path.resolve()),
+            "test_class_name": self.test_class_name,
+            "test_class_path": str(self.test_class_path.resolve()) if self.test_class_path else None,
+            **model.settings(),
+            "holdout_ratio": fit.holdout_ratio,
+            "threshold_quantile": fit.threshold_quantile,
+            "test_sample_ratio": fit.test_sample_ratio if fit.layout == "bowtie" else None,
+            "augmentations": fit.settings()["augmentations"],
+        }
+
+    def results_folder(self, model: ModelConfig) -> Path:
+        """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
+        backbone, resize and crop (and the stages when they are not the backbone's default); with several
+        configurations, that default name (plus _dim-<N> for a given reduced_dim) inside the comparison folder."""
+        default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize}_crop-{model.cropsize}"
+        if not model.default_layers:
+            default += f"_layers-{'-'.join(model.layers)}"
+        parent = self.comparison_folder()
+        if parent is None:
+            return self.base_results_dir / (self.results_subdir or default)
+        return parent / (default + (f"_dim-{model.reduced_dim}" if model.reduced_dim else ""))
+
+    def comparison_folder(self) -> Path | None:
+        """Where a run of several configurations puts their folders and the comparison; None for one."""
+        if len(self.models) == 1:
+            return None
+        return self.base_results_dir / (self.results_subdir or f"{self.fit.layout}_{COMPARISON_SUFFIX}")
+
+
+def model_configs(
+    architectures: list[str],
+    layer_choices: list[list[str] | None],
+    resizes: list[int],
+    cropsizes: list[int],
+    reduced_dims: list[int | None],
+    weights: str = ModelConfig.weights,
+    seed: int = ModelConfig.seed,
+) -> tuple[ModelConfig, ...]:
+    """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
+    backbone's order; ValueError names a combination that cannot run (a crop larger than its resize, a
+    stage its backbone lacks); a repeated combination is not a second configuration."""
+    chosen: list[ModelConfig] = []
+    for architecture, layers, resize, cropsize, reduced_dim in itertools.product(
+        architectures, layer_choices, resizes, cropsizes, reduced_dims
+    ):
+        if cropsize > resize:
+            raise ValueError(f"--cropsize {cropsize} is larger than --resize {resize}")
+        try:
+            stages = tuple(hooked_layers(BACKBONES[architecture], layers))
+        except ValueError as err:
+            raise ValueError(f"--layers: {err}") from err
+        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed)
+        if config not in chosen:
+            chosen.append(config)
+    return tuple(chosen)
