@@ -45,9 +45,8 @@ from utils.padim.anomaly_map import (
     draw_regions,
     to_original_resolution,
 )
-from utils.padim.backbone_specs import hooked_layers
+from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import (
-    BACKBONES,
     WeightsError,
     build_extractor,
     float32_precision,

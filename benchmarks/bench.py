@@ -40,7 +40,8 @@ from datasets.images import Geometry  # noqa: E402
 from datasets.split import ClassSplit, DataError  # noqa: E402
 from utils.cli import at_least  # noqa: E402
 from utils.evaluation.summary import MapSummary  # noqa: E402
-from utils.padim.backbones import BACKBONES, WeightsError, build_extractor, float32_precision  # noqa: E402
+from utils.padim.backbone_specs import BACKBONES  # noqa: E402
+from utils.padim.backbones import WeightsError, build_extractor, float32_precision  # noqa: E402
 from utils.padim.model import Padim  # noqa: E402
 from utils.reporting.plotting import plot_class_results  # noqa: E402
 from utils.runtime.distributed import World  # noqa: E402

@@ -33,8 +33,7 @@ import run_experiment  # noqa: E402
 import trainer  # noqa: E402
 from benchmarks import gaussian_steps  # noqa: E402
 from data.demo_data import make_demo_dataset  # noqa: E402
-from datasets.images import Geometry  # noqa: E402
-from datasets.split import Sample  # noqa: E402
+from datasets.images import Geometry, Sample  # noqa: E402
 from utils.padim.backbones import float32_precision  # noqa: E402
 
 AGREEMENT = 1e-4  # relative: predict.py must reproduce run_experiment's scores across devices

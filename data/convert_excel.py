@@ -8,7 +8,6 @@ name them differently (`Position`, `Result`, `Comments`, ...).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -16,17 +15,19 @@ from pathlib import Path
 import pandas as pd
 from openpyxl.utils.exceptions import InvalidFileException
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script, this folder is on the path, the repository root is not
+    sys.path.insert(0, str(ROOT))
+
+from utils.cli import first_line  # noqa: E402
+from utils.runtime.output_files import OutputWriteError, atomic_write  # noqa: E402
+
 COLUMNS = ["img", "pos", "type", "comments"]
 PROG = "convert_excel.py"
 
 
 class SheetError(Exception):
     """A workbook that cannot be converted; the message says why, for a one-line report."""
-
-
-def one_line(exc: BaseException) -> str:
-    """Squeeze a library's error message onto one line so each failure is one stderr line."""
-    return " ".join(str(exc).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,7 @@ def read_sheet(path: Path) -> pd.DataFrame:
     try:
         raw = pd.read_excel(path, sheet_name=0, header=None, dtype=object, engine="openpyxl")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, InvalidFileException) as exc:
-        raise SheetError(f"cannot read the workbook ({one_line(exc)})") from exc
+        raise SheetError(f"cannot read the workbook ({first_line(exc)})") from exc
     if raw.shape[1] < len(COLUMNS):
         raise SheetError(f"sheet 0 has {raw.shape[1]} column(s), need at least 4 ({', '.join(COLUMNS)})")
     table = raw.iloc[2:, : len(COLUMNS)].dropna(how="all")
@@ -94,22 +95,12 @@ def read_sheet(path: Path) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def write_csv_atomically(table: pd.DataFrame, dest: Path) -> None:
-    """Write to a temporary file and rename it, so a crash never leaves a half-written CSV."""
-    temporary = dest.with_name(f".{dest.name}.tmp")
-    try:
-        table.to_csv(temporary, index=False)
-        os.replace(temporary, dest)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def verify_csv(dest: Path, expected_rows: int) -> None:
     """Read the CSV back; --remove may only delete a workbook whose CSV is known to be good."""
     try:
         back = pd.read_csv(dest, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise SheetError(f"{dest} could not be read back ({one_line(exc)})") from exc
+        raise SheetError(f"{dest} could not be read back ({first_line(exc)})") from exc
     if list(back.columns) != COLUMNS or len(back) != expected_rows:
         raise SheetError(
             f"{dest} read back with {len(back)} rows and columns "
@@ -121,7 +112,7 @@ def convert_workbook(path: Path, out_dir: Path, remove: bool) -> str:
     """Convert one workbook (and delete it if asked); returns the line to print."""
     table = read_sheet(path)
     dest = out_dir / f"{path.stem}.csv"
-    write_csv_atomically(table, dest)
+    atomic_write(dest, lambda tmp: table.to_csv(tmp, index=False))  # a crash never leaves a half CSV
     verify_csv(dest, len(table))
     message = f"{path.name} -> {dest} ({len(table)} rows)"
     if remove:
@@ -149,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         try:
             print(convert_workbook(path, out_dir, args.remove))
-        except SheetError as exc:
+        except (SheetError, OutputWriteError) as exc:
             errors.append(f"{path.name}: {exc}")
         except OSError as exc:
-            errors.append(f"{path.name}: {one_line(exc)}")
+            errors.append(f"{path.name}: {first_line(exc)}")
     for error in errors:
         print(f"{PROG}: error: {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -24,8 +24,14 @@ from PIL import Image
 from skimage import exposure, feature, filters, morphology, util
 from tqdm import tqdm
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script, this folder is on the path, the repository root is not
+    sys.path.insert(0, str(ROOT))
+
+from datasets import IMAGE_EXTENSIONS  # noqa: E402
+from utils.cli import first_line, positive_float  # noqa: E402
+
 PROG = "process_data.py"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAP = Path(__file__).resolve().with_name("map.json")
 REQUIRED_COLUMNS = ("img", "type", "comments")
 GOOD_TRAIN, GOOD_TEST = "train/good", "test/good"
@@ -103,11 +109,6 @@ class Processing:
         return pixels
 
 
-def one_line(exc: BaseException) -> str:
-    """Squeeze a library's error message onto one line for the single-line error report."""
-    return " ".join(str(exc).split())
-
-
 def per_channel(operation, pixels: np.ndarray) -> np.ndarray:
     """Apply a 2-D operation to a grey image, or to each channel of a colour image."""
     if pixels.ndim == 2:
@@ -131,7 +132,7 @@ def load_image(path: Path, mode: str) -> np.ndarray:
         with Image.open(path) as image:
             return np.array(image.convert(mode))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise SkippedImage(f"cannot read image ({one_line(exc)})") from exc
+        raise SkippedImage(f"cannot read image ({first_line(exc)})") from exc
 
 
 def ratio(text: str) -> float:
@@ -139,14 +140,6 @@ def ratio(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type for --canny-sigma: a float > 0."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
 
 
@@ -320,7 +313,7 @@ def load_map(path: Path) -> dict[str, str]:
     try:
         mapping = json.loads(text, object_pairs_hook=reject_duplicate_keys)
     except ValueError as exc:
-        raise UserError(f"map file {path} is not valid JSON: {one_line(exc)}") from exc
+        raise UserError(f"map file {path} is not valid JSON: {first_line(exc)}") from exc
     if not isinstance(mapping, dict) or not mapping:
         raise UserError(f'map file {path} must be a non-empty JSON object like {{"116.csv": "116_zoomed_in"}}')
     for key, value in mapping.items():
@@ -358,7 +351,7 @@ def read_labels(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise UserError(f"cannot read {path}: {one_line(exc)}") from exc
+        raise UserError(f"cannot read {path}: {first_line(exc)}") from exc
     table.columns = [str(name).strip().lower() for name in table.columns]
     missing = [name for name in REQUIRED_COLUMNS if name not in table.columns]
     if missing:
@@ -686,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

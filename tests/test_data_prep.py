@@ -7,8 +7,10 @@ and numbered image folders in tmp_path. End-to-end tests run the scripts as a us
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +180,19 @@ def test_remove_keeps_workbook_when_read_back_fails(raw_dir: Path, monkeypatch) 
     assert (raw_dir / "116.xlsx").exists()
 
 
+def test_a_failed_csv_write_is_one_line_and_leaves_no_half_file(raw_dir: Path, monkeypatch, capsys) -> None:
+    def full_disk(table: pd.DataFrame, path: Path, index: bool) -> None:
+        Path(path).write_text("img,pos,ty")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    assert convert_excel.main(["-i", str(raw_dir), "-s", "116", "--remove"]) == 1
+    error = capsys.readouterr().err
+    assert error == f"convert_excel.py: error: 116.xlsx: cannot write {raw_dir / '116.csv'}: No space left on device\n"
+    assert not [p for p in raw_dir.iterdir() if p.suffix in (".csv", ".tmp")]
+    assert (raw_dir / "116.xlsx").exists()
+
+
 def test_read_sheet_ignores_header_names_and_blank_rows(tmp_path: Path) -> None:
     path = tmp_path / "x.xlsx"
     write_workbook(
@@ -234,6 +249,19 @@ def test_parse_img_number(text: str, number: int | None) -> None:
 )
 def test_defect_folder(comment: str, folder: str) -> None:
     assert process_data.defect_folder(comment) == folder
+
+
+@pytest.mark.parametrize("sigma", ["0", "-1", "inf", "nan"])
+def test_canny_sigma_must_be_a_finite_positive_number(prepared_dir: Path, tmp_path: Path, sigma: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        process_data.main(sort_args(prepared_dir, tmp_path / "out", "--canny", "--canny-sigma", sigma))
+    assert exit_info.value.code == 2
+
+
+def test_the_scripts_do_not_load_torch() -> None:
+    """They share the repository's torch-free helpers (utils.cli, datasets, utils.runtime.output_files)."""
+    check = "import sys; from data import convert_excel, process_data; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, timeout=120, check=False).returncode == 0
 
 
 def test_held_out_is_seeded_and_keeps_one_for_training() -> None:

@@ -95,6 +95,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message for a one-line report: its first line, whitespace runs squeezed
+    (libraries go on with detail or advice on later lines); the exception's type if it says nothing."""
+    lines = str(err).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(err).__name__
+
+
 def run_main(
     run: Callable[[Config], int],
     config: Config,

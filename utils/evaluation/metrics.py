@@ -133,7 +133,7 @@ class PixelCurves:
     def thinned(self, resolution: int = 2000) -> PixelCurves:
         """Only the points where a curve enters a new 1/resolution cell (plus both ends).
 
-        The exact curves hold a point per distinct score (tens of millions, ~0.6 GB); every
+        The exact curves hold a point per distinct score (up to one per test pixel, in three arrays); every
         dropped point lies within one cell of a kept one, so plots lose nothing visible.
         """
         keep = np.zeros(self.fpr.size, dtype=bool)

@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.models import efficientnet
 
+from utils.cli import first_line
 from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE, BackboneSpec, hooked_layers
 from utils.runtime.output_files import file_sha256
 
@@ -31,11 +32,8 @@ class WeightsError(Exception):
 
 
 def _efficientnet_lite0() -> nn.Module:
-    """torchvision's EfficientNet with the B0 stage table, no squeeze-excitation and ReLU6, as in TF's Lite0."""
-    settings, _ = efficientnet._efficientnet_conf("efficientnet_b0", width_mult=1.0, depth_mult=1.0)
-    model = efficientnet.EfficientNet(
-        settings, dropout=0.2, last_channel=1280, norm_layer=partial(nn.BatchNorm2d, eps=1e-3)
-    )
+    """torchvision's EfficientNet-B0 without squeeze-excitation, with ReLU6 and TF's BatchNorm eps, as in TF's Lite0."""
+    model = models.efficientnet_b0(norm_layer=partial(nn.BatchNorm2d, eps=1e-3))
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, efficientnet.SqueezeExcitation):
@@ -139,8 +137,7 @@ def load_backbone(name: str, weights: str, seed: int = 0) -> tuple[nn.Module, st
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first_line = str(err).splitlines()[0]
-        raise WeightsError(f"weights {weights!r} do not fit {name}: {first_line}") from err
+        raise WeightsError(f"weights {weights!r} do not fit {name}: {first_line(err)}") from err
     return model.eval(), weights_id
 
 
@@ -149,7 +146,7 @@ def fuse_batchnorm_(module: nn.Module) -> nn.Module:
 
     In eval mode the pair is one affine convolution; the backbones here register every such
     pair in forward order (ResNet blocks, torchvision's Conv2dNormActivation), which the
-    tests check output for output. BatchNorm was a third of EfficientNet-Lite0's CPU time.
+    tests check output for output. Folded, inference skips a pass over every convolution's output.
     """
     children = list(module.named_children())
     for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):

@@ -63,8 +63,8 @@ def embedding_bands(
     along the batch dimension, as bands of grid rows: (first row, band).
 
     Each batch's embedding is written straight into its rows of the band. Bands of at most
-    `max_elements` values (None: one band) bound the memory: the whole embedding of 128
-    images of wide_resnet50_2 would take 880 MB.
+    `max_elements` values (None: one band) bound the memory: the whole embedding is B·H·W·D
+    float32 values.
     """
     _, height, width, _ = group[0][0].shape
     edges = list(itertools.accumulate((len(chosen[0]) for chosen in group), initial=0))

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from datasets.images import Sample
+from utils.cli import first_line
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 5  # 5 adds the checksum; files of earlier versions cannot be verified and are refused
+MODEL_FORMAT_VERSION = 5  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
     "backbone": str,
@@ -194,13 +195,8 @@ def _read_content(path: Path):
             "(truncated, damaged, or another kind of file)"
         ) from err
     except Exception as err:  # a damaged archive or pickle surfaces as many exception types
-        raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({_first_line(err)})") from err
-
-
-def _first_line(err: BaseException) -> str:
-    """The first sentence of an exception's message (torch's go on with advice about checkpoints)."""
-    text = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(err).strip() else ""
-    return text or type(err).__name__
+        reason = first_line(err).split(". ")[0].rstrip(".")  # torch's sentences go on with advice on checkpoints
+        raise ModelFileError(f"{path}: not a readable model file, truncated or damaged ({reason})") from err
 
 
 def load_model(path: Path) -> dict:

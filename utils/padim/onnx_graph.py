@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
+from utils.cli import first_line
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.embedding import chosen_channels, patch_embedding
 from utils.padim.gaussian import mahalanobis
@@ -130,8 +131,7 @@ class OnnxScorer:
         try:
             self.session = onnxruntime.InferenceSession(str(graph_path), providers=providers)
         except Exception as err:  # ONNX Runtime raises its own exception types for a damaged graph
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OnnxModelError(f"{graph_path}: not a usable ONNX graph ({first_line})") from err
+            raise OnnxModelError(f"{graph_path}: not a usable ONNX graph ({first_line(err)})") from err
         size = description["input_size"]
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if (

@@ -416,7 +416,7 @@ class ImageFigure:
     """One per-image figure (input + outline, heat map, overlay + outline) redrawn for every image.
 
     Axes and colour bar are built once, and the overlay and outline are blended in numpy so each
-    panel is a single nearest-neighbour RGB image: 80 figures take seconds, not a minute.
+    panel is a single nearest-neighbour RGB image: redrawing a figure costs little more than copying its pixels.
     """
 
     def __init__(self, size: tuple[int, int], scale: ColourScale, threshold: float):

@@ -25,7 +25,7 @@ import jinja2
 import pandas as pd
 from PIL import Image
 
-from datasets.split import Sample
+from datasets.images import Sample
 from utils.evaluation.summary import category
 from utils.reporting.plotting import CATEGORY_MEANING, visualization_name
 from utils.runtime.output_files import atomic_write

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from utils.cli import first_line
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
@@ -39,8 +41,7 @@ class PeerLost(Exception):
 
 def lost_peer_message(rank: int, err: Exception) -> str:
     """The one line a rank logs when a collective with the others failed."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo prefixes its source file and line
-    reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo prefixes its file and line
     return (
         f"rank {rank}: another rank stopped answering (killed, out of memory or its machine lost?): "
         f"{reason}; stopping; the classes finished so far are in master_results.csv"
