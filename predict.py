@@ -12,7 +12,6 @@ import glob
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +20,17 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from datasets.images import (
     IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Batch,
     Geometry,
     ImageDataset,
     ImageReadError,
     Sample,
-    collate_skipping_failures,
+    image_loader,
     list_images,
+    readable_batches,
 )
 from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
 from utils.padim.anomaly_map import (
@@ -45,17 +41,14 @@ from utils.padim.anomaly_map import (
     draw_regions,
     to_original_resolution,
 )
-from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import (
     WeightsError,
-    build_extractor,
     float32_precision,
     pick_device,
-    weights_digest,
 )
-from utils.padim.model import Padim
-from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
-from utils.padim.onnx_graph import OnnxModelError, OnnxScorer, read_description
+from utils.padim.loading import LoadedModel, LoadError, build, build_onnx, read_model
+from utils.padim.model_file import MODEL_FILENAME, ModelFileError
+from utils.padim.onnx_graph import OnnxModelError, read_description
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
 log = logging.getLogger("padim.predict")
@@ -69,23 +62,6 @@ NON_FINITE_ERROR = "non-finite score or map (NaN or infinity): reported anomalou
 
 class PredictError(Exception):
     """A user error (bad model, weights, inputs or output folder): one line on stderr, exit 1."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A ready-to-score model and what the outputs need from its file.
-
-    `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime (`pixels`: it takes
-    uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
-    """
-
-    scorer: Padim | OnnxScorer
-    geometry: Geometry
-    threshold: float
-
-    @property
-    def pixels(self) -> bool:
-        return isinstance(self.scorer, OnnxScorer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,145 +123,6 @@ def setup_logging() -> None:
     install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
 
 
-def model_file(path: Path) -> Path:
-    """The model file for --model; a run's results folder (above the class folders) gets a hint,
-    not a bare 'missing'."""
-    if path.is_dir() and not (path / MODEL_FILENAME).exists():
-        classes = sorted(p.parent.name for p in path.glob(f"*/{MODEL_FILENAME}"))
-        if classes:
-            raise PredictError(
-                f"{path} has no {MODEL_FILENAME} but its class folders do ({', '.join(classes)}): "
-                f"pass one of them, e.g. --model {path / classes[0]}"
-            )
-    return path / MODEL_FILENAME if path.is_dir() else path
-
-
-def weights_argument(weights_id: str, weights_path: Path | None) -> str:
-    """build_extractor's `weights` for the model's weights id; a weights file must be byte-identical to training's."""
-    if weights_id.startswith("file:"):
-        name, expected = weights_id[len("file:") :].rsplit(":", 1)
-        if weights_path is None:
-            raise PredictError(
-                f"the model was trained with the weights file {name} (sha256 {expected}...): "
-                "pass that file with --weights PATH"
-            )
-        if not weights_path.is_file():
-            raise PredictError(f"--weights {weights_path} is not a file")
-        if weights_digest(weights_path) != expected:
-            raise PredictError(
-                f"--weights {weights_path} is not the file the model was trained with ({name}, sha256 {expected}...)"
-            )
-        return str(weights_path)
-    if weights_path is not None:
-        raise PredictError(f"--weights is only for models trained with a weights file; this one uses {weights_id!r}")
-    if weights_id == "none":
-        return "none"
-    if weights_id.startswith("imagenet:"):
-        return "imagenet"
-    raise PredictError(f"unknown weights id {weights_id!r} in the model file")
-
-
-def check_content(content: dict, path: Path) -> None:
-    """Refuse a model this code cannot reproduce exactly, before any heavy work."""
-    name = content["backbone"]
-    if name not in BACKBONES:
-        raise PredictError(
-            f"{path}: backbone {name!r} is unknown to this version (known: {', '.join(sorted(BACKBONES))})"
-        )
-    spec = BACKBONES[name]
-    try:
-        layers = hooked_layers(spec, content["layers"])
-    except ValueError as err:
-        raise PredictError(f"{path}: hooked layers {content['layers']}: {err}") from err
-    if list(layers) != list(content["layers"]):
-        raise PredictError(f"{path}: hooked layers {content['layers']} are not in {name}'s order")
-    if not (
-        np.allclose(content["normalization_mean"], IMAGENET_MEAN)
-        and np.allclose(content["normalization_std"], IMAGENET_STD)
-    ):
-        raise PredictError(f"{path}: normalisation other than ImageNet mean/std is not supported")
-    resize, cropsize = content["resize"], content["cropsize"]
-    if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
-        raise PredictError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r}")
-    index = torch.as_tensor(content["channel_index"])
-    if index.numel() == 0 or int(index.min()) < 0:
-        raise PredictError(f"{path}: channel index is empty or negative")
-    try:
-        stats_from_content(content)
-    except ModelFileError as err:
-        raise PredictError(f"{path}: {err}") from err
-    if content["weights_id"] == "none" and not isinstance(content["training_config"].get("seed"), int):
-        raise PredictError(f"{path}: random-init model without the seed needed to rebuild its backbone")
-
-
-def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path, str]:
-    """The validated model file, its path and build_extractor's `weights`: every refusal comes before heavy work."""
-    path = model_file(model_path)
-    content = load_model(path)
-    try:
-        check_content(content, path)
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:  # a well-typed entry with odd insides
-        raise PredictError(f"{path}: malformed model file ({err})") from err
-    return content, path, weights_argument(content["weights_id"], weights_path)
-
-
-def build(content: dict, path: Path, weights: str, device: torch.device, batch_size: int) -> LoadedModel:
-    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file.
-
-    Distances are computed batch by batch, not over run_experiment's groups of 128 images:
-    each image's original stays in memory until its outputs are written, and 128 originals
-    of a large camera (12 MB each at 4K) would take 1.5 GB.
-    """
-    extractor, weights_id = build_extractor(
-        content["backbone"], weights, device, content["training_config"].get("seed", 0), content["layers"]
-    )
-    if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
-        raise PredictError(
-            f"the backbone weights here ({weights_id}) are not those the model was trained with "
-            f"({content['weights_id']})"
-        )
-    geometry = Geometry(content["resize"], content["cropsize"])
-    index = torch.as_tensor(content["channel_index"], dtype=torch.long)
-    if int(index.max()) >= extractor.dims:
-        raise PredictError(
-            f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
-            f"at stages {' '.join(content['layers'])}"
-        )
-    padim = Padim(
-        extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size
-    )
-    padim.use(stats_from_content(content))
-    log.info(
-        "model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s",
-        path,
-        content["class_name"],
-        content["backbone"],
-        weights_id,
-        geometry.resize,
-        geometry.cropsize,
-        content["threshold"],
-        content["threshold_provenance"].get("source", "?"),
-    )
-    return LoadedModel(padim, geometry, float(content["threshold"]))
-
-
-def build_onnx(path: Path, description: dict, device: torch.device) -> LoadedModel:
-    """An exported graph in ONNX Runtime, checked against its description (read_description)."""
-    scorer = OnnxScorer(path, description, device)
-    log.info(
-        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (ONNX Runtime: %s)",
-        path,
-        description["class_name"],
-        description["backbone"],
-        description["resize"],
-        description["cropsize"],
-        description["threshold"],
-        ", ".join(scorer.session.get_providers()),
-    )
-    geometry = Geometry(description["resize"], description["cropsize"])
-    return LoadedModel(scorer, geometry, float(description["threshold"]))
-
-
 def _expand(text: str) -> list[Path]:
     """One --input: a glob (image files it matches), a folder (its images) or a file (taken as given)."""
     if any(char in text for char in "*?["):
@@ -341,7 +178,7 @@ def output_names(paths: list[Path]) -> list[str]:
 
 class WithOriginal(Dataset):
     """ImageDataset items plus the original pixels they were made from (decoded once), which the
-    original-resolution outputs need."""
+    original-resolution outputs need (collated into Batch.originals)."""
 
     def __init__(self, dataset: ImageDataset):
         self.dataset = dataset
@@ -355,11 +192,6 @@ class WithOriginal(Dataset):
         except ImageReadError as err:
             return None, str(err), index, None
         return (*self.dataset.to_item(image, mask, index), np.asarray(image))
-
-
-def collate_with_originals(items) -> tuple[Batch, list[np.ndarray]]:
-    """The training collate for the model input, and the originals of the readable items in the same order."""
-    return collate_skipping_failures([item[:3] for item in items]), [item[3] for item in items if item[0] is not None]
 
 
 def colour_table() -> np.ndarray:
@@ -446,33 +278,23 @@ def score_images(
     """
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
-    loader = DataLoader(
-        WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels)),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        collate_fn=collate_with_originals,
-        pin_memory=model.scorer.device.type == "cuda",
-    )
+    dataset = WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels))
+    loader = image_loader(dataset, args.batch_size, args.num_workers, model.scorer.device)
     write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
     in_flight: list[tuple[int, Future]] = []
     regions: list[dict] = []
 
-    def readable_batches(bar: tqdm) -> Iterator[tuple[tuple[Batch, list], torch.Tensor]]:
-        for batch, originals in loader:
-            for index, reason in batch.failures:
-                log.warning("skipped %s", reason)
-                rows[index]["error"] = reason.removeprefix(f"{paths[index]}: ")
-            bar.update(len(batch.indices) + len(batch.failures))
-            if batch.indices:
-                yield (batch, originals), batch.images
+    def record_failure(index: int, reason: str) -> None:
+        rows[index]["error"] = reason.removeprefix(f"{paths[index]}: ")
 
-    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(paths), desc="predict", unit="img") as bar:
-        for (batch, originals), maps, scores in model.scorer.stream_anomaly_maps(readable_batches(bar)):
+    batches = readable_batches(loader, "predict", record_failure, leave=True)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for batch, maps, scores in model.scorer.stream_anomaly_maps((batch, batch.images) for batch in batches):
             _finish(in_flight, rows, names, regions)
             finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
             in_flight = [
                 (index, writer.submit(write, amap, original, names[index]))
-                for index, amap, original, ok in zip(batch.indices, maps, originals, finite)
+                for index, amap, original, ok in zip(batch.indices, maps, batch.originals, finite)
                 if ok
             ]
             for index, score, ok in zip(batch.indices, scores.tolist(), finite):
@@ -549,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(
         run,
         args,
-        (PredictError, ModelFileError, OnnxModelError, WeightsError, OutputWriteError),
+        (PredictError, LoadError, ModelFileError, OnnxModelError, WeightsError, OutputWriteError),
         "predictions.csv was not written",
     )
 

@@ -26,10 +26,11 @@ import torch  # noqa: E402
 
 from datasets.images import Geometry, ImageDataset, Sample, list_images  # noqa: E402
 from utils.cli import at_least  # noqa: E402
+from utils.config import DEFAULT_OPSET  # noqa: E402
 from utils.padim.backbones import build_extractor  # noqa: E402
 from utils.padim.embedding import channel_index  # noqa: E402
 from utils.padim.model import Padim  # noqa: E402
-from utils.padim.onnx_graph import DEFAULT_OPSET, OnnxScorer, export_graph  # noqa: E402
+from utils.padim.onnx_graph import OnnxScorer, export_graph  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 OFFLINE_PRETRAINED = {"efficientnet_lite0"}

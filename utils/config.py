@@ -20,6 +20,7 @@ from pathlib import Path
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 
 COMPARISON_SUFFIX = "comparison"
+DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from utils.padim.embedding import chosen_channels, patch_embedding
 from utils.padim.gaussian import mahalanobis
 from utils.padim.model import Padim
 from utils.padim.triangular import TriangularBlocks
-from utils.runtime.output_files import file_sha256
+from utils.runtime.output_files import atomic_write, file_sha256
 
 ONNX_FORMAT = "padim-suite-onnx"
 ONNX_FORMAT_VERSION = 1
-DEFAULT_OPSET = 18
 # protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in `<graph>.data`
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 INPUT_NAME = "images"
@@ -91,6 +90,48 @@ def export_graph(padim: Padim, graph_path: Path, opset: int) -> Path | None:
     program.save(str(graph_path), external_data=external)
     data_path = graph_path.with_name(graph_path.name + ".data")
     return data_path if external else None
+
+
+def write_description(
+    graph_path: Path, data_path: Path | None, content: dict, source: Path, input_size: int, opset: int
+) -> Path:
+    """model.json beside the graph: the geometry to prepare images with, the threshold to decide with, and
+    where the model came from (`content`: the source model file's); read back by read_description."""
+    import onnx  # only exporting needs it
+
+    description = {
+        "format": ONNX_FORMAT,
+        "format_version": ONNX_FORMAT_VERSION,
+        "graph": graph_path.name,
+        "graph_sha256": file_sha256(graph_path),
+        "external_data": data_path.name if data_path else None,
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "shape": ["N", input_size, input_size, 3],
+            "layout": "NHWC, RGB",
+        },
+        "outputs": {OUTPUT_NAMES[0]: ["N", input_size, input_size], OUTPUT_NAMES[1]: ["N"]},
+        "preprocessing": "decode to 8-bit RGB; resize the short side to `resize` (bilinear, antialiased), then "
+        "centre-crop `cropsize`; cropsize 0: resize to resize x resize",
+        "decision": "anomalous when score > threshold",
+        "backbone": content["backbone"],
+        "layers": content["layers"],
+        "weights_id": content["weights_id"],
+        "resize": content["resize"],
+        "cropsize": content["cropsize"],
+        "input_size": input_size,
+        "threshold": content["threshold"],
+        "threshold_provenance": content["threshold_provenance"],
+        "class_name": content["class_name"],
+        "source_model": source.name,
+        "source_model_checksum": content["checksum"],
+        "opset": opset,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
+    }
+    path = description_path(graph_path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8"))
+    return path
 
 
 def read_description(graph_path: Path) -> dict:

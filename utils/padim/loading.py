@@ -1,0 +1,179 @@
+"""A saved model made ready to score: the model file (or an exported graph) checked, then the training
+pipeline rebuilt from it (backbone, weights, channel index, Gaussian, geometry). predict.py and
+export.py both load through here; every refusal comes before any heavy work."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Geometry
+from utils.padim.backbone_specs import BACKBONES, hooked_layers
+from utils.padim.backbones import build_extractor, weights_digest
+from utils.padim.model import Padim
+from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.padim.onnx_graph import OnnxScorer
+
+log = logging.getLogger("padim.predict")
+
+
+class LoadError(Exception):
+    """A model this code cannot score with: its file or folder, its backbone weights, or odd contents."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready-to-score model and what the outputs need from its file.
+
+    `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime (`pixels`: it takes
+    uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
+    """
+
+    scorer: Padim | OnnxScorer
+    geometry: Geometry
+    threshold: float
+
+    @property
+    def pixels(self) -> bool:
+        return isinstance(self.scorer, OnnxScorer)
+
+
+def model_file(path: Path) -> Path:
+    """The model file for --model; a run's results folder (above the class folders) gets a hint,
+    not a bare 'missing'."""
+    if path.is_dir() and not (path / MODEL_FILENAME).exists():
+        classes = sorted(p.parent.name for p in path.glob(f"*/{MODEL_FILENAME}"))
+        if classes:
+            raise LoadError(
+                f"{path} has no {MODEL_FILENAME} but its class folders do ({', '.join(classes)}): "
+                f"pass one of them, e.g. --model {path / classes[0]}"
+            )
+    return path / MODEL_FILENAME if path.is_dir() else path
+
+
+def weights_argument(weights_id: str, weights_path: Path | None) -> str:
+    """build_extractor's `weights` for the model's weights id; a weights file must be byte-identical to training's."""
+    if weights_id.startswith("file:"):
+        name, expected = weights_id[len("file:") :].rsplit(":", 1)
+        if weights_path is None:
+            raise LoadError(
+                f"the model was trained with the weights file {name} (sha256 {expected}...): "
+                "pass that file with --weights PATH"
+            )
+        if not weights_path.is_file():
+            raise LoadError(f"--weights {weights_path} is not a file")
+        if weights_digest(weights_path) != expected:
+            raise LoadError(
+                f"--weights {weights_path} is not the file the model was trained with ({name}, sha256 {expected}...)"
+            )
+        return str(weights_path)
+    if weights_path is not None:
+        raise LoadError(f"--weights is only for models trained with a weights file; this one uses {weights_id!r}")
+    if weights_id == "none":
+        return "none"
+    if weights_id.startswith("imagenet:"):
+        return "imagenet"
+    raise LoadError(f"unknown weights id {weights_id!r} in the model file")
+
+
+def check_content(content: dict, path: Path) -> None:
+    """Refuse a model this code cannot reproduce exactly, before any heavy work."""
+    name = content["backbone"]
+    if name not in BACKBONES:
+        raise LoadError(f"{path}: backbone {name!r} is unknown to this version (known: {', '.join(sorted(BACKBONES))})")
+    spec = BACKBONES[name]
+    try:
+        layers = hooked_layers(spec, content["layers"])
+    except ValueError as err:
+        raise LoadError(f"{path}: hooked layers {content['layers']}: {err}") from err
+    if list(layers) != list(content["layers"]):
+        raise LoadError(f"{path}: hooked layers {content['layers']} are not in {name}'s order")
+    if not (
+        np.allclose(content["normalization_mean"], IMAGENET_MEAN)
+        and np.allclose(content["normalization_std"], IMAGENET_STD)
+    ):
+        raise LoadError(f"{path}: normalisation other than ImageNet mean/std is not supported")
+    resize, cropsize = content["resize"], content["cropsize"]
+    if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
+        raise LoadError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r}")
+    index = torch.as_tensor(content["channel_index"])
+    if index.numel() == 0 or int(index.min()) < 0:
+        raise LoadError(f"{path}: channel index is empty or negative")
+    try:
+        stats_from_content(content)
+    except ModelFileError as err:
+        raise LoadError(f"{path}: {err}") from err
+    if content["weights_id"] == "none" and not isinstance(content["training_config"].get("seed"), int):
+        raise LoadError(f"{path}: random-init model without the seed needed to rebuild its backbone")
+
+
+def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path, str]:
+    """The validated model file, its path and build_extractor's `weights`: every refusal comes before heavy work."""
+    path = model_file(model_path)
+    content = load_model(path)
+    try:
+        check_content(content, path)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:  # a well-typed entry with odd insides
+        raise LoadError(f"{path}: malformed model file ({err})") from err
+    return content, path, weights_argument(content["weights_id"], weights_path)
+
+
+def build(content: dict, path: Path, weights: str, device: torch.device, batch_size: int) -> LoadedModel:
+    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file.
+
+    Distances are computed batch by batch, not over run_experiment's groups of 128 images:
+    each image's original stays in memory until its outputs are written, and 128 originals
+    of a large camera (12 MB each at 4K) would take 1.5 GB.
+    """
+    extractor, weights_id = build_extractor(
+        content["backbone"], weights, device, content["training_config"].get("seed", 0), content["layers"]
+    )
+    if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
+        raise LoadError(
+            f"the backbone weights here ({weights_id}) are not those the model was trained with "
+            f"({content['weights_id']})"
+        )
+    geometry = Geometry(content["resize"], content["cropsize"])
+    index = torch.as_tensor(content["channel_index"], dtype=torch.long)
+    if int(index.max()) >= extractor.dims:
+        raise LoadError(
+            f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
+            f"at stages {' '.join(content['layers'])}"
+        )
+    padim = Padim(
+        extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size
+    )
+    padim.use(stats_from_content(content))
+    log.info(
+        "model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s",
+        path,
+        content["class_name"],
+        content["backbone"],
+        weights_id,
+        geometry.resize,
+        geometry.cropsize,
+        content["threshold"],
+        content["threshold_provenance"].get("source", "?"),
+    )
+    return LoadedModel(padim, geometry, float(content["threshold"]))
+
+
+def build_onnx(path: Path, description: dict, device: torch.device) -> LoadedModel:
+    """An exported graph in ONNX Runtime, checked against its description (read_description)."""
+    scorer = OnnxScorer(path, description, device)
+    log.info(
+        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (ONNX Runtime: %s)",
+        path,
+        description["class_name"],
+        description["backbone"],
+        description["resize"],
+        description["cropsize"],
+        description["threshold"],
+        ", ".join(scorer.session.get_providers()),
+    )
+    geometry = Geometry(description["resize"], description["cropsize"])
+    return LoadedModel(scorer, geometry, float(description["threshold"]))
