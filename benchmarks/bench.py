@@ -34,11 +34,16 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import experiment  # noqa: E402
-import run_experiment  # noqa: E402
 import trainer  # noqa: E402
-from datasets.images import Geometry  # noqa: E402
-from datasets.split import ClassSplit, DataError  # noqa: E402
+from datasets.images import Geometry, ImageDataset, image_loader, readable_batches  # noqa: E402
+from datasets.split import (  # noqa: E402
+    ClassSplit,
+    DataError,
+    load_class,  # noqa: E402
+)
 from utils.cli import at_least  # noqa: E402
+from utils.config import DeviceConfig, FitConfig, ModelConfig, RunConfig  # noqa: E402
+from utils.evaluation.results import evaluate  # noqa: E402
 from utils.evaluation.summary import MapSummary  # noqa: E402
 from utils.padim.backbone_specs import BACKBONES  # noqa: E402
 from utils.padim.backbones import WeightsError, build_extractor, float32_precision  # noqa: E402
@@ -125,32 +130,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def pipeline_args(args: argparse.Namespace, backbone: str) -> argparse.Namespace:
-    """The namespace `run_experiment.py` would build for this run: every other setting at the users' default."""
+def pipeline_config(args: argparse.Namespace, backbone: str) -> RunConfig:
+    """The configuration `run_experiment.py` runs for this backbone: every other setting at the users' default."""
     weights = "imagenet" if backbone in OFFLINE_PRETRAINED else "none"
-    return run_experiment.parse_args(
-        [
-            "--dataset",
-            "mvtec",
-            "--data_path",
-            str(args.data_path),
-            "--model_architecture",
-            backbone,
-            "--weights",
-            weights,
-            "--resize",
-            str(args.resize),
-            "--cropsize",
-            str(args.cropsize),
-            "--batch_size",
-            str(args.batch_size),
-            "--num_workers",
-            str(args.num_workers),
-            "--device",
-            args.device,
-            *(f"--{flag}" for flag in ("stats_on_gpu", "mahalanobis_on_gpu", "allow_tf32") if getattr(args, flag)),
-        ]
-    ).configurations[0]
+    layers = BACKBONES[backbone].default_layers
+    return RunConfig(
+        data_path=args.data_path,
+        models=(ModelConfig(backbone, layers, weights, args.resize, args.cropsize),),
+        fit=FitConfig(layout="mvtec", batch_size=args.batch_size, num_workers=args.num_workers),
+        devices=DeviceConfig(args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32),
+    )
+
+
+def geometry_of(config: RunConfig) -> Geometry:
+    return Geometry(config.models[0].resize, config.models[0].cropsize)
+
+
+def loader_of(samples: list, config: RunConfig, device: torch.device):
+    """The pipeline's DataLoader over `samples`."""
+    fit, seed = config.fit, config.models[0].seed
+    return image_loader(ImageDataset(samples, geometry_of(config)), fit.batch_size, fit.num_workers, device, seed)
 
 
 def evenly(items: list, count: int | None) -> list:
@@ -181,11 +180,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
+def fit(model: Padim, split: ClassSplit, config: RunConfig) -> float:
     """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out threshold."""
-    threshold, _, _ = trainer.fit_or_load(
-        model, split, Path(), Geometry(pargs.resize, pargs.cropsize), pargs, {}, Path(), World()
-    )
+    seed = config.models[0].seed
+    threshold, _, _ = trainer.fit_or_load(model, split, geometry_of(config), config.fit, seed, {}, Path(), World())
     return threshold
 
 
@@ -197,47 +195,46 @@ def warm_file_cache(split: ClassSplit) -> None:
             sample.mask_path.read_bytes()
 
 
-def warm_up(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> None:
+def warm_up(model: Padim, split: ClassSplit, config: RunConfig) -> None:
     """One untimed forward per batch size the loaders will yield (full batches and each set's remainder).
 
     oneDNN builds its kernels for each new input shape (0.1-0.5 s each): without this, the
     first timing would pay for every shape and the second would get them free.
     """
-    geometry = Geometry(pargs.resize, pargs.cropsize)
-    first = next(iter(trainer.image_loader(split.fit, geometry, pargs, model.device))).images
-    sizes = {min(len(samples), pargs.batch_size) for samples in (split.fit, split.holdout, split.test) if samples}
-    sizes |= {len(samples) % pargs.batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
+    batch_size = config.fit.batch_size
+    first = next(iter(loader_of(split.fit, config, model.device))).images
+    sizes = {min(len(samples), batch_size) for samples in (split.fit, split.holdout, split.test) if samples}
+    sizes |= {len(samples) % batch_size for samples in (split.fit, split.holdout, split.test)} - {0}
     for size in sorted(sizes):
         images = first.repeat(-(-size // len(first)), 1, 1, 1)[:size]
         model.features(images)
     synchronize(model.device)
 
 
-def forward_only(model: Padim, split: ClassSplit, pargs: argparse.Namespace) -> float:
+def forward_only(model: Padim, split: ClassSplit, config: RunConfig) -> float:
     """Seconds of the lower bound: the fit, hold-out and test loaders of the pipeline, the backbone alone
     (Padim.features, the very call the pipeline makes)."""
-    geometry = Geometry(pargs.resize, pargs.cropsize)
-    skipped: list[str] = []
     start = time.perf_counter()
     for samples in (split.fit, split.holdout, split.test):
-        loader = trainer.image_loader(samples, geometry, pargs, model.device)
-        for batch in trainer.readable_batches(loader, "forward", skipped):
+        loader = loader_of(samples, config, model.device)
+        for batch in readable_batches(loader, "forward", lambda index, reason: None):
             model.features(batch.images)
     synchronize(model.device)
     return time.perf_counter() - start
 
 
-def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devices: dict[str, torch.device]) -> dict:
+def timed_pipeline(extractor, split: ClassSplit, config: RunConfig, devices: dict[str, torch.device]) -> dict:
     """Seconds of fit, scoring, metrics and plots, each through the project's own functions."""
-    geometry = Geometry(pargs.resize, pargs.cropsize)
-    model = trainer.build_model(extractor, pargs, devices)
+    geometry = geometry_of(config)
+    model = trainer.build_model(extractor, config.models[0], devices)
     start = time.perf_counter()
-    threshold = fit(model, split, pargs)
+    threshold = fit(model, split, config)
     fitted = time.perf_counter()
-    summary = MapSummary(threshold, geometry.input_size, pargs.max_visualizations)
-    scored = trainer.score_samples(model, split.test, geometry, pargs, "score", summary)
+    summary = MapSummary(threshold, geometry.input_size, config.fit.max_visualizations)
+    seed = config.models[0].seed
+    scored = trainer.score_samples(model, split.test, geometry, config.fit, seed, "score", summary)
     scoring_done = time.perf_counter()
-    result = trainer.evaluate(scored, threshold, split.name, split.has_ground_truth)
+    result = evaluate(scored, threshold, split.name, split.has_ground_truth)
     metrics_done = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
         plots_start = time.perf_counter()
@@ -251,13 +248,16 @@ def timed_pipeline(extractor, split: ClassSplit, pargs: argparse.Namespace, devi
     }
 
 
-def fit_peak_rss(pargs: argparse.Namespace, split: ClassSplit) -> tuple[float, float]:
+def fit_peak_rss(config: RunConfig, split: ClassSplit) -> tuple[float, float]:
     """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
-    devices = experiment.resolve_devices(pargs)
-    extractor, _ = build_extractor(pargs.model_architecture, pargs.weights, devices["backbone"], pargs.seed)
-    model = trainer.build_model(extractor, pargs, devices)
+    model_config = config.models[0]
+    devices = trainer.resolve_devices(config.devices)
+    extractor, _ = build_extractor(
+        model_config.architecture, model_config.weights, devices["backbone"], model_config.seed
+    )
+    model = trainer.build_model(extractor, model_config, devices)
     baseline = peak_rss_mib()
-    fit(model, split, pargs)
+    fit(model, split, config)
     return baseline, peak_rss_mib()
 
 
@@ -274,12 +274,12 @@ def in_fresh_process(function, *arguments):
         return pool.submit(function, *arguments).result()
 
 
-def memory_columns(pargs: argparse.Namespace, split: ClassSplit) -> dict:
+def memory_columns(config: RunConfig, split: ClassSplit) -> dict:
     """Peak RSS of the fit with MEMORY_SMALL_FIT (at most half the set) and with all training images."""
     total = len(split.fit) + len(split.holdout)
     small = min(MEMORY_SMALL_FIT, max(1, total // 2))
-    baseline, small_peak = in_fresh_process(fit_peak_rss, pargs, limit_train(split, small))
-    _, full_peak = in_fresh_process(fit_peak_rss, pargs, split)
+    baseline, small_peak = in_fresh_process(fit_peak_rss, config, limit_train(split, small))
+    _, full_peak = in_fresh_process(fit_peak_rss, config, split)
     return {
         "rss_base_mib": baseline,
         "mem_n_small": small,
@@ -289,20 +289,17 @@ def memory_columns(pargs: argparse.Namespace, split: ClassSplit) -> dict:
     }
 
 
-def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[ClassSplit]:
+def class_splits(args: argparse.Namespace, config: RunConfig) -> list[ClassSplit]:
     """The split of every class under --data_path, limited by --max_train/--max_test.
 
     Read once, before any model is loaded: a bad folder fails at once, and every backbone
     sees the same images (the split depends only on settings that are the same for all).
     """
     splits = []
-    for _, class_dir, _ in experiment.class_jobs(pargs):
-        split = trainer.load_class(
-            pargs.dataset,
-            class_dir,
-            holdout_ratio=pargs.holdout_ratio,
-            seed=pargs.seed,
-            test_sample_ratio=pargs.test_sample_ratio,
+    fit, seed = config.fit, config.models[0].seed
+    for _, class_dir, _ in experiment.class_jobs(config):
+        split = load_class(
+            fit.layout, class_dir, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio
         )
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
     return splits
@@ -310,20 +307,21 @@ def class_splits(args: argparse.Namespace, pargs: argparse.Namespace) -> list[Cl
 
 def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[ClassSplit]) -> list[dict]:
     """One row per class for this backbone."""
-    pargs = pipeline_args(args, backbone)
-    devices = experiment.resolve_devices(pargs)
-    extractor, _ = build_extractor(backbone, pargs.weights, devices["backbone"], pargs.seed)
+    config = pipeline_config(args, backbone)
+    model_config = config.models[0]
+    devices = trainer.resolve_devices(config.devices)
+    extractor, _ = build_extractor(backbone, model_config.weights, devices["backbone"], model_config.seed)
     rows = []
     for split in splits:
         n_train, n_test = len(split.fit) + len(split.holdout), len(split.test)
         log.info("%s / %s: %d train, %d test images", backbone, split.name, n_train, n_test)
         warm_file_cache(split)
-        backbone_only = trainer.build_model(extractor, pargs, devices)
-        warm_up(backbone_only, split, pargs)
+        backbone_only = trainer.build_model(extractor, model_config, devices)
+        warm_up(backbone_only, split, config)
         forwards, attempts = [], []
         for run in range(1, args.repeat + 1):
-            forwards.append(forward_only(backbone_only, split, pargs))
-            attempts.append(timed_pipeline(extractor, split, pargs, devices))
+            forwards.append(forward_only(backbone_only, split, config))
+            attempts.append(timed_pipeline(extractor, split, config, devices))
             pipeline_run_s = attempts[-1]["fit_s"] + attempts[-1]["score_s"]
             log.info(
                 "%s / %s run %d: forward %.2f s, pipeline %.2f s, ratio %.3f",
@@ -340,7 +338,7 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
         row = {
             "backbone": backbone,
             "class_name": split.name,
-            "weights": pargs.weights,
+            "weights": model_config.weights,
             "devices": "/".join(devices[part].type for part in ("backbone", "stats", "mahalanobis")),
             "n_train": n_train,
             "n_test": n_test,
@@ -355,7 +353,7 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
             "plots_s": times["plots_s"],
         }
         if not args.skip_memory:
-            row.update(memory_columns(pargs, split))
+            row.update(memory_columns(config, split))
         rows.append(row)
     return rows
 
@@ -393,7 +391,7 @@ def target_report(table: pd.DataFrame) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Measure every backbone, print the table and the target verdicts, write the CSV if asked."""
-    splits = class_splits(args, pipeline_args(args, args.backbones[0]))
+    splits = class_splits(args, pipeline_config(args, args.backbones[0]))
     rows = []
     for backbone in args.backbones:
         rows.extend(benchmark_backbone(args, backbone, splits))

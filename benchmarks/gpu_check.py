@@ -24,17 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import subprocess  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import predict  # noqa: E402
-import run_experiment  # noqa: E402
-import trainer  # noqa: E402
 from benchmarks import gaussian_steps  # noqa: E402
 from data.demo_data import make_demo_dataset  # noqa: E402
-from datasets.images import Geometry, Sample  # noqa: E402
+from datasets.images import Geometry, ImageDataset, Sample, image_loader  # noqa: E402
+from utils.config import FitConfig, ModelConfig  # noqa: E402
 from utils.padim.backbones import float32_precision  # noqa: E402
+from utils.padim.loading import build, read_model  # noqa: E402
 
 AGREEMENT = 1e-4  # relative: predict.py must reproduce run_experiment's scores across devices
 RUN_FLAGS = [
@@ -63,7 +64,7 @@ RUN_FLAGS = [
 def train(data: Path, results: Path, device_flags: list[str]) -> tuple[Path, pd.Series]:
     """run_experiment.py on the brick texture; (its class folder, its test scores by path)."""
     argv = [*RUN_FLAGS, "--data_path", str(data), "--base_results_dir", str(results), *device_flags]
-    code = run_experiment.main(argv)
+    code = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), *argv], cwd=ROOT).returncode
     if code != 0:
         raise SystemExit(f"run_experiment.py {' '.join(device_flags)} exited {code}")
     folder = results / "r" / "brick"
@@ -76,7 +77,7 @@ def predicted(model: Path, images: list[Path], output: Path, flags: list[str]) -
     argv = ["--model", str(model), "--output", str(output), *flags]
     for image in images:
         argv += ["--input", str(image)]
-    if predict.main(argv) != 0:
+    if subprocess.run([sys.executable, str(ROOT / "predict.py"), *argv], cwd=ROOT).returncode != 0:
         raise SystemExit(f"predict.py {' '.join(flags)} failed")
     return pd.read_csv(output / "predictions.csv").set_index("path").score
 
@@ -87,22 +88,23 @@ def relative_gap(scores: pd.Series, reference: pd.Series) -> float:
     return float(np.max(np.abs(paired[:, 0] - paired[:, 1]) / np.abs(paired[:, 1])))
 
 
-def run_args(data: Path) -> argparse.Namespace:
-    """The single configuration run_experiment.py makes of RUN_FLAGS: the loaders below use its settings."""
-    return run_experiment.parse_args([*RUN_FLAGS, "--data_path", str(data)]).configurations[0]
+# RUN_FLAGS as configurations: the loaders below use the run's settings
+RUN_MODEL = ModelConfig("resnet18", ("layer1", "layer2", "layer3"), "none", 128, 112)
+RUN_FIT = FitConfig(layout="mvtec", batch_size=16, num_workers=2, max_visualizations=0, save_distribution=True)
 
 
-def loaded_batches(images: list[Path], args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+def loaded_batches(images: list[Path], device: torch.device) -> list[torch.Tensor]:
     """The images as the run's loader hands them to a backbone on `device`."""
-    geometry = Geometry(args.resize, args.cropsize)
-    return [batch.images for batch in trainer.image_loader([Sample(p, 0, "") for p in images], geometry, args, device)]
+    dataset = ImageDataset([Sample(p, 0, "") for p in images], Geometry(RUN_MODEL.resize, RUN_MODEL.cropsize))
+    loader = image_loader(dataset, RUN_FIT.batch_size, RUN_FIT.num_workers, device, RUN_MODEL.seed)
+    return [batch.images for batch in loader]
 
 
 def syncs_per_batch(model_dir: Path, batches: list[torch.Tensor], device: torch.device) -> float:
     """Blocking syncs per scoring batch of predict.py's model on `device` (CUDA's sync debug mode warns
     once per sync); the first batch is a warm-up."""
-    content, path, weights = predict.read_model(model_dir, None)
-    model = predict.build(content, path, weights, device, len(batches[0]))
+    content, path, weights = read_model(model_dir, None)
+    model = build(content, path, weights, device, len(batches[0]))
     model.scorer.anomaly_maps(batches[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -167,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         flags = " ".join(gpu_flags) or "--device cpu"
         agreement(f"run with {flags}, its model by predict.py on the CPU", relative_gap(cpu_rescored, gpu_scores))
         if device.type == "cuda":
-            cuda_batches = loaded_batches(tests, run_args(brick), device)
+            cuda_batches = loaded_batches(tests, device)
             syncs = syncs_per_batch(cpu_model, cuda_batches, device)
             row("blocking syncs per scoring batch", syncs, "<= 2", syncs <= 2)
             share = pinned_share(cuda_batches)
             row("share of batches pinned for a CUDA backbone", share, "1", share == 1.0)
-        share = pinned_share(loaded_batches(tests, run_args(brick), torch.device("cpu")))
+        share = pinned_share(loaded_batches(tests, torch.device("cpu")))
         row("share of batches pinned for a CPU backbone", share, "0", share == 0.0)
         with float32_precision():
             row(f"gaussian_steps.py on {device.type}, seconds", gaussian_step_seconds(device), "(informative)")

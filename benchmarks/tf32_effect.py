@@ -25,8 +25,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import trainer  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from datasets.images import Geometry  # noqa: E402
-from utils.padim.backbones import BACKBONES, build_extractor  # noqa: E402
+from utils.padim.backbone_specs import BACKBONES  # noqa: E402
+from utils.padim.backbones import build_extractor  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
 
@@ -47,10 +47,12 @@ def emulate_tf32_convolutions(extractor: torch.nn.Module) -> None:
             module.register_forward_pre_hook(lambda _, inputs: (to_tf32(inputs[0]),))
 
 
-def scores_and_threshold(extractor, split, pargs, devices) -> tuple[np.ndarray, float]:
-    model = trainer.build_model(extractor, pargs, devices)
-    threshold = bench.fit(model, split, pargs)
-    scored = trainer.score_samples(model, split.test, Geometry(pargs.resize, pargs.cropsize), pargs, "score")
+def scores_and_threshold(extractor, split, config, devices) -> tuple[np.ndarray, float]:
+    model_config = config.models[0]
+    model = trainer.build_model(extractor, model_config, devices)
+    threshold = bench.fit(model, split, config)
+    geometry = bench.geometry_of(config)
+    scored = trainer.score_samples(model, split.test, geometry, config.fit, model_config.seed, "score")
     return scored.scores, threshold
 
 
@@ -62,18 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = ["--data_path", str(args.data_path), "--cropsize", str(args.cropsize), "--device", "cpu"]
     bench_args = bench.parse_args(flags)
-    pargs = bench.pipeline_args(bench_args, args.backbone)
+    config = bench.pipeline_config(bench_args, args.backbone)
     devices = {part: torch.device("cpu") for part in ("backbone", "stats", "mahalanobis")}
-    split = bench.class_splits(bench_args, pargs)[0]
-    extractor, _ = build_extractor(args.backbone, pargs.weights, devices["backbone"], pargs.seed)
-    exact, exact_threshold = scores_and_threshold(extractor, split, pargs, devices)
+    split = bench.class_splits(bench_args, config)[0]
+    weights = config.models[0].weights
+    extractor, _ = build_extractor(args.backbone, weights, devices["backbone"], config.models[0].seed)
+    exact, exact_threshold = scores_and_threshold(extractor, split, config, devices)
     emulate_tf32_convolutions(extractor)
-    rounded, rounded_threshold = scores_and_threshold(extractor, split, pargs, devices)
+    rounded, rounded_threshold = scores_and_threshold(extractor, split, config, devices)
     change = np.abs(rounded - exact) / np.abs(exact)
     labels = np.array([sample.label for sample in split.test])
     calls = int(((exact > exact_threshold) != (rounded > rounded_threshold)).sum())
     print(
-        f"{split.name}, {args.backbone} ({pargs.weights}), crop {args.cropsize}, {len(exact)} test images: "
+        f"{split.name}, {args.backbone} ({weights}), crop {args.cropsize}, {len(exact)} test images: "
         f"score change relative median {np.median(change):.2e}, p99 {np.quantile(change, 0.99):.2e}, "
         f"max {change.max():.2e}; threshold change {abs(rounded_threshold / exact_threshold - 1):.2e}; "
         f"image AUROC {roc_auc_score(labels, exact):.6f} float32, {roc_auc_score(labels, rounded):.6f} TF32; "
