@@ -16,8 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import predict
 import run_experiment
-import trainer
-from datasets.images import Batch, Geometry
+from datasets.images import Batch, Geometry, ImageDataset, image_loader
 from datasets.split import Sample
 from utils.padim import gaussian
 from utils.padim import model as padim
@@ -186,11 +185,12 @@ def test_runs_compute_in_full_float32_and_restore_the_callers_setting(tmp_path, 
 
 def test_batches_are_pinned_only_for_a_backbone_on_cuda(texture_root):
     """Pinning asks CUDA for its context: a CPU run must not, even on a machine with a GPU."""
-    args = run_experiment.parse_args([*TRAIN_FLAGS, "--data_path", str(texture_root / "brick")]).configurations[0]
+    config = run_experiment.parse_args([*TRAIN_FLAGS, "--data_path", str(texture_root / "brick")])
     samples = [Sample(path, 0, "") for path in (texture_root / "brick" / "train" / "good").iterdir()]
-    geometry = Geometry(args.resize, args.cropsize)
-    assert not trainer.image_loader(samples, geometry, args, CPU).pin_memory
-    assert trainer.image_loader(samples, geometry, args, CUDA).pin_memory
+    model, fit = config.models[0], config.fit
+    dataset = ImageDataset(samples, Geometry(model.resize, model.cropsize))
+    assert not image_loader(dataset, fit.batch_size, fit.num_workers, CPU, model.seed).pin_memory
+    assert image_loader(dataset, fit.batch_size, fit.num_workers, CUDA, model.seed).pin_memory
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA: no CUDA device here")

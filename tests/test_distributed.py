@@ -102,15 +102,16 @@ def test_jobs_are_shared_largest_first_and_shares_cover_every_item_once():
 def test_layer_choices_and_configurations_are_the_product_of_the_flags(tmp_path: Path, capsys):
     parse = run_experiment.parse_args
     base = ["--data_path", str(tmp_path), "--model_architecture", "efficientnet_lite0"]
-    args = parse([*base, "--layers", "2,3,4", "3,4,5", "--resize", "256", "320", "--cropsize", "0", "224"])
-    chosen = [(c.layers, c.resize, c.cropsize) for c in args.configurations]
-    assert len(chosen) == 8 and chosen[0] == (["2", "3", "4"], 256, 0) and chosen[-1] == (["3", "4", "5"], 320, 224)
-    assert [c.layers for c in parse([*base, "--layers", "4", "2", "3"]).configurations] == [["2", "3", "4"]]
-    assert len(parse([*base, "--layers", "2,3,4", "4,3,2", "--resize", "256", "256"]).configurations) == 1
-    folders = {experiment.results_folder(c, tmp_path) for c in args.configurations}
+    flags = [*base, "--layers", "2,3,4", "3,4,5", "--resize", "256", "320", "--cropsize", "0", "224"]
+    config = parse([*flags, "--base_results_dir", str(tmp_path), "--results_subdir", "."])
+    chosen = [(c.layers, c.resize, c.cropsize) for c in config.models]
+    assert len(chosen) == 8 and chosen[0] == (("2", "3", "4"), 256, 0) and chosen[-1] == (("3", "4", "5"), 320, 224)
+    assert [c.layers for c in parse([*base, "--layers", "4", "2", "3"]).models] == [("2", "3", "4")]
+    assert len(parse([*base, "--layers", "2,3,4", "4,3,2", "--resize", "256", "256"]).models) == 1
+    folders = {config.results_folder(c) for c in config.models}
     assert len(folders) == 8 and tmp_path / "bowtie_efficientnet_lite0_resize-320_crop-224_layers-3-4-5" in folders
-    single = parse(base).configurations[0]
-    assert experiment.results_folder(single, None) == Path("results/bowtie_efficientnet_lite0_resize-256_crop-256")
+    single = parse(base)
+    assert single.results_folder(single.models[0]) == Path("results/bowtie_efficientnet_lite0_resize-256_crop-256")
     for flags, message in [
         (["--resize", "200", "300", "--cropsize", "256"], "--cropsize 256 is larger than --resize 200"),
         (["--model_architecture", "resnet18", "efficientnet_lite0", "--layers", "2,3"], "stage 2, 3 for resnet18"),

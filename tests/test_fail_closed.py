@@ -267,8 +267,8 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
     """Make the scores of one score_samples stage ("threshold" or "score") non-finite."""
     original = trainer.score_samples
 
-    def poisoned(model, samples, geometry, args, description, maps=None):
-        scored = original(model, samples, geometry, args, description, maps)
+    def poisoned(model, samples, geometry, fit, seed, description, maps=None):
+        scored = original(model, samples, geometry, fit, seed, description, maps)
         if description == stage:
             scored.scores[-1] = float("inf") if stage == "threshold" else float("nan")
         return scored
@@ -279,8 +279,8 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
 def _poison_fit(monkeypatch) -> None:
     original = Padim.fit
 
-    def poisoned(self, batches, merge=None):
-        stats = original(self, batches, merge)
+    def poisoned(self, batches, peers=None):
+        stats = original(self, batches, peers)
         stats.mean[0, 0] = float("nan")
         return stats
 

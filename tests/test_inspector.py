@@ -15,8 +15,9 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
 from datasets.images import Geometry, Sample
-from trainer import defect_type_table, warn_on_crop_losses
+from trainer import warn_on_crop_losses
 from utils.evaluation import metrics
+from utils.evaluation.results import defect_type_table
 from utils.evaluation.summary import ClassEvaluation, MapSummary
 from utils.padim.anomaly_map import anomaly_regions, to_original_resolution
 

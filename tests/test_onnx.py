@@ -20,6 +20,7 @@ import export
 import predict
 import run_experiment
 from datasets.images import ImageDataset, Sample
+from utils.padim import loading
 from utils.padim import onnx_graph as onnx_model
 from utils.padim.onnx_graph import description_path, read_description
 from utils.runtime.output_files import file_sha256
@@ -63,7 +64,7 @@ def exported(texture_root: Path, tmp_path_factory) -> Exports:
     return Exports(texture_root, tmp_path_factory)
 
 
-def _batch(paths: list[Path], dataset_pixels: bool, loaded: predict.LoadedModel) -> torch.Tensor:
+def _batch(paths: list[Path], dataset_pixels: bool, loaded: loading.LoadedModel) -> torch.Tensor:
     dataset = ImageDataset([Sample(p, 0, "") for p in paths], loaded.geometry, pixels=dataset_pixels)
     return torch.stack([dataset[i][0] for i in range(len(paths))])
 
@@ -72,9 +73,9 @@ def _batch(paths: list[Path], dataset_pixels: bool, loaded: predict.LoadedModel)
 def test_onnx_runtime_scores_equal_torch(name: str, exported, texture_root: Path):
     """Same images: ONNX Runtime's scores within 1e-4 relative of the torch model's, maps within 1e-3 of their range."""
     model_dir, graph = exported[name]
-    content, path, weights = predict.read_model(model_dir, None)
-    torch_model = predict.build(content, path, weights, torch.device("cpu"), batch_size=8)
-    onnx_model_ = predict.build_onnx(graph, read_description(graph), torch.device("cpu"))
+    content, path, weights = loading.read_model(model_dir, None)
+    torch_model = loading.build(content, path, weights, torch.device("cpu"), batch_size=8)
+    onnx_model_ = loading.build_onnx(graph, read_description(graph), torch.device("cpu"))
     paths = sorted((texture_root / "brick" / "test").glob("*/*.png"))
     torch_maps, torch_scores = torch_model.scorer.anomaly_maps(_batch(paths, False, torch_model))
     onnx_maps, onnx_scores = onnx_model_.scorer(_batch(paths, True, onnx_model_).numpy())
@@ -199,6 +200,6 @@ def test_readme_snippet_scores_one_image_without_torch(exported, texture_root: P
     )
     assert run.returncode == 0, run.stderr
     score = float(re.search(r"score ([0-9.]+)", run.stdout).group(1))
-    loaded = predict.build_onnx(graph, read_description(graph), torch.device("cpu"))
+    loaded = loading.build_onnx(graph, read_description(graph), torch.device("cpu"))
     reference = float(loaded.scorer(_batch([image], True, loaded).numpy())[1][0])
     assert abs(score - reference) <= 0.02 * reference  # Pillow's resize rounds a little differently from torchvision's

@@ -17,7 +17,7 @@ import run_experiment
 import trainer
 from datasets.images import Geometry
 from datasets.split import DataError, load_class
-from experiment import RESULT_COLUMNS
+from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import (
     BACKBONES,
     TRUNKS,

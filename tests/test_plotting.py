@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from datasets.images import Sample
-from trainer import ScoredSet, evaluate
 from utils.evaluation import metrics
+from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary
 from utils.reporting import plotting
 
@@ -77,7 +77,7 @@ def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
 
 
 def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
-    """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `trainer.evaluate`."""
+    """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `utils.evaluation.results.evaluate`."""
     data = synthetic(with_masks, good_only)
     summary = MapSummary(data.threshold, SIZE, limit)
     for start in range(0, len(data.samples), 5):
