@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -37,14 +35,7 @@ from datasets.images import (
     list_images,
 )
 from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
-from utils.padim.anomaly_map import (
-    HEAT_COLORMAP,
-    Region,
-    anomaly_regions,
-    blend_overlay,
-    draw_regions,
-    to_original_resolution,
-)
+from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbone_specs import hooked_layers
 from utils.padim.backbones import (
     BACKBONES,
@@ -57,6 +48,7 @@ from utils.padim.backbones import (
 from utils.padim.model import Padim
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
 from utils.padim.onnx_graph import OnnxModelError, OnnxScorer, read_description
+from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
 log = logging.getLogger("padim.predict")
@@ -363,23 +355,6 @@ def collate_with_originals(items) -> tuple[Batch, list[np.ndarray]]:
     return collate_skipping_failures([item[:3] for item in items]), [item[3] for item in items if item[0] is not None]
 
 
-def colour_table() -> np.ndarray:
-    """(256, 3) uint8 colours of the heat map scale, 0 .. HEAT_SCALE_TOP x threshold."""
-    return np.round(colormaps[HEAT_COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
-
-
-def heat_colours(amap: np.ndarray, top: float, table: np.ndarray) -> np.ndarray:
-    """A score map as RGB on a fixed scale, so colours mean the same in every image of a class."""
-    levels = np.clip(np.rint(amap / top * 255.0), 0, 255).astype(np.uint8)
-    return table[levels]
-
-
-def _write_png(array: np.ndarray, path: Path) -> None:
-    """Atomic PNG at zlib level 1: encoding dominates writing, and level 1 is much faster for larger files
-    (tuning; figures in benchmarks/README.md)."""
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
-
-
 @dataclass(frozen=True)
 class OutputWriter:
     """Heat map, overlay (and mask) of one image at its original resolution.
@@ -402,11 +377,11 @@ class OutputWriter:
         heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
         regions = anomaly_regions(full, self.threshold, self.min_region_area)
         overlay = draw_regions(blend_overlay(original, heat), regions)
-        _write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
-        _write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
+        write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
+        write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
         above = full > self.threshold
         if self.save_masks:
-            _write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
+            write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
         return int(above.sum()), regions
 
 
@@ -454,7 +429,9 @@ def score_images(
         collate_fn=collate_with_originals,
         pin_memory=model.scorer.device.type == "cuda",
     )
-    write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
+    write = OutputWriter(
+        args.output, threshold, model.geometry, args.save_masks, heat_colour_table(), args.min_region_area
+    )
     in_flight: list[tuple[int, Future]] = []
     regions: list[dict] = []
 
