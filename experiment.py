@@ -32,6 +32,7 @@ from utils.padim.backbones import FeatureExtractor, WeightsError, build_extracto
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
 from utils.reporting.plotting import save_comparison_figure
 from utils.reporting.report import write_comparison_report, write_report
+from utils.reporting.text import with_interval
 from utils.runtime.distributed import PeerLost, World
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
@@ -140,7 +141,7 @@ def interval_column(table: pd.DataFrame, rate: str) -> pd.Series:
     def text(row) -> str:
         if pd.isna(row[rate]):
             return "-"
-        return f"{row[rate]:.3f} [{row[f'{rate}_ci_low']:.2f}, {row[f'{rate}_ci_high']:.2f}]"
+        return with_interval(row[rate], row[f"{rate}_ci_low"], row[f"{rate}_ci_high"])
 
     return table.apply(text, axis=1) if len(table) else pd.Series(dtype=str)
 

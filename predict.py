@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.images import (
@@ -33,14 +31,7 @@ from datasets.images import (
     readable_batches,
 )
 from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
-from utils.padim.anomaly_map import (
-    HEAT_COLORMAP,
-    Region,
-    anomaly_regions,
-    blend_overlay,
-    draw_regions,
-    to_original_resolution,
-)
+from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbones import (
     WeightsError,
     float32_precision,
@@ -49,6 +40,7 @@ from utils.padim.backbones import (
 from utils.padim.loading import LoadedModel, LoadError, build, build_onnx, read_model
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
 from utils.padim.onnx_graph import OnnxModelError, read_description
+from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
 log = logging.getLogger("padim.predict")
@@ -194,23 +186,6 @@ class WithOriginal(Dataset):
         return (*self.dataset.to_item(image, mask, index), np.asarray(image))
 
 
-def colour_table() -> np.ndarray:
-    """(256, 3) uint8 colours of the heat map scale, 0 .. HEAT_SCALE_TOP x threshold."""
-    return np.round(colormaps[HEAT_COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
-
-
-def heat_colours(amap: np.ndarray, top: float, table: np.ndarray) -> np.ndarray:
-    """A score map as RGB on a fixed scale, so colours mean the same in every image of a class."""
-    levels = np.clip(np.rint(amap / top * 255.0), 0, 255).astype(np.uint8)
-    return table[levels]
-
-
-def _write_png(array: np.ndarray, path: Path) -> None:
-    """Atomic PNG at zlib level 1: encoding dominates writing, and level 1 is much faster for larger files
-    (tuning; figures in benchmarks/README.md)."""
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
-
-
 @dataclass(frozen=True)
 class OutputWriter:
     """Heat map, overlay (and mask) of one image at its original resolution.
@@ -233,11 +208,11 @@ class OutputWriter:
         heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
         regions = anomaly_regions(full, self.threshold, self.min_region_area)
         overlay = draw_regions(blend_overlay(original, heat), regions)
-        _write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
-        _write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
+        write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
+        write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
         above = full > self.threshold
         if self.save_masks:
-            _write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
+            write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
         return int(above.sum()), regions
 
 
@@ -280,7 +255,9 @@ def score_images(
     samples = [Sample(p, 0, "") for p in paths]
     dataset = WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels))
     loader = image_loader(dataset, args.batch_size, args.num_workers, model.scorer.device)
-    write = OutputWriter(args.output, threshold, model.geometry, args.save_masks, colour_table(), args.min_region_area)
+    write = OutputWriter(
+        args.output, threshold, model.geometry, args.save_masks, heat_colour_table(), args.min_region_area
+    )
     in_flight: list[tuple[int, Future]] = []
     regions: list[dict] = []
 

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
+from skimage.measure import label as measure_label
+from skimage.measure import regionprops
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
@@ -20,6 +23,7 @@ from utils.evaluation import metrics
 from utils.evaluation.results import defect_type_table
 from utils.evaluation.summary import ClassEvaluation, MapSummary
 from utils.padim.anomaly_map import anomaly_regions, to_original_resolution
+from utils.reporting.images import OUTLINE_COLOUR, draw_regions
 
 Z95 = 1.959963984540054
 
@@ -152,3 +156,79 @@ def test_regions_at_the_original_resolution_of_a_cropped_non_square_image():
     full = to_original_resolution(amap, 64, 128, 32, 32).numpy()
     [region] = anomaly_regions(full, 5.0, min_area=1)
     assert (region.x, region.y, region.width, region.height, region.area) == (48, 16, 16, 16, 256)
+
+
+def test_regions_are_numbered_by_their_first_pair_of_rows_then_column():
+    """B's first pixel comes first in a pixel scan (row 0), but A reaches the first 2 x 2 block column of
+    rows 0-1 first: A, then B, as OpenCV's block labelling numbered them."""
+    amap = np.zeros((6, 8), np.float32)
+    amap[1:4, 1] = 2.0  # A, first pixel (1, 1)
+    amap[0:2, 5] = 3.0  # B, first pixel (0, 5)
+    amap[3, 4] = 4.0  # C, rows 2-3
+    boxes = [(r.x, r.y, r.width, r.height, r.area) for r in anomaly_regions(amap, 1.0, min_area=1)]
+    assert boxes == [(1, 1, 1, 3, 3), (5, 0, 1, 2, 2), (4, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regions_match_skimage_regionprops(seed):
+    """Boxes, areas, peaks and means against skimage's 8-connected labelling, in the order of each
+    region's first 2 x 2 block (row pair, then column pair), specks under min_area left out."""
+    rng = np.random.default_rng(seed)
+    amap = ndimage.gaussian_filter(rng.standard_normal((60, 80)), 1.5).astype(np.float32)
+    threshold = float(np.quantile(amap, 0.8))
+    props = [p for p in regionprops(measure_label(amap > threshold, connectivity=2), amap) if p.area >= 3]
+    props.sort(key=lambda p: min((row // 2, column // 2) for row, column in p.coords))
+    expected = [
+        (p.bbox[1], p.bbox[0], p.bbox[3] - p.bbox[1], p.bbox[2] - p.bbox[0], p.area, p.intensity_max, p.intensity_mean)
+        for p in props
+    ]
+    found = [(r.x, r.y, r.width, r.height, r.area, r.peak, r.mean) for r in anomaly_regions(amap, threshold, 3)]
+    assert len(found) == len(expected) > 3
+    for mine, reference in zip(found, expected):
+        assert mine[:6] == reference[:6] and mine[6] == pytest.approx(reference[6], rel=1e-6)
+
+
+def _within(outline: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels whose centre lies within `radius` of a pixel of `outline`."""
+    return ndimage.distance_transform_edt(~outline) <= radius
+
+
+@pytest.mark.parametrize(("shape", "radius"), [((20, 24), 1), ((12, 1500), 2)])
+def test_region_boxes_cover_the_pixels_within_the_pen_of_the_box_edge(shape, radius):
+    """2 px boxes (3 px on images of 1500 px or more) cover what OpenCV's thick rectangle did: every pixel
+    within 1 (2) of the box's edge pixels, corners rounded; a box at the image's edge is clipped."""
+    image = np.zeros((*shape, 3), np.uint8)
+    regions = anomaly_regions(np.pad(np.ones((5, 7)), ((3, 3), (4, 8))), 0.5, 1)  # x 4..10, y 3..7
+    regions += anomaly_regions(np.pad(np.ones((2, 3)), ((0, 9), (0, 9))), 0.5, 1)  # at the top-left corner
+    drawn = draw_regions(image, regions)
+    assert drawn is image
+    edge = np.zeros(shape, bool)
+    edge[3:8, 4:11] = True
+    edge[4:7, 5:10] = False
+    edge[0:2, 0:3] = True
+    painted = (drawn == OUTLINE_COLOUR).all(axis=2)
+    assert np.array_equal(painted, _within(edge, radius))
+    assert not (drawn[~painted] != 0).any()
+
+
+def test_region_box_is_opencvs_thickness_2_rectangle():
+    """The box of x 4..10, y 2..8 as cv2.rectangle(thickness=2) drew it (copied from its output)."""
+    expected = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        dtype=bool,
+    )
+    [region] = anomaly_regions(np.pad(np.ones((7, 7)), ((2, 2), (4, 2))), 0.5, 1)
+    drawn = draw_regions(np.zeros((11, 13, 3), np.uint8), [region])
+    assert np.array_equal((drawn == OUTLINE_COLOUR).all(axis=2), expected)

@@ -14,7 +14,7 @@ from PIL import Image
 from datasets.images import Sample
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
-from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary
+from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary, outcome
 from utils.reporting import plotting
 
 SIZE = 64
@@ -77,7 +77,7 @@ def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
 
 
 def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
-    """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `utils.evaluation.results.evaluate`."""
+    """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `results.evaluate`."""
     data = synthetic(with_masks, good_only)
     summary = MapSummary(data.threshold, SIZE, limit)
     for start in range(0, len(data.samples), 5):
@@ -147,6 +147,20 @@ def test_categories_match_operating_point(seed):
     assert np.array_equal(np.sort(np.concatenate(list(categories.values()))), np.arange(50))
     assert (scores[categories["TN"]] <= threshold).all() and (labels[categories["TN"]] == 0).all()
     assert (scores[categories["TP"]] > threshold).all() and (labels[categories["TP"]] == 1).all()
+
+
+def test_categories_file_each_image_by_the_one_outcome_rule():
+    """TN/FP/FN/TP from the true label and the call; a score equal to the threshold is called good."""
+    assert [outcome(label, called) for label in (0, 1) for called in (False, True)] == list(CATEGORIES)
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([1.0, 3.0, 3.0, 4.0, 2.0, np.nan])
+    categories = plotting.confusion_categories(labels, scores, 2.0)
+    assert {name: indices.tolist() for name, indices in categories.items()} == {
+        "TN": [0, 4],
+        "FP": [1],
+        "FN": [5],
+        "TP": [2, 3],
+    }
 
 
 @pytest.mark.parametrize("batches", [[5], [2, 3], [1, 1, 1, 1, 1]])

@@ -19,14 +19,10 @@ from torchvision.transforms import v2
 
 import predict
 from datasets.images import Geometry
-from utils.padim.anomaly_map import (
-    REGION_BOX_COLOUR,
-    blend_overlay,
-    input_geometry,
-    to_original_resolution,
-)
+from utils.padim.anomaly_map import input_geometry, to_original_resolution
 from utils.padim.backbones import load_backbone
 from utils.padim.model_file import save_model
+from utils.reporting.images import OUTLINE_COLOUR, blend_overlay, heat_colour_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
@@ -158,14 +154,14 @@ def test_non_square_image_outputs_at_original_size(trained: Trained, texture_roo
     box[3:47, 23:67] = True
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask == 255, box) and int(row["anomalous_area_px"]) == box.sum()
-    assert (heat[~box] == predict.colour_table()[0]).all()
+    assert (heat[~box] == heat_colour_table()[0]).all()
     with (out / "regions.csv").open(newline="") as handle:
         [region] = list(csv.DictReader(handle))
     assert row["n_regions"] == "1" and Path(region["path"]) == image_dir / "wide.png"
     box_fields = ("region_id", "x", "y", "width", "height", "area_px")
     assert [int(region[field]) for field in box_fields] == [1, 23, 3, 44, 44, 44 * 44]
     overlay = np.asarray(Image.open(out / "overlays" / "wide.png"))
-    assert (overlay[3, 23:67] == REGION_BOX_COLOUR).all() and (overlay[3:47, 66] == REGION_BOX_COLOUR).all()
+    assert (overlay[3, 23:67] == OUTLINE_COLOUR).all() and (overlay[3:47, 66] == OUTLINE_COLOUR).all()
 
     specks = tmp_path / "specks"
     assert (

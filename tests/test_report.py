@@ -15,7 +15,7 @@ from conftest import TRAIN_FLAGS
 from PIL import Image
 
 import run_experiment
-from utils.reporting.report import write_report
+from utils.reporting.report import Thumbnails, class_section, write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
 HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'
@@ -202,3 +202,33 @@ def test_a_new_page_removes_only_the_thumbnails_it_no_longer_shows(hostile_run: 
     shown = {folder / unquote(link) for link in page.links if link.startswith("report_files/")}
     after = set((folder / "report_files").iterdir())
     assert after == shown and len(after - before) == 1 and len(before - after) == 1
+
+
+def test_class_headline_and_misses_read_from_the_class_files(tmp_path: Path):
+    """Headline values to 3 decimals with their 95% intervals to 2, as in the summary table (the value alone
+    when an end is missing, '-' for an empty cell); each miss is filed under the run's own call
+    (is_anomalous), where its per-image figure was written."""
+    class_dir = tmp_path / "c"
+    (class_dir / "visualizations" / "FP").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(class_dir / "visualizations" / "FP" / "good_001.png")
+    (class_dir / "scores.csv").write_text(
+        "path,defect,label,score,is_anomalous\n"
+        "/data/c/test/good/001.png,good,0,5.5,True\n"
+        "/data/c/test/good/002.png,good,0,1.25,False\n"
+        "/data/c/test/crack/003.png,crack,1,0.5,False\n",
+        encoding="utf-8",
+    )
+    row = {"class_name": "c", "status": "ok", "roc_auc": "0.912345", "roc_auc_ci_low": "0.8", "roc_auc_ci_high": "0.99"}
+    row |= {"recall": "0.5", "recall_ci_high": "0.7", "pr_auc": ""}
+    section = class_section(row, 0, tmp_path, Thumbnails(tmp_path))
+    headline = dict(section.headline)
+    assert headline["image AUROC"] == "0.912 [0.80, 0.99]"
+    assert headline["recall"] == "0.500" and headline["PR AUC"] == "-" and headline["AUPRO"] == "-"
+    assert [picture.caption for picture in section.good_misses] == [
+        "good/001.png: score 5.5000, FP (good, called defect)",
+        "good/002.png: score 1.2500, TN (good, called good)",
+    ]
+    assert section.good_misses[0].full == "c/visualizations/FP/good_001.png"
+    assert [picture.caption for picture in section.defect_misses] == [
+        "crack/003.png: score 0.5000, FN (defect, called good)"
+    ]

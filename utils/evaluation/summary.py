@@ -22,15 +22,20 @@ from utils.evaluation import metrics
 CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
 
 
+def outcome(label: int, called_defect: bool) -> str:
+    """TN, FP, FN or TP of an image whose true label is `label` (1: defect) and that was or was not called a defect."""
+    return CATEGORIES[2 * int(label) + int(called_defect)]
+
+
 def category(label: int, score: float, threshold: float) -> str:
-    """TN, FP, FN or TP with metrics.operating_point's rule: `score > threshold` is called a defect."""
-    return CATEGORIES[2 * int(label) + int(score > threshold)]
+    """The outcome with metrics.operating_point's rule: `score > threshold` is called a defect."""
+    return outcome(label, score > threshold)
 
 
 def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Test-set indices of TN, FP, FN and TP, by `category`."""
-    names = np.array([category(label, score, threshold) for label, score in zip(labels, scores)], dtype="<U2")
-    return {name: np.flatnonzero(names == name) for name in CATEGORIES}
+    """Test-set indices of TN, FP, FN and TP, by `category`'s rule (its index in CATEGORIES, for every image)."""
+    codes = 2 * np.asarray(labels, dtype=int) + (np.asarray(scores) > threshold)
+    return {name: np.flatnonzero(codes == code) for code, name in enumerate(CATEGORIES)}
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,8 +12,6 @@ from scipy import ndimage
 
 from utils.padim.grid import centred_weights, linear_weights, resample_centred, stride_ratio
 
-HEAT_COLORMAP = "inferno"  # every heat map the tools draw, plots and predict.py alike
-OVERLAY_ALPHA = 0.5
 BLUR_SIGMA = 4.0  # the paper's
 
 
@@ -89,11 +86,6 @@ class MapOperator:
         return self.rows @ distances @ self.cols.T
 
 
-def blend_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 image with its (H, W, 3) uint8 heat-map colours laid over it, as every overlay the tools draw."""
-    return np.rint((1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * heat).astype(np.uint8)
-
-
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """Image score = maximum of its map, in raw Mahalanobis units."""
     return maps.flatten(1).amax(dim=1)
@@ -151,32 +143,30 @@ class Region:
     mean: float
 
 
+def first_block(labels: np.ndarray, label: int, box: tuple[slice, slice]) -> tuple[int, int]:
+    """(row pair, column pair) of the region's first 2 x 2 block in raster order of blocks.
+
+    Regions are numbered in this order, the order OpenCV's block-based labelling gave them before,
+    so region ids in regions.csv stay as they were (it differs from the order of first pixels when
+    two regions begin in the same pair of rows)."""
+    rows, columns = box
+    pair = labels[rows.start : rows.start // 2 * 2 + 2, columns] == label
+    return rows.start // 2, (columns.start + int(np.flatnonzero(pair.any(axis=0))[0])) // 2
+
+
 def anomaly_regions(amap: np.ndarray, threshold: float, min_area: int) -> list[Region]:
-    """The 8-connected regions of `amap` above `threshold` (OpenCV), in scan order; regions under
+    """The 8-connected regions of `amap` above `threshold`, in the order of first_block; regions under
     `min_area` pixels are dropped as specks."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats((amap > threshold).astype(np.uint8), connectivity=8)
-    kept = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= min_area]
+    labels, _ = ndimage.label(amap > threshold, structure=np.ones((3, 3), dtype=bool))
+    boxes = ndimage.find_objects(labels)
+    areas = np.bincount(labels.ravel(), minlength=len(boxes) + 1)
+    kept = [label for label in range(1, len(boxes) + 1) if areas[label] >= min_area]
+    kept.sort(key=lambda label: first_block(labels, label, boxes[label - 1]))
     peaks = ndimage.maximum(amap, labels, kept) if kept else []
     means = ndimage.mean(amap, labels, kept) if kept else []
-    return [
-        Region(*(int(value) for value in stats[label, :5]), float(peak), float(mean))
-        for label, peak, mean in zip(kept, peaks, means)
-    ]
-
-
-REGION_BOX_COLOUR = (0, 255, 255)  # cyan: apart from every colour of the inferno heat scale
-
-
-def draw_regions(image: np.ndarray, regions: list[Region]) -> np.ndarray:
-    """`image` (H, W, 3 uint8) with each region's bounding box drawn on it, 2 px wide (3 on large images)."""
-    thickness = 2 if max(image.shape[:2]) < 1500 else 3
-    boxed = np.ascontiguousarray(image)
-    for region in regions:
-        cv2.rectangle(
-            boxed,
-            (region.x, region.y),
-            (region.x + region.width - 1, region.y + region.height - 1),
-            REGION_BOX_COLOUR,
-            thickness,
-        )
-    return boxed
+    regions = []
+    for label, peak, mean in zip(kept, peaks, means):
+        rows, columns = boxes[label - 1]
+        width, height = columns.stop - columns.start, rows.stop - rows.start
+        regions.append(Region(columns.start, rows.start, width, height, int(areas[label]), float(peak), float(mean)))
+    return regions

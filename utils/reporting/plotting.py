@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from utils.evaluation import metrics
 from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary, confusion_categories
-from utils.padim.anomaly_map import HEAT_COLORMAP, blend_overlay
-from utils.runtime.output_files import atomic_write
+from utils.reporting.images import HEAT_COLORMAP, OUTLINE_COLOUR, blend_overlay, heat_colour_map, write_png
+from utils.reporting.text import with_interval
 
 if TYPE_CHECKING:
     from datasets.images import Sample
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DPI = 100
-OUTLINE_RGB = (0, 255, 255)
 CATEGORY_MEANING = MappingProxyType(
     {
         "TN": "good, called good",
@@ -51,7 +50,6 @@ CATEGORY_MEANING = MappingProxyType(
     }
 )
 IMAGE_FIGURE_SIZE = (10.0, 3.6)
-PNG_OPTIONS = MappingProxyType({"compress_level": 1})
 UNSAFE_FILENAME_CHARACTERS = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
 
@@ -120,27 +118,11 @@ def _unique_names(samples: list[Sample], indices: list[int]) -> list[str]:
     return names
 
 
-def _save(figure: Figure, path: Path) -> None:
-    """Write a PNG atomically, as every output of the suite, so a crash never leaves half an image.
-
-    zlib level 1: encoding is most of the time of a per-image figure, and level 1 is much
-    faster than PIL's default for slightly larger files (tuning; benchmarks/README.md)."""
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, pil_kwargs=dict(PNG_OPTIONS)))
-
-
 def _note(ax, text: str) -> None:
     """An empty panel that says why it is empty, instead of a silently missing plot."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _operating_rates(summary: dict) -> tuple[float, float] | None:
-    """(FPR, TPR) at the operating threshold from the reported counts; None without both classes."""
-    (tn, fp), (fn, tp) = summary_counts(summary)
-    if tn + fp == 0 or tp + fn == 0:
-        return None
-    return fp / (tn + fp), tp / (tp + fn)
 
 
 def _image_roc_panel(ax, result: ClassEvaluation) -> None:
@@ -155,9 +137,14 @@ def _image_roc_panel(ax, result: ClassEvaluation) -> None:
         label += f" (95% CI {summary['roc_auc_ci_low']:.3f}-{summary['roc_auc_ci_high']:.3f})"
     ax.plot(fpr, tpr, label=label)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
-    point = _operating_rates(summary)
-    if point is not None:
-        ax.plot(*point, "o", color="crimson", label=f"operating threshold {result.threshold:.3g}")
+    if summary.get("false_positive_rate") is not None and summary.get("recall") is not None:
+        ax.plot(
+            summary["false_positive_rate"],
+            summary["recall"],
+            "o",
+            color="crimson",
+            label=f"operating threshold {result.threshold:.3g}",
+        )
     ax.set_xlabel("false positive rate (good images called defect)")
     ax.set_ylabel("true positive rate (defect images found)")
     ax.legend(loc="lower right", fontsize="small")
@@ -316,12 +303,7 @@ def confusion_figure(counts: np.ndarray, summary: dict, threshold: float, name: 
     ax.set_xlabel(f"called (score > {threshold:.3g} = defect)")
     ax.set_ylabel("true")
     rates = [
-        f"{shown} {summary[key]:.3f}"
-        + (
-            f" [{summary[f'{key}_ci_low']:.2f}, {summary[f'{key}_ci_high']:.2f}]"
-            if summary.get(f"{key}_ci_low") is not None
-            else ""
-        )
+        f"{shown} {with_interval(summary[key], summary.get(f'{key}_ci_low'), summary.get(f'{key}_ci_high'))}"
         for key, shown in (
             ("precision", "precision"),
             ("recall", "recall"),
@@ -423,7 +405,7 @@ class ImageFigure:
         self.figure = Figure(figsize=IMAGE_FIGURE_SIZE, dpi=DPI)
         self.figure.subplots_adjust(left=0.01, right=0.88, top=0.82, bottom=0.02, wspace=0.05)
         axes = self.figure.subplots(1, 3)
-        self.colour_map = matplotlib.colormaps[HEAT_COLORMAP]
+        self.colour_map = heat_colour_map()
         self.norm = Normalize(scale.vmin, scale.vmax)
         blank = np.zeros((*size, 3), np.uint8)
         self.input_panel = axes[0].imshow(blank, interpolation="nearest")
@@ -447,7 +429,7 @@ class ImageFigure:
         if mask is not None and mask.any():
             outline = find_boundaries(mask, mode="outer")
             shown = image.copy()
-            shown[outline] = overlay[outline] = OUTLINE_RGB
+            shown[outline] = overlay[outline] = OUTLINE_COLOUR
         self.input_panel.set_data(shown)
         self.heat_panel.set_data(heat)
         self.overlay_panel.set_data(overlay)
@@ -491,7 +473,7 @@ def write_visualizations(result: ClassEvaluation, scale: ColourScale, folder: Pa
     drawer = ImageFigure(jobs[0][1].map.shape, scale, result.threshold)
     for category, image, name in tqdm(jobs, desc=f"{result.name} figures", unit="fig", leave=False):
         figure = drawer.draw(image.image, image.map, image.mask, _image_title(result, image.index, category))
-        _save(figure, folder / category / name)
+        write_png(figure, folder / category / name)
 
 
 def _warn_on_count_mismatch(name: str, counts: np.ndarray, categories: dict[str, np.ndarray]) -> None:
@@ -510,10 +492,12 @@ def _warn_on_count_mismatch(name: str, counts: np.ndarray, categories: dict[str,
 def _write_curves(result: ClassEvaluation, out_dir: Path) -> None:
     """roc_curve.png and pr_curve.png always; the pixel ROC panel and pro_curve.png only when
     evaluate() made pixel curves (masks with defect and good pixels), so no masks = no pro_curve.png."""
-    _save(roc_figure(result), out_dir / "roc_curve.png")
-    _save(pr_figure(result), out_dir / "pr_curve.png")
+    write_png(roc_figure(result), out_dir / "roc_curve.png")
+    write_png(pr_figure(result), out_dir / "pr_curve.png")
     if result.pixel_curves is not None:
-        _save(pro_figure(result.name, result.pixel_curves, result.summary["pixel_aupro"]), out_dir / "pro_curve.png")
+        write_png(
+            pro_figure(result.name, result.pixel_curves, result.summary["pixel_aupro"]), out_dir / "pro_curve.png"
+        )
 
 
 def _style() -> dict:
@@ -530,9 +514,11 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path) -> None:
     scale = class_colour_scale(np.array([result.maps.low, result.maps.high]))
     with matplotlib.rc_context(_style()):
         _write_curves(result, out_dir)
-        _save(score_distribution_figure(result), out_dir / "score_distribution.png")
-        _save(confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png")
-        _save(mean_maps_figure(result.maps, result.name), out_dir / "mean_anomaly_maps.png")
+        write_png(score_distribution_figure(result), out_dir / "score_distribution.png")
+        write_png(
+            confusion_figure(counts, result.summary, result.threshold, result.name), out_dir / "confusion_matrix.png"
+        )
+        write_png(mean_maps_figure(result.maps, result.name), out_dir / "mean_anomaly_maps.png")
         normal, abnormal = pixel_distributions(result)
         for suffix, samples, title in (
             ("normal", [normal], "pixel anomaly values of good images"),
@@ -540,7 +526,7 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path) -> None:
             ("comparative", [normal, abnormal], "pixel anomaly values, good vs defect"),
         ):
             figure = pixel_distribution_figure(samples, scale, result.threshold, f"{result.name}: {title}")
-            _save(figure, out_dir / f"patch_score_distribution_{suffix}.png")
+            write_png(figure, out_dir / f"patch_score_distribution_{suffix}.png")
         write_visualizations(result, scale, out_dir / "visualizations")
     log.info("%s: plots written to %s", result.name, out_dir)
 
@@ -571,4 +557,4 @@ def comparison_figure(comparison: pd.DataFrame) -> Figure:
 
 def save_comparison_figure(comparison: pd.DataFrame, path: Path) -> None:
     with matplotlib.rc_context(_style()):
-        _save(comparison_figure(comparison), path)
+        write_png(comparison_figure(comparison), path)

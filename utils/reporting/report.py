@@ -26,8 +26,9 @@ import pandas as pd
 from PIL import Image
 
 from datasets.images import Sample
-from utils.evaluation.summary import category
+from utils.evaluation.summary import outcome
 from utils.reporting.plotting import CATEGORY_MEANING, visualization_name
+from utils.reporting.text import with_interval
 from utils.runtime.output_files import atomic_write
 
 REPORT_FILENAME = "report.html"
@@ -97,11 +98,12 @@ def read_table(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def _number(text: str) -> str:
+def _number(text: str) -> float | None:
+    """A table cell's number; None for an empty (or non-numeric) cell."""
     try:
-        return f"{float(text):.3f}"
+        return float(text)
     except ValueError:
-        return text or "-"
+        return None
 
 
 def thumbnail(source: Path) -> bytes | None:
@@ -150,10 +152,10 @@ def _misses(scores: pd.DataFrame, class_dir: Path, thumbs: Thumbnails, label: in
     chosen = scores[scores["label"] == label].sort_values("score", ascending=label == 1, kind="stable")
     misses = []
     for row in chosen.head(MISSES_SHOWN).itertuples():
-        outcome = category(label, int(row.is_anomalous), 0)  # the run's own call, as its figures were filed
+        name = outcome(label, row.is_anomalous)  # the run's own call, as its figures were filed
         sample = Sample(Path(row.path), label, row.defect)
-        caption = f"{row.defect}/{sample.path.name}: score {row.score:.4f}, {outcome} ({CATEGORY_MEANING[outcome]})"
-        figure = class_dir / "visualizations" / outcome / visualization_name(sample)
+        caption = f"{row.defect}/{sample.path.name}: score {row.score:.4f}, {name} ({CATEGORY_MEANING[name]})"
+        figure = class_dir / "visualizations" / name / visualization_name(sample)
         picture = (
             thumbs.picture(figure, caption) if figure.is_file() else thumbs.picture(sample.path, caption, link=False)
         )
@@ -167,10 +169,9 @@ def class_section(row: dict, index: int, folder: Path, thumbs: Thumbnails) -> Cl
     section = ClassSection(name, f"class-{index}", row["status"])
     class_dir = folder / name
     for label, column, interval in HEADLINE:
-        text = _number(row.get(column, ""))
-        if interval and row.get(interval[0]) and row.get(interval[1]):
-            text += f" [{_number(row[interval[0]])}, {_number(row[interval[1]])}]"
-        section.headline.append((label, text))
+        value = _number(row.get(column, ""))
+        ends = [_number(row.get(end, "")) for end in interval or ()]
+        section.headline.append((label, "-" if value is None else with_interval(value, *ends)))
     section.counts = {key: row.get(column, "") for key, column in zip(("TN", "FP", "FN", "TP"), CONFUSION_COLUMNS)}
     for file_name, caption in CLASS_FIGURES:
         if (class_dir / file_name).is_file() and (picture := thumbs.picture(class_dir / file_name, caption)):
