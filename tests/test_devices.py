@@ -208,7 +208,7 @@ def test_on_a_gpu_the_factor_runs_in_a_few_large_chunks_and_checks_once(fake_cud
     monkeypatch.setattr(gaussian, "cholesky_ex", lambda m: chunks.append(len(m)) or torch.linalg.cholesky_ex(m))
     monkeypatch.setattr(gaussian, "require_positive_definite", lambda info: checks.append(tuple(info.shape)))
     with fake_cuda:
-        covariance = TriangularBlocks.empty(3136, 550, lower=False, dtype=torch.float32, device=CUDA)
+        covariance = TriangularBlocks.zeros(3136, 550, lower=False, dtype=torch.float32, device=CUDA)
         factor = gaussian.precision_factor_(covariance)
     assert chunks == [443] * 7 + [3136 - 7 * 443] and checks == [(3136,)]
     assert all(block.device == CUDA for block in factor.blocks)

@@ -12,18 +12,13 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
+from tests.reference import blocks_from_dense, gaussian_blur, precision_factor_reference, smooth_upsample
 from utils.evaluation import metrics
-from utils.padim import fast_paths, triangular
-from utils.padim.anomaly_map import MapOperator, gaussian_blur, image_scores, smooth_upsample
+from utils.padim import fast_paths, gaussian, triangular
+from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import build_extractor
 from utils.padim.embedding import channel_index, chosen_channels, embedding_bands, split_channel_index
-from utils.padim.gaussian import (
-    COVARIANCE_EPSILON,
-    GaussianAccumulator,
-    mahalanobis,
-    precision_factor_,
-    precision_factor_reference,
-)
+from utils.padim.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
 from utils.padim.grid import linear_weights, resample_centred, stride_ratio
 from utils.padim.model import Padim, image_groups
 from utils.padim.model_file import ModelFileError, stats_from_content
@@ -58,8 +53,7 @@ def test_streaming_statistics_equal_numpy_cov(batches, rows):
     """150 images in groups of any sizes, later ones larger too."""
     x = _features(n=150)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    for block in acc.outer.blocks:  # the buffers start uninitialised: the first group must overwrite, not add
-        block.fill_(float("nan"))
+    assert all(not moment.any() for moment in acc.moments())  # zero sums: an accumulator without images adds nothing
     for start, stop in itertools.pairwise(itertools.accumulate(batches, initial=0)):
         acc.update(_bands(x[start:stop], rows))
     mean, blocks = acc.finalize()
@@ -140,7 +134,7 @@ def test_block_edges_mirror_so_the_factor_fits_the_covariance_blocks():
 def test_triangular_blocks_hold_one_triangle(lower):
     matrices = torch.randn(4, 7, 7, dtype=torch.float64)
     triangle = matrices.tril() if lower else matrices.triu()
-    blocks = TriangularBlocks.from_dense(triangle, lower)
+    blocks = blocks_from_dense(triangle, lower)
     assert [tuple(block.shape) for block in blocks.blocks] == TriangularBlocks.shapes(4, 7, lower)
     torch.testing.assert_close(blocks.dense(), triangle, rtol=0, atol=0)
     torch.testing.assert_close(blocks[1:3].dense(), triangle[1:3], rtol=0, atol=0)
@@ -149,7 +143,7 @@ def test_triangular_blocks_hold_one_triangle(lower):
 def test_upper_blocks_give_the_symmetric_matrices_lower_triangle():
     symmetric = torch.randn(3, 9, 9, dtype=torch.float64)
     symmetric = symmetric + symmetric.transpose(1, 2)
-    blocks = TriangularBlocks.from_dense(symmetric.triu(), lower=False)
+    blocks = blocks_from_dense(symmetric.triu(), lower=False)
     lower = blocks.lower_triangle_of_symmetric(torch.float64)
     torch.testing.assert_close(lower.tril(), symmetric.tril(), rtol=0, atol=0)
 
@@ -171,7 +165,7 @@ def test_factor_in_three_blocks_whitens_like_float64():
     samples = rng.normal(size=(4, 900, 401)) * np.geomspace(0.05, 20, 401)  # channels of very different scales
     centred = samples - samples.mean(axis=1, keepdims=True)
     covariance = centred.transpose(0, 2, 1) @ centred / 899 + COVARIANCE_EPSILON * np.eye(401)
-    blocks = TriangularBlocks.from_dense(torch.from_numpy(covariance).float(), lower=False)
+    blocks = blocks_from_dense(torch.from_numpy(covariance).float(), lower=False)
     memory = {block.data_ptr() for block in blocks.blocks}
     factor = precision_factor_(blocks)
     assert len(factor.blocks) == 3 and {block.data_ptr() for block in factor.blocks} == memory  # no second copy
@@ -189,14 +183,13 @@ def test_factor_in_three_blocks_whitens_like_float64():
 
 @pytest.mark.parametrize("positions, dims", [(4, 5), (3, 33), (5, 144), (20, 300), (2, 690)])
 def test_precision_factor_equals_float64_inverse_cholesky(positions, dims, monkeypatch):
-    """Every block split (2 to 5 blocks), and block rows finished in several steps of positions
-    (a step of 7 for 300 dims)."""
-    monkeypatch.setattr(triangular, "CHUNK_ELEMENTS", 150 * 150 * 7)
+    """Every block split (2 to 5 blocks), positions in chunks of 3 (the last one shorter) on the worker threads."""
+    monkeypatch.setattr(gaussian, "FACTOR_CHUNK_MATRICES", 3)
     rng = np.random.default_rng(dims)
     samples = rng.normal(size=(positions, dims + 40, dims)) * np.geomspace(0.1, 10, dims)
     covariance = samples.transpose(0, 2, 1) @ samples / (dims + 40) + COVARIANCE_EPSILON * np.eye(dims)
     single = torch.from_numpy(covariance).float()
-    factor = precision_factor_(TriangularBlocks.from_dense(single, lower=False))
+    factor = precision_factor_(blocks_from_dense(single, lower=False))
     expected = np.linalg.inv(np.linalg.cholesky(covariance))
     np.testing.assert_allclose(factor.dense().double().numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
     reference = precision_factor_reference(single)  # the plain torch definition
@@ -207,7 +200,7 @@ def test_factor_of_a_non_positive_definite_covariance_is_an_error():
     covariance = torch.eye(300).repeat(100, 1, 1)  # 3 chunks of at most 46 matrices, shared by the worker threads
     covariance[77, 2, 2] = -1.0
     with pytest.raises(ValueError, match="not positive definite"):
-        precision_factor_(TriangularBlocks.from_dense(covariance, lower=False))
+        precision_factor_(blocks_from_dense(covariance, lower=False))
 
 
 def test_bands_change_nothing_in_fit_or_maps():
@@ -515,7 +508,7 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
     distances = {}
     for width in (3, 2):  # 5 and 7 blocks of 11 columns
         monkeypatch.setattr(triangular, "BLOCK_WIDTH", width)
-        stored = TriangularBlocks.from_dense(dense_factor, lower=True)
+        stored = blocks_from_dense(dense_factor, lower=True)
         monkeypatch.setattr(triangular, "BLOCK_WIDTH", 100)  # the reader's own split: 3 blocks
         stats = stats_from_content(_factor_content(stored, mean, grid))
         assert [block.shape[1] for block in stats.factor.blocks] == [block.shape[1] for block in stored.blocks]
@@ -537,7 +530,7 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
         distances[3].flatten(1).double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-5
     )
     torch.testing.assert_close(distances[3], distances[2], rtol=1e-6, atol=1e-6)
-    stored = TriangularBlocks.from_dense(dense_factor, lower=True)
+    stored = blocks_from_dense(dense_factor, lower=True)
     for broken in (
         [stored.blocks[0], stored.blocks[0]],  # rows of the second block too few
         stored.blocks[:-1],  # columns missing

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from utils.padim.grid import centred_weights, linear_weights, resample_centred, stride_ratio
+from utils.padim.grid import centred_weights, linear_weights, stride_ratio
 
 BLUR_SIGMA = 4.0  # the paper's
 
@@ -21,7 +21,7 @@ def blur_radius(sigma: float) -> int:
 
 
 def gaussian_taps(radius: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The 1-D kernel of gaussian_blur: 2 * radius + 1 normalised Gaussian weights; sigma 0 is no blur."""
+    """The 1-D kernel of the map's blur: 2 * radius + 1 normalised Gaussian weights; sigma 0 is no blur."""
     if sigma == 0:
         return torch.ones(1, dtype=dtype, device=device)
     offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
@@ -29,40 +29,17 @@ def gaussian_taps(radius: int, sigma: float, dtype: torch.dtype, device: torch.d
     return kernel / kernel.sum()
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """(B, 1, H, W) blurred by a separable Gaussian (truncated at 4 sigma, mirrored borders).
-
-    Two 1-D passes instead of one 2-D kernel, the same result as
-    scipy.ndimage.gaussian_filter(mode="mirror", truncate=4). Maps smaller than the kernel
-    (inputs under 17 px) get it truncated to what mirroring allows.
-    """
-    radius = min(blur_radius(sigma), *(side - 1 for side in images.shape[-2:]))
-    kernel = gaussian_taps(radius, sigma, images.dtype, images.device)
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
-
-
-def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.padim.grid),
-    Gaussian blur sigma 4.
-
-    The definition of an anomaly map; MapOperator computes the same thing faster.
-    """
-    ratio = stride_ratio(size, distances.shape[-1])
-    upsampled = resample_centred(distances.unsqueeze(-1), (size, size), ratio)
-    return gaussian_blur(upsampled.permute(0, 3, 1, 2))[:, 0]
-
-
 @dataclass(frozen=True)
 class MapOperator:
-    """smooth_upsample as two matrices: it is linear and separable, so maps = rows @ d @ cols^T.
+    """The anomaly map of patch distances: bilinear at the patches' true centres (utils.padim.grid),
+    then a Gaussian blur of sigma 4 truncated at 4 sigma with mirrored borders
+    (scipy.ndimage.gaussian_filter(mode="mirror", truncate=4)).
 
+    Both steps are linear and separable, so the map is two matrices: maps = rows @ d @ cols^T.
     Each matrix is one axis of it: the bilinear weights of resample_centred, blurred along
-    that axis with gaussian_blur's kernel and borders. Two small matmuls per batch instead
-    of a resampling and two convolutions; built one axis at a time, not by sending unit
-    impulses through smooth_upsample, in float64 on the CPU (no device's reduced-precision
-    convolution reaches the weights) and then moved to `device` as float32.
+    that axis with gaussian_taps and mirrored borders. Built in float64 on the CPU (no
+    device's reduced-precision convolution reaches the weights), then moved to `device` as
+    float32. tests/reference.py holds the two steps as written (smooth_upsample) to hold it to.
     """
 
     rows: torch.Tensor
@@ -70,7 +47,7 @@ class MapOperator:
 
     @classmethod
     def build(cls, grid: tuple[int, int], size: int, device: torch.device) -> MapOperator:
-        ratio = stride_ratio(size, grid[1])  # one ratio for both axes, as smooth_upsample takes it
+        ratio = stride_ratio(size, grid[1])  # one ratio for both axes
         radius = min(blur_radius(BLUR_SIGMA), size - 1)
         kernel = gaussian_taps(radius, BLUR_SIGMA, torch.float64, torch.device("cpu")).view(1, 1, -1)
 

@@ -29,14 +29,9 @@ def chosen_channels(feature_maps: list[torch.Tensor], local_indices: list[torch.
     """Each (B, C, H, W) map cut down to its chosen channels (split_channel_index), channels last (B, H, W, c).
 
     Only these are kept while batches wait to be scored or fitted together; a map with no
-    chosen channel stays as an empty one (its grid still counts), and a map whose every channel
-    is chosen is passed on as it lies, not copied.
+    chosen channel stays as an empty one (its grid still counts).
     """
-    chosen = []
-    for feature_map, local in zip(feature_maps, local_indices):
-        channels_last = feature_map.permute(0, 2, 3, 1)
-        chosen.append(channels_last if len(local) == feature_map.shape[1] else channels_last[..., local])
-    return chosen
+    return [feature_map.permute(0, 2, 3, 1)[..., local] for feature_map, local in zip(feature_maps, local_indices)]
 
 
 def patch_embedding(

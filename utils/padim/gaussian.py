@@ -7,8 +7,7 @@ For every position p of the embedding grid (P = H*W of them), over the N trainin
 
 All positions at once, with batched linear algebra; never a Python loop over patches. The
 symmetric S and the triangular W are stored as row blocks of their triangles
-(utils.padim.triangular); precision_factor_reference is the plain torch definition the tests hold
-the blocked code to.
+(utils.padim.triangular).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from utils.padim.fast_paths import cholesky_ex, chunk_workers
-from utils.padim.triangular import TriangularBlocks, invert_below_diagonal_
+from utils.padim.triangular import TriangularBlocks
 
 COVARIANCE_EPSILON = 0.01  # the paper's
 CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries
@@ -64,7 +63,7 @@ class GaussianAccumulator:
         self.count = 0
         self.shift = torch.zeros(positions, 1, dims, dtype=torch.float32, device=device)
         self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)
-        self.outer = TriangularBlocks.empty(positions, dims, lower=False, dtype=torch.float32, device=device)
+        self.outer = TriangularBlocks.zeros(positions, dims, lower=False, dtype=torch.float32, device=device)
 
     def update(self, bands: Iterable[tuple[int, torch.Tensor]]) -> None:
         """Fold a group of images in, given as bands of grid rows (first row, (B, rows, W, D)) that cover the grid."""
@@ -79,11 +78,7 @@ class GaussianAccumulator:
             torch.sub(x, self.shift[positions], out=centred)
             self.sum[positions] += centred.sum(dim=1)
             for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
-                rows, columns = centred[..., first:stop].transpose(1, 2), centred[..., first:]
-                if self.count:
-                    block[positions].baddbmm_(rows, columns)
-                else:  # the first update writes the uninitialised blocks
-                    torch.bmm(rows, columns, out=block[positions])
+                block[positions].baddbmm_(centred[..., first:stop].transpose(1, 2), centred[..., first:])
             covered += x.shape[0]
         if covered != self.sum.shape[0]:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")
@@ -159,13 +154,6 @@ class GaussianAccumulator:
         return mean, covariance
 
 
-def precision_factor_reference(covariance: torch.Tensor) -> torch.Tensor:
-    """W = L^-1 of dense symmetric (P, D, D) covariances, in plain torch: the definition."""
-    lower = torch.linalg.cholesky(covariance.double())
-    identity = torch.eye(covariance.shape[-1], dtype=torch.float64, device=covariance.device)
-    return torch.linalg.solve_triangular(lower, identity, upper=False).float()
-
-
 def require_positive_definite(info: torch.Tensor) -> None:
     """ValueError when any Cholesky `info` is non-zero: the one point where the factorisation waits for its device."""
     if bool(info.any()):
@@ -173,16 +161,16 @@ def require_positive_definite(info: torch.Tensor) -> None:
 
 
 def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
-    """precision_factor_reference on the covariance's upper blocks; returns W's lower blocks,
-    written into the covariance's own memory (`covariance` is consumed).
+    """W = L^-1 (S = L L^T) of the covariances' upper blocks; returns W's lower blocks, written
+    into the covariance's own memory (`covariance` is consumed).
 
     Cholesky in float64 (the covariances reach condition numbers of 1e5-1e6), the triangular
     inverse in float32 (L's condition number is only the square root of S's); the evidence is
-    in docs/algorithm.md. The factor's lower blocks have the covariance's upper blocks' shapes
-    in reverse order (triangular.block_edges), so no second set of P matrices is made. Two
-    passes: chunks of positions get L, with its diagonal blocks inverted (on CPU worker
-    threads, or a few large chunks on a GPU); then invert_below_diagonal_ finishes W block
-    row by block row. Whether every matrix was positive definite is read once, at the end.
+    in docs/algorithm.md. A chunk of positions at a time: on CPU worker threads (fast_paths),
+    or a few large chunks on a GPU. The factor's lower blocks have the covariance's upper
+    blocks' shapes in reverse order (triangular.block_edges), and a chunk reads its positions'
+    rows of every block before it writes them, so no second set of P matrices is made. Whether
+    every matrix was positive definite is read once, at the end.
     """
     positions, dims = covariance.blocks[0].shape[0], covariance.dims
     factor = TriangularBlocks(covariance.blocks[::-1], lower=True)
@@ -196,11 +184,10 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
         rows = slice(start, start + chunk)
         lower, info = cholesky_ex(covariance[rows].lower_triangle_of_symmetric(torch.float64))
         lower = lower.float()
+        identity = torch.eye(dims, dtype=lower.dtype, device=lower.device)
+        inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
         for (first, stop), block in zip(factor.spans, factor.blocks):
-            block[rows] = lower[:, first:stop, :stop]
-            identity = torch.eye(stop - first, dtype=lower.dtype, device=lower.device)
-            diagonal = lower[:, first:stop, first:stop]
-            block[rows, :, first:] = torch.linalg.solve_triangular(diagonal, identity, upper=False)
+            block[rows] = inverse[:, first:stop, :stop]
         return info
 
     starts = range(0, positions, chunk)
@@ -210,7 +197,6 @@ def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:
     else:
         infos = [factorise(start) for start in starts]
     require_positive_definite(torch.cat(infos))
-    invert_below_diagonal_(factor)
     return factor
 
 

@@ -1,5 +1,4 @@
-"""Batches of triangular (D, D) matrices stored as blocks of rows, and the inverse of a
-triangular factor block row by block row.
+"""Batches of triangular (D, D) matrices stored as blocks of rows.
 
 The Gaussian of every grid position needs two triangles: the upper half of its symmetric
 covariance and its lower-triangular precision factor W. Storing only the triangles, as row
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 BLOCK_WIDTH = 138  # rows per block: 550 dims in 4 blocks (tuning; benchmarks/README.md)
-CHUNK_ELEMENTS = 2**22  # bounds the temporaries of the blocked inverse
 
 
 def block_edges(dims: int) -> list[int]:
@@ -46,16 +44,8 @@ class TriangularBlocks:
     lower: bool
 
     @classmethod
-    def empty(cls, positions: int, dims: int, lower: bool, **tensor_options) -> TriangularBlocks:
-        return cls([torch.empty(shape, **tensor_options) for shape in cls.shapes(positions, dims, lower)], lower)
-
-    @classmethod
-    def from_dense(cls, matrices: torch.Tensor, lower: bool) -> TriangularBlocks:
-        """(P, D, D) -> copies of the blocks of its lower (or upper) triangle, diagonal blocks whole."""
-        spans = list(itertools.pairwise(block_edges(matrices.shape[-1])))
-        if lower:
-            return cls([matrices[:, start:stop, :stop].contiguous() for start, stop in spans], lower)
-        return cls([matrices[:, start:stop, start:].contiguous() for start, stop in spans], lower)
+    def zeros(cls, positions: int, dims: int, lower: bool, **tensor_options) -> TriangularBlocks:
+        return cls([torch.zeros(shape, **tensor_options) for shape in cls.shapes(positions, dims, lower)], lower)
 
     @staticmethod
     def shapes(positions: int, dims: int, lower: bool, edges: list[int] | None = None) -> list[tuple[int, int, int]]:
@@ -104,24 +94,3 @@ class TriangularBlocks:
         for (start, stop), block in zip(self.spans, self.blocks):
             matrices[:, start:, start:stop] = block.transpose(1, 2)
         return matrices
-
-
-def invert_below_diagonal_(factor: TriangularBlocks) -> None:
-    """Lower blocks holding L below the diagonal and W_kk = L_kk^-1 on it -> the blocks of W = L^-1, in place.
-
-    Row k of L W = I gives W_k,<k = -W_kk (L_k,<k W_<k), where W_<k, the rows above, are done:
-    a sum of products L_kj W_j, one per block row j < k, each over only the columns W_j has,
-    batched over many positions at once.
-    """
-    positions = factor.blocks[0].shape[0]
-    spans = factor.spans
-    for k, (first, stop) in enumerate(spans[1:], start=1):
-        block = factor.blocks[k]
-        step = max(1, CHUNK_ELEMENTS // ((stop - first) * first))
-        for start in range(0, positions, step):
-            rows = slice(start, start + step)
-            count = min(step, positions - start)
-            products = torch.zeros(count, stop - first, first, dtype=block.dtype, device=block.device)  # L_k,<k W_<k
-            for (first_j, stop_j), above in zip(spans[:k], factor.blocks[:k]):
-                products[:, :, :stop_j].baddbmm_(block[rows, :, first_j:stop_j], above[rows])
-            torch.bmm(block[rows, :, first:], products, out=block[rows, :, :first]).neg_()
