@@ -125,9 +125,7 @@ class GaussianAccumulator:
             return None, None
         grid = counts[source][1]
         if accumulator is None:
-            accumulator = new(grid)
-            for moment in accumulator.moments():
-                moment.zero_()
+            accumulator = new(grid)  # its sums start at zero
         shift = accumulator.shift.clone()
         peers.broadcast_(shift, source)
         accumulator.recentre(shift)
