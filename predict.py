@@ -204,7 +204,7 @@ class OutputWriter:
     def __call__(self, amap: torch.Tensor, original: np.ndarray, name: str) -> tuple[int, list[Region]]:
         """Write the files of one image; returns its pixels above the threshold and its regions."""
         height, width = original.shape[:2]
-        full = to_original_resolution(amap, height, width, self.geometry.resize, self.geometry.cropsize).numpy()
+        full = to_original_resolution(amap, height, width, self.geometry).numpy()
         heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
         regions = anomaly_regions(full, self.threshold, self.min_region_area)
         overlay = draw_regions(blend_overlay(original, heat), regions)

@@ -110,16 +110,27 @@ class Geometry:
     def input_size(self) -> int:
         return self.cropsize or self.resize
 
-    def kept_share(self, width: int, height: int) -> float:
-        """Share of a width x height image's area that the centre crop keeps (1 without a crop).
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a width x height image after `spatial`'s resize: the short side to `resize` and
+        the long one in proportion, rounded down as torchvision's Resize does; resize x resize without a crop."""
+        if self.cropsize == 0:
+            return self.resize, self.resize
+        long = int(self.resize * max(width, height) / min(width, height))
+        return (self.resize, long) if width <= height else (long, self.resize)
 
-        The short side is resized to `resize`, so the image becomes resize x (resize * aspect);
-        the crop keeps cropsize^2 of it (capped at the whole side when a side is shorter).
-        """
+    def crop_origin(self, width: int, height: int) -> tuple[int, int]:
+        """(top, left) of the centre crop in the resized image, rounded as torchvision's CenterCrop does."""
+        if self.cropsize == 0:
+            return 0, 0
+        new_width, new_height = self.resized_size(width, height)
+        return int(round((new_height - self.cropsize) / 2.0)), int(round((new_width - self.cropsize) / 2.0))
+
+    def kept_share(self, width: int, height: int) -> float:
+        """Share of a width x height image's area that the centre crop keeps (1 without a crop), capped at
+        the whole side when a side is shorter than the crop."""
         if self.cropsize == 0:
             return 1.0
-        short = min(width, height)
-        new_width, new_height = self.resize * width / short, self.resize * height / short
+        new_width, new_height = self.resized_size(width, height)
         return min(self.cropsize, new_width) * min(self.cropsize, new_height) / (new_width * new_height)
 
     def spatial(self, interpolation: v2.InterpolationMode) -> v2.Compose:

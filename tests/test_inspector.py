@@ -153,7 +153,7 @@ def test_regions_at_the_original_resolution_of_a_cropped_non_square_image():
     (scale 2, crop offset 16 resized columns): its box lands exactly at 2x its place plus the offset."""
     amap = torch.zeros(32, 32)
     amap[8:16, 8:16] = 10.0
-    full = to_original_resolution(amap, 64, 128, 32, 32).numpy()
+    full = to_original_resolution(amap, 64, 128, Geometry(32, 32)).numpy()
     [region] = anomaly_regions(full, 5.0, min_area=1)
     assert (region.x, region.y, region.width, region.height, region.area) == (48, 16, 16, 16, 256)
 

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 import predict
 from datasets.images import Geometry
-from utils.padim.anomaly_map import input_geometry, to_original_resolution
+from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import load_backbone
 from utils.padim.model_file import save_model
 from utils.reporting.images import OUTLINE_COLOUR, blend_overlay, heat_colour_table
@@ -58,16 +58,34 @@ def test_overlay_is_the_rounded_half_mix():
 
 def test_projection_tiny_case_by_hand():
     """4x8 image, resize 2, crop 2: resized 2x4, crop left 1, so only original columns 2..5 are covered."""
-    assert input_geometry(4, 8, 2, 2) == (2, 4, 0, 1)
-    projected = to_original_resolution(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 4, 8, 2, 2)
+    geometry = Geometry(2, 2)
+    assert geometry.resized_size(8, 4) == (4, 2) and geometry.crop_origin(8, 4) == (0, 1)
+    projected = to_original_resolution(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 4, 8, geometry)
     inside = torch.tensor(
         [[1.0, 1.25, 1.75, 2.0], [1.5, 1.75, 2.25, 2.5], [2.5, 2.75, 3.25, 3.5], [3.0, 3.25, 3.75, 4.0]]
     )
     expected = torch.zeros(4, 8)
     expected[:, 2:6] = inside
     torch.testing.assert_close(projected, expected)
-    stretched = to_original_resolution(torch.full((2, 2), 7.0), 3, 5, 2, 0)
+    stretched = to_original_resolution(torch.full((2, 2), 7.0), 3, 5, Geometry(2, 0))
     torch.testing.assert_close(stretched, torch.full((3, 5), 7.0))
+
+
+@pytest.mark.parametrize("height, width", [(30, 50), (50, 30), (37, 91), (91, 37), (40, 40), (3, 1000)])
+def test_geometry_sizes_are_torchvisions(height, width):
+    """resized_size and crop_origin (which the projection uses) say where torchvision's Resize and
+    CenterCrop put an image: a pixel marked at the crop's origin in the resized image is the crop's first."""
+    geometry = Geometry(20, 16)
+    resized = v2.Resize(20, antialias=True)(torch.zeros(1, height, width))
+    assert geometry.resized_size(width, height) == (resized.shape[2], resized.shape[1])
+    top, left = geometry.crop_origin(width, height)
+    marked = torch.zeros_like(resized)
+    marked[0, top, left] = 1.0
+    assert v2.CenterCrop(16)(marked)[0, 0, 0] == 1.0
+    assert Geometry(20, 0).resized_size(width, height) == (20, 20) and Geometry(20, 0).crop_origin(width, height) == (
+        0,
+        0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,12 +94,15 @@ def test_projection_tiny_case_by_hand():
 def test_projection_inverts_torchvision_geometry(height, width, resize, cropsize):
     """A coordinate ramp sent through the real Resize + CenterCrop comes back to the same coordinates."""
     ramp = torch.arange(width, dtype=torch.float32).add(0.5).expand(height, width)[None]
-    forward = Geometry(resize, cropsize).spatial(v2.InterpolationMode.BILINEAR)(ramp)[0]
-    back = to_original_resolution(forward, height, width, resize, cropsize)
+    geometry = Geometry(resize, cropsize)
+    forward = geometry.spatial(v2.InterpolationMode.BILINEAR)(ramp)[0]
+    back = to_original_resolution(forward, height, width, geometry)
     assert back.shape == (height, width)
     inside = back != 0
     assert float((back - ramp[0])[inside].abs().median()) < 0.05
-    new_height, new_width, top, left = input_geometry(height, width, resize, cropsize)
+    new_width, new_height = geometry.resized_size(width, height)
+    top, left = geometry.crop_origin(width, height)
+    assert forward.shape == (geometry.input_size, geometry.input_size)
     crop = cropsize or resize
     centres = np.arange(width) + 0.5
     expected_columns = (centres * new_width / width >= left) & (centres * new_width / width < left + crop)

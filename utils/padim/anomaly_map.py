@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from datasets.images import Geometry
 from utils.padim.grid import centred_weights, linear_weights, stride_ratio
 
 BLUR_SIGMA = 4.0  # the paper's
@@ -68,20 +69,6 @@ def image_scores(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).amax(dim=1)
 
 
-def input_geometry(height: int, width: int, resize: int, cropsize: int) -> tuple[int, int, int, int]:
-    """(resized height, resized width, crop top, crop left): where the model input lies in the resized image.
-
-    Mirrors datasets.images.Geometry (torchvision Resize of the short side, then CenterCrop),
-    so a map at the model input can be drawn back onto the image it came from.
-    """
-    if cropsize == 0:
-        return resize, resize, 0, 0
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = resize, int(resize * long / short)
-    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-    return new_height, new_width, int(round((new_height - cropsize) / 2.0)), int(round((new_width - cropsize) / 2.0))
-
-
 def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> torch.Tensor:
     """(length, size) bilinear weights from `size` map pixels to the `length` original pixels of one axis.
 
@@ -94,13 +81,14 @@ def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> t
     return linear_weights(position - 0.5, size) * inside.unsqueeze(1)
 
 
-def to_original_resolution(amap: torch.Tensor, height: int, width: int, resize: int, cropsize: int) -> torch.Tensor:
+def to_original_resolution(amap: torch.Tensor, height: int, width: int, geometry: Geometry) -> torch.Tensor:
     """(S, S) map at the model input -> (height, width) map of the original image.
 
-    Bilinear between pixel centres inside the box the model saw; 0 outside it (the centre
-    crop cut those pixels away, so they were never scored).
+    Bilinear between pixel centres inside the box the model saw (Geometry's resize and crop);
+    0 outside it (the centre crop cut those pixels away, so they were never scored).
     """
-    new_height, new_width, top, left = input_geometry(height, width, resize, cropsize)
+    new_width, new_height = geometry.resized_size(width, height)
+    top, left = geometry.crop_origin(width, height)
     size = amap.shape[-1]
     rows = interpolation_matrix(height, new_height / height, top, size).to(amap.dtype)
     columns = interpolation_matrix(width, new_width / width, left, size).to(amap.dtype)
