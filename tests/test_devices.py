@@ -16,8 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import predict
 import run_experiment
-from datasets.images import Batch, Geometry, ImageDataset, image_loader
-from datasets.split import Sample
+from datasets.images import Batch, Geometry, ImageDataset, Sample, image_loader
 from utils.padim import gaussian
 from utils.padim import model as padim
 from utils.padim.backbones import FeatureExtractor, build_extractor, float32_precision

@@ -125,11 +125,9 @@ class RunConfig:
             "data_path": str(self.data_path.resolve()),
             "test_class_name": self.test_class_name,
             "test_class_path": str(self.test_class_path.resolve()) if self.test_class_path else None,
-            **model.settings(),
-            "holdout_ratio": fit.holdout_ratio,
-            "threshold_quantile": fit.threshold_quantile,
             "test_sample_ratio": fit.test_sample_ratio if fit.layout == "bowtie" else None,
-            "augmentations": fit.settings()["augmentations"],
+            **model.settings(),
+            **fit.settings(),
         }
 
     def results_folder(self, model: ModelConfig) -> Path:
