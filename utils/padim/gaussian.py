@@ -26,7 +26,7 @@ CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries
 # matrices per chunk of the factorisation: a worker's temporaries stay cache-sized (tuning)
 FACTOR_CHUNK_ELEMENTS = 2**21
 FACTOR_CHUNK_MATRICES = 32
-FACTOR_DEVICE_CHUNK_ELEMENTS = 2**27  # on a GPU: a few large chunks (1 GiB of float64 each)
+FACTOR_DEVICE_CHUNK_ELEMENTS = 2**27  # on a GPU: a few large chunks of float64 matrices
 
 
 class Peers(Protocol):

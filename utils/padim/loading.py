@@ -125,9 +125,9 @@ def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path,
 def build(content: dict, path: Path, weights: str, device: torch.device, batch_size: int) -> LoadedModel:
     """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file.
 
-    Distances are computed batch by batch, not over run_experiment's groups of 128 images:
-    each image's original stays in memory until its outputs are written, and 128 originals
-    of a large camera (12 MB each at 4K) would take 1.5 GB.
+    Distances are computed batch by batch (`batch_size` images together), not over run_experiment's
+    groups of GROUP_IMAGES: each image's original stays in memory until its outputs are written, so a
+    group would hold GROUP_IMAGES originals of the camera's resolution at once.
     """
     extractor, weights_id = build_extractor(
         content["backbone"], weights, device, content["training_config"].get("seed", 0), content["layers"]
