@@ -25,26 +25,23 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+import experiment
+import run_experiment
+import trainer
+from datasets.images import Geometry
+from datasets.split import ClassSplit, DataError
+from utils.cli import at_least
+from utils.evaluation.summary import MapSummary
+from utils.padim.backbones import BACKBONES, WeightsError, build_extractor, float32_precision
+from utils.padim.model import Padim
+from utils.reporting.plotting import plot_class_results
+from utils.runtime.distributed import World
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import experiment  # noqa: E402
-import run_experiment  # noqa: E402
-import trainer  # noqa: E402
-from datasets.images import Geometry  # noqa: E402
-from datasets.split import ClassSplit, DataError  # noqa: E402
-from utils.cli import at_least  # noqa: E402
-from utils.evaluation.summary import MapSummary  # noqa: E402
-from utils.padim.backbones import BACKBONES, WeightsError, build_extractor, float32_precision  # noqa: E402
-from utils.padim.model import Padim  # noqa: E402
-from utils.reporting.plotting import plot_class_results  # noqa: E402
-from utils.runtime.distributed import World  # noqa: E402
-
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 QUICK_BACKBONES = ("efficientnet_lite0", "resnet18")

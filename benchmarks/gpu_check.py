@@ -20,22 +20,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
+import torch
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import predict  # noqa: E402
-import run_experiment  # noqa: E402
-import trainer  # noqa: E402
-from benchmarks import gaussian_steps  # noqa: E402
-from data.demo_data import make_demo_dataset  # noqa: E402
-from datasets.images import Geometry  # noqa: E402
-from datasets.split import Sample  # noqa: E402
-from utils.padim.backbones import float32_precision  # noqa: E402
+import predict
+import run_experiment
+import trainer
+from benchmarks import gaussian_steps
+from data.demo_data import make_demo_dataset
+from datasets.images import Geometry
+from datasets.split import Sample
+from utils.padim.backbones import float32_precision
 
 AGREEMENT = 1e-4  # relative: predict.py must reproduce run_experiment's scores across devices
 RUN_FLAGS = [

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import TRAIN_FLAGS
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
 
@@ -19,6 +18,7 @@ import run_experiment
 import trainer
 from datasets.images import Batch, Geometry
 from datasets.split import Sample
+from tests.helpers import TRAIN_FLAGS
 from utils.padim import gaussian
 from utils.padim import model as padim
 from utils.padim.backbones import FeatureExtractor, build_extractor, float32_precision
