@@ -25,32 +25,25 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+import experiment
+import trainer
+from datasets.images import Geometry, ImageDataset, image_loader, readable_batches
+from datasets.split import ClassSplit, DataError, load_class
+from utils.cli import at_least
+from utils.config import DeviceConfig, FitConfig, ModelConfig, RunConfig
+from utils.evaluation.results import evaluate
+from utils.evaluation.summary import MapSummary
+from utils.padim.backbone_specs import BACKBONES
+from utils.padim.backbones import WeightsError, build_extractor, float32_precision
+from utils.padim.model import Padim
+from utils.reporting.plotting import plot_class_results
+from utils.runtime.distributed import World
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import experiment  # noqa: E402
-import trainer  # noqa: E402
-from datasets.images import Geometry, ImageDataset, image_loader, readable_batches  # noqa: E402
-from datasets.split import (  # noqa: E402
-    ClassSplit,
-    DataError,
-    load_class,  # noqa: E402
-)
-from utils.cli import at_least  # noqa: E402
-from utils.config import DeviceConfig, FitConfig, ModelConfig, RunConfig  # noqa: E402
-from utils.evaluation.results import evaluate  # noqa: E402
-from utils.evaluation.summary import MapSummary  # noqa: E402
-from utils.padim.backbone_specs import BACKBONES  # noqa: E402
-from utils.padim.backbones import WeightsError, build_extractor, float32_precision  # noqa: E402
-from utils.padim.model import Padim  # noqa: E402
-from utils.reporting.plotting import plot_class_results  # noqa: E402
-from utils.runtime.distributed import World  # noqa: E402
-
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
 DEFAULT_BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 QUICK_BACKBONES = ("efficientnet_lite0", "resnet18")

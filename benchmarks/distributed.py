@@ -17,19 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+import torch
+
+from datasets.images import Geometry, list_images
+from utils.cli import at_least
+from utils.padim.backbone_specs import BACKBONES
+from utils.padim.backbones import build_extractor
+from utils.padim.triangular import TriangularBlocks
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from datasets.images import Geometry, list_images  # noqa: E402
-from utils.cli import at_least  # noqa: E402
-from utils.padim.backbone_specs import BACKBONES  # noqa: E402
-from utils.padim.backbones import build_extractor  # noqa: E402
-from utils.padim.triangular import TriangularBlocks  # noqa: E402
-
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 
 

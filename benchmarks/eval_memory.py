@@ -17,15 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
+from datasets.images import list_images
+from utils.cli import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pandas as pd  # noqa: E402
-
-from datasets.images import list_images  # noqa: E402
-from utils.cli import at_least  # noqa: E402
-
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 PEAK_OF_CHILD = (
     "import json, resource, subprocess, sys, time; start = time.perf_counter(); "

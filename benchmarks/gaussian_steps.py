@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.bench import synchronize  # noqa: E402
-from utils.cli import at_least  # noqa: E402
-from utils.padim.backbones import pick_device  # noqa: E402
-from utils.padim.embedding import embedding_bands  # noqa: E402
-from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_  # noqa: E402
-from utils.padim.model import BAND_ELEMENTS, GROUP_IMAGES, image_groups  # noqa: E402
+from benchmarks.bench import synchronize
+from utils.cli import at_least
+from utils.padim.backbones import pick_device
+from utils.padim.embedding import embedding_bands
+from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
+from utils.padim.model import BAND_ELEMENTS, GROUP_IMAGES, image_groups
 
 
 def build_parser() -> argparse.ArgumentParser:

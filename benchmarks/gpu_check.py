@@ -15,28 +15,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks import gaussian_steps
+from data.demo_data import make_demo_dataset
+from datasets.images import Geometry, ImageDataset, Sample, image_loader
+from utils.config import FitConfig, ModelConfig
+from utils.padim.backbones import float32_precision
+from utils.padim.loading import build, read_model
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import subprocess  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks import gaussian_steps  # noqa: E402
-from data.demo_data import make_demo_dataset  # noqa: E402
-from datasets.images import Geometry, ImageDataset, Sample, image_loader  # noqa: E402
-from utils.config import FitConfig, ModelConfig  # noqa: E402
-from utils.padim.backbones import float32_precision  # noqa: E402
-from utils.padim.loading import build, read_model  # noqa: E402
-
 AGREEMENT = 1e-4  # relative: predict.py must reproduce run_experiment's scores across devices
 RUN_FLAGS = [
     "--dataset",

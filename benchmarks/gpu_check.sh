@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=python3
 if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
-PYTHONUNBUFFERED=1 timeout 300 "$PYTHON" benchmarks/gpu_check.py "$@"
+PYTHONUNBUFFERED=1 timeout 300 "$PYTHON" -m benchmarks.gpu_check "$@"

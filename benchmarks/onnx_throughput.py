@@ -16,22 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+from datasets.images import Geometry, ImageDataset, Sample, list_images
+from utils.cli import at_least
+from utils.config import DEFAULT_OPSET
+from utils.padim.backbones import build_extractor
+from utils.padim.embedding import channel_index
+from utils.padim.model import Padim
+from utils.padim.onnx_graph import OnnxScorer, export_graph
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from datasets.images import Geometry, ImageDataset, Sample, list_images  # noqa: E402
-from utils.cli import at_least  # noqa: E402
-from utils.config import DEFAULT_OPSET  # noqa: E402
-from utils.padim.backbones import build_extractor  # noqa: E402
-from utils.padim.embedding import channel_index  # noqa: E402
-from utils.padim.model import Padim  # noqa: E402
-from utils.padim.onnx_graph import OnnxScorer, export_graph  # noqa: E402
-
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 OFFLINE_PRETRAINED = {"efficientnet_lite0"}
 

@@ -15,18 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-
-import trainer  # noqa: E402
-from benchmarks import bench  # noqa: E402
-from utils.padim.backbone_specs import BACKBONES  # noqa: E402
-from utils.padim.backbones import build_extractor  # noqa: E402
+import trainer
+from benchmarks import bench
+from utils.padim.backbone_specs import BACKBONES
+from utils.padim.backbones import build_extractor
 
 TF32_DROPPED_BITS = 13  # float32 has 23 mantissa bits, TF32 10
 

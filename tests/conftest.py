@@ -1,55 +1,27 @@
-"""Shared fixtures: small synthetic MVTec-layout folders made by the demo generator."""
+"""Shared fixtures: small synthetic MVTec-layout folders made by the demo generator, one trained class,
+and no class figures drawn unless a test is marked `figures`."""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import run_experiment  # noqa: E402
-from data.demo_data import make_demo_dataset  # noqa: E402
-
-SMALL_MODEL_FLAGS = [  # a small random-init backbone on small inputs: every CLI test runs in seconds
-    "--model_architecture",
-    "resnet18",
-    "--weights",
-    "none",
-    "--resize",
-    "64",
-    "--cropsize",
-    "56",
-    "--batch_size",
-    "8",
-    "--num_workers",
-    "0",
-    "--max_visualizations",
-    "0",
-]
-TRAIN_FLAGS = [
-    "--dataset",
-    "mvtec",
-    *SMALL_MODEL_FLAGS,
-    "--device",
-    "cpu",
-    "--save_distribution",
-    "--results_subdir",
-    "r",
-]
+import run_experiment
+from data.demo_data import make_demo_dataset
+from tests.helpers import TRAIN_FLAGS, Trained, no_class_figures
 
 
-@dataclass(frozen=True)
-class Trained:
-    model_dir: Path
-    scores: dict[Path, float]
-    threshold: float
+@pytest.fixture(autouse=True)
+def _class_figures_only_when_looked_at(request):
+    """Tests marked `figures` get trainer's class figures; the others skip drawing them."""
+    if request.node.get_closest_marker("figures"):
+        yield
+    else:
+        with no_class_figures():
+            yield
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +42,10 @@ def texture_root(tmp_path_factory) -> Path:
 def trained(texture_root: Path, tmp_path_factory) -> Trained:
     """brick trained once (random-init resnet18); run_experiment's scores.csv holds the test scores it computed."""
     results = tmp_path_factory.mktemp("predict_results")
-    code = run_experiment.main(
-        TRAIN_FLAGS + ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
-    )
+    with no_class_figures():  # set up before the function-scoped switch above
+        code = run_experiment.main(
+            TRAIN_FLAGS + ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+        )
     assert code == 0
     scores = pd.read_csv(results / "r" / "brick" / "scores.csv")
     captured = {Path(path): float(score) for path, score in zip(scores.path, scores.score)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import signal
@@ -13,15 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_MODEL_FLAGS
 from PIL import Image
 
 import run_experiment
 from datasets.images import Geometry, ImageDataset, ImageReadError, Sample, read_mask, read_rgb
+from tests.helpers import ROOT, RUN_FLAGS
 from utils.padim.model_file import ModelFileError, load_model, save_model
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = [*SMALL_MODEL_FLAGS, "--dataset", "mvtec"]
 
 
 def _texture(size=(80, 60), seed=0) -> np.ndarray:
@@ -105,7 +103,16 @@ def _class_copy(texture_root: Path, tmp_path: Path) -> Path:
 
 def _run(tmp_path, data, *extra):
     code = run_experiment.main(
-        [*FAST, "--data_path", str(data), "--base_results_dir", str(tmp_path / "res"), "--results_subdir", "r", *extra]
+        [
+            *RUN_FLAGS,
+            "--data_path",
+            str(data),
+            "--base_results_dir",
+            str(tmp_path / "res"),
+            "--results_subdir",
+            "r",
+            *extra,
+        ]
     )
     return code, pd.read_csv(tmp_path / "res" / "r" / "master_results.csv")
 
@@ -195,7 +202,7 @@ def test_nonsense_flags_exit_2_with_an_argparse_error(tmp_path, capsys, flags, m
 def test_unwritable_results_folder_fails_before_any_work(tmp_path, texture_root, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code = run_experiment.main([*FAST, "--data_path", str(texture_root), "--base_results_dir", str(blocker)])
+    code = run_experiment.main([*RUN_FLAGS, "--data_path", str(texture_root), "--base_results_dir", str(blocker)])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(f"error: results folder {blocker}") and "not writable" in err
     assert "fit" not in err
@@ -255,8 +262,8 @@ def _flip_a_bit_of_the_mean(model_path: Path) -> None:
 @pytest.mark.parametrize(
     "damage, reason",
     [
-        (_truncate, "truncated or damaged"),
-        (_drop_a_factor_block, "statistics shapes do not match"),
+        pytest.param(_truncate, "truncated or damaged", marks=pytest.mark.slow),
+        pytest.param(_drop_a_factor_block, "statistics shapes do not match", marks=pytest.mark.slow),
         (_flip_a_bit_of_the_mean, "damaged (checksum mismatch)"),
     ],
 )
@@ -275,7 +282,7 @@ def _cli(data: Path, results: Path, *extra) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "run_experiment.py"),
-        *FAST,
+        *RUN_FLAGS,
         "--data_path",
         str(data),
         "--base_results_dir",
@@ -287,6 +294,7 @@ def _cli(data: Path, results: Path, *extra) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_path, texture_root):
     data = tmp_path / "classes"
     shutil.copytree(texture_root, data)
@@ -313,7 +321,6 @@ def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_p
 
 MEMORY_PROBE = """
 import resource, sys, torch
-sys.path.insert(0, {root!r})
 from utils.padim.backbones import build_extractor
 from utils.padim.embedding import channel_index
 from utils.padim.model import Padim
@@ -325,8 +332,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_fit_memory_stays_flat_from_500_to_5000_images(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text(MEMORY_PROBE.format(root=str(ROOT)))
-    peaks = [int(subprocess.check_output([sys.executable, str(probe), str(n)], text=True)) for n in (500, 5000)]
+    probe.write_text(MEMORY_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    peaks = [
+        int(subprocess.check_output([sys.executable, str(probe), str(n)], env=env, text=True)) for n in (500, 5000)
+    ]
     assert peaks[1] < peaks[0] * 1.05, peaks

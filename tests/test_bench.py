@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import bench, gaussian_steps
 
+pytestmark = pytest.mark.slow
 SMALL_BENCH_FLAGS = ["--backbones", "efficientnet_lite0", "--resize", "64", "--cropsize", "56", "--num_workers", "0"]
 
 

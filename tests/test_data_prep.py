@@ -133,6 +133,7 @@ def sort_args(raw: Path, out: Path, *extra: str) -> list[str]:
 # ---------------------------------------------------------------- convert_excel.py
 
 
+@pytest.mark.slow
 def test_convert_writes_csv_by_position(raw_dir: Path) -> None:
     result = run_script(CONVERT, "-i", raw_dir)
     assert result.returncode == 0, result.stderr
@@ -147,6 +148,7 @@ def test_convert_writes_csv_by_position(raw_dir: Path) -> None:
     assert table.loc[2, "img"] == " 3 "
 
 
+@pytest.mark.slow
 def test_convert_reports_bad_sheets_and_converts_the_rest(raw_dir: Path) -> None:
     write_workbook(raw_dir / "narrow.xlsx", ["Image", "Position", "Result"], [(1, "L", "A")])
     write_workbook(raw_dir / "empty.xlsx", ["img", "pos", "type", "comments"], [])
@@ -275,6 +277,7 @@ def test_held_out_is_seeded_and_keeps_one_for_training() -> None:
 # ---------------------------------------------------------------- sort mode
 
 
+@pytest.mark.slow
 def test_sort_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sorted"
     before = tree_hashes(prepared_dir)
@@ -346,6 +349,7 @@ def test_split_is_reproducible(prepared_dir: Path, tmp_path: Path) -> None:
     assert len(listings[0]["116"]["test/good"]) == 2
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(prepared_dir: Path, tmp_path: Path, capsys) -> None:
     result = run_script(PROCESS, "-i", tmp_path / "nowhere", "-o", tmp_path / "o1")
     assert result.returncode == 1
@@ -371,6 +375,7 @@ def test_user_errors_are_one_line(prepared_dir: Path, tmp_path: Path, capsys) ->
 # ---------------------------------------------------------------- preprocessing
 
 
+@pytest.mark.slow
 def test_grayscale_and_canny_write_edge_pngs(prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "edges"
     result = run_script(PROCESS, *sort_args(prepared_dir, out, "--grayscale", "--canny", "--canny-sigma", "1.5"))
@@ -433,6 +438,7 @@ def make_sorted_tree(root: Path, classes: list[str]) -> None:
             write_image(path, 10 * offset + seed)
 
 
+@pytest.mark.slow
 def test_combine_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
     sorted_dir = tmp_path / "sorted"
     assert process_data.main(sort_args(prepared_dir, sorted_dir, "--split-ratio", "0.25")) == 0
@@ -458,6 +464,7 @@ def test_combine_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_combine_name_errors(tmp_path: Path, capsys) -> None:
     sorted_dir = tmp_path / "sorted"
     make_sorted_tree(sorted_dir, ["116", "27952F", "27952G"])

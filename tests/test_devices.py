@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import TRAIN_FLAGS
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
 
 import predict
 import run_experiment
 from datasets.images import Batch, Geometry, ImageDataset, Sample, image_loader
+from tests.helpers import TRAIN_FLAGS
 from utils.padim import gaussian
 from utils.padim import model as padim
 from utils.padim.backbones import FeatureExtractor, build_extractor, float32_precision

@@ -17,31 +17,48 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, SMALL_MODEL_FLAGS
 
 import experiment
 import run_experiment
-from tests.test_math import _bands, _features, _symmetric
-from tests.test_report import Page, assert_links_resolve, assert_table_equals_csv
+from tests.helpers import (
+    REPORT_TRAIN_FLAGS,
+    ROOT,
+    TRAIN_FLAGS,
+    Page,
+    assert_links_resolve,
+    assert_table_equals_csv,
+    no_class_figures,
+    row_bands,
+    symmetric_matrices,
+    synthetic_features,
+)
 from utils.padim.gaussian import GaussianAccumulator
 from utils.padim.model_file import load_model, stats_from_content
 from utils.runtime import distributed
 from utils.runtime.distributed import World
 from utils.runtime.output_files import OutputWriteError
 
-FLAGS = ["--dataset", "mvtec", *SMALL_MODEL_FLAGS, "--device", "cpu", "--save_distribution", "--results_subdir", "r"]
 COUNT_COLUMNS = ["class_name", "n_train", "n_holdout", "n_test", "n_skipped", "status"]
 COUNT_COLUMNS += ["true_negatives", "false_positives", "false_negatives", "true_positives"]
 
 
 def single_run(data: Path, results: Path, *flags: str) -> Path:
-    assert run_experiment.main([*FLAGS, "--data_path", str(data), "--base_results_dir", str(results), *flags]) == 0
+    assert (
+        run_experiment.main([*TRAIN_FLAGS, "--data_path", str(data), "--base_results_dir", str(results), *flags]) == 0
+    )
     return results / "r"
 
 
 def torchrun(data: Path, results: Path, *flags: str, processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += [str(ROOT / "run_experiment.py"), *FLAGS, "--data_path", str(data), "--base_results_dir", str(results)]
+    command += [
+        str(ROOT / "run_experiment.py"),
+        *TRAIN_FLAGS,
+        "--data_path",
+        str(data),
+        "--base_results_dir",
+        str(results),
+    ]
     return subprocess.run([*command, *flags], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -70,24 +87,29 @@ def assert_same_results(folder: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(texture_root: Path, tmp_path_factory) -> Path:
     """Both texture classes, one process."""
-    return single_run(texture_root, tmp_path_factory.mktemp("single"))
+    with no_class_figures():  # set up before conftest's function-scoped switch
+        return single_run(texture_root, tmp_path_factory.mktemp("single"))
 
 
 def test_recentred_sums_equal_sums_taken_around_the_new_shift():
     """Rank r's sums around its own shift, moved to the shared one, are the sums taken around that shift."""
-    x = _features(n=30)
+    x = synthetic_features(n=30)
     around_own, around_shared = (GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")) for _ in "ab")
-    around_own.update(_bands(x, 3))  # shift: the mean of all 30
-    around_shared.update(_bands(x[:5], 3))  # shift: the mean of the first 5
-    around_shared.update(_bands(x[5:], 3))
+    around_own.update(row_bands(x, 3))  # shift: the mean of all 30
+    around_shared.update(row_bands(x[:5], 3))  # shift: the mean of the first 5
+    around_shared.update(row_bands(x[5:], 3))
     assert not torch.allclose(around_own.shift, around_shared.shift)
     around_own.recentre(around_shared.shift.clone())
     torch.testing.assert_close(around_own.sum, around_shared.sum, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(_symmetric(around_own.outer), _symmetric(around_shared.outer), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(
+        symmetric_matrices(around_own.outer), symmetric_matrices(around_shared.outer), rtol=1e-4, atol=1e-2
+    )
     mean, covariance = around_own.finalize()
     reference = np.stack([np.cov(x[:, i, j].astype(np.float64), rowvar=False) for i in range(3) for j in range(4)])
     np.testing.assert_allclose(mean.numpy(), x.reshape(30, 12, 6).mean(0), rtol=1e-5)
-    np.testing.assert_allclose(_symmetric(covariance).numpy() - 0.01 * np.eye(6), reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        symmetric_matrices(covariance).numpy() - 0.01 * np.eye(6), reference, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_jobs_are_shared_largest_first_and_shares_cover_every_item_once():
@@ -121,6 +143,8 @@ def test_layer_choices_and_configurations_are_the_product_of_the_flags(tmp_path:
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.figures
 def test_several_configurations_equal_their_single_runs_and_are_compared(
     texture_root: Path, reference: Path, tmp_path: Path, capsys
 ):
@@ -129,7 +153,16 @@ def test_several_configurations_equal_their_single_runs_and_are_compared(
     data = str(texture_root)
     assert (
         run_experiment.main(
-            [*FLAGS, "--data_path", data, "--base_results_dir", str(tmp_path / "multi"), "--resize", "64", "72"]
+            [
+                *REPORT_TRAIN_FLAGS,
+                "--data_path",
+                data,
+                "--base_results_dir",
+                str(tmp_path / "multi"),
+                "--resize",
+                "64",
+                "72",
+            ]
         )
         == 0
     )
@@ -155,6 +188,7 @@ def test_several_configurations_equal_their_single_runs_and_are_compared(
         assert any(line.split()[:2] == [name, best.configuration] for line in out.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribute", ["jobs", "images"])
 def test_two_processes_equal_one(distribute: str, texture_root: Path, reference: Path, tmp_path: Path):
     done = torchrun(texture_root, tmp_path, "--distribute", distribute)
@@ -171,6 +205,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_one_line(texture_root: Path, tmp_path: Path):
     """Two ranks started as torchrun would; rank 1 is killed once it works on a class: rank 0 ends non-zero
     with one line saying so, well within --dist_timeout_s, and the results folder is free for a rerun."""
@@ -179,7 +214,7 @@ def test_a_killed_rank_stops_the_others_with_one_line(texture_root: Path, tmp_pa
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
         env.update({"LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        command = [sys.executable, str(ROOT / "run_experiment.py"), *FLAGS, "--data_path", str(texture_root)]
+        command = [sys.executable, str(ROOT / "run_experiment.py"), *TRAIN_FLAGS, "--data_path", str(texture_root)]
         command += ["--base_results_dir", str(tmp_path), "--dist_timeout_s", "60"]
         processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT))
     log = tmp_path / "r" / "experiment_log.rank1.log"

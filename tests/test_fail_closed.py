@@ -16,19 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TRAIN_FLAGS, Trained
 from PIL import Image
 
 import predict
 import run_experiment
 import trainer
+from tests.helpers import CPU_RUN_INTO_R_FLAGS, PREDICT_FLAGS, ROOT, Trained
 from utils.padim.model import Padim
 from utils.padim.model_file import ENTRY_TYPES, ModelFileError, content_checksum, load_model, save_model
 from utils.runtime import output_files
 
-ROOT = Path(__file__).resolve().parents[1]
-PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
-FAST = [flag for flag in TRAIN_FLAGS if flag != "--save_distribution"]
 METRIC_COLUMNS = ["roc_auc", "precision", "recall", "f1_score", "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max"]
 
 
@@ -83,11 +80,24 @@ def _mutations(original: bytes, spans: dict[str, tuple[int, int]], seed: int = 0
     return cases
 
 
-def test_damaged_model_files_are_refused_with_one_line(trained: Trained, texture_root: Path, tmp_path: Path, capsys):
-    """Fuzzed copies of a real model file: each one refused by predict.py with one `error:` line and exit 1."""
+def _first_of_each_kind(cases: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    first: dict[str, bytes] = {}
+    for kind, data in cases:
+        first.setdefault(kind, data)
+    return list(first.items())
+
+
+@pytest.mark.parametrize("every_case", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["each_kind", "all"])
+def test_damaged_model_files_are_refused_with_one_line(
+    trained: Trained, texture_root: Path, tmp_path: Path, capsys, every_case
+):
+    """Fuzzed copies of a real model file: each one refused by predict.py with one `error:` line and exit 1
+    (the fast tier tries the first copy of each kind of damage)."""
     source = trained.model_dir / "padim_model.pt"
     cases = _mutations(source.read_bytes(), _record_spans(source))
     assert len(cases) >= 100
+    if not every_case:
+        cases = _first_of_each_kind(cases)
     image = texture_root / "brick" / "test" / "good" / "000.png"
     damaged = tmp_path / "model" / "padim_model.pt"
     damaged.parent.mkdir()
@@ -103,7 +113,10 @@ def test_damaged_model_files_are_refused_with_one_line(trained: Trained, texture
         assert not (tmp_path / f"out{number}").exists()
 
 
-def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(trained: Trained, tmp_path: Path):
+@pytest.mark.parametrize("flips_per_gap", [2, pytest.param(20, marks=pytest.mark.slow)])
+def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(
+    trained: Trained, tmp_path: Path, flips_per_gap
+):
     """Some header bytes (timestamps, alignment padding, duplicated sizes) are read by nobody: a flip there
     may be accepted, but only when every tensor and value loads exactly as saved."""
     source = trained.model_dir / "padim_model.pt"
@@ -114,7 +127,7 @@ def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(train
     rng = np.random.default_rng(1)
     damaged, refused = tmp_path / "padim_model.pt", 0
     for low, high in gaps:
-        for position in rng.choice(np.arange(low, high), min(20, high - low), replace=False):
+        for position in rng.choice(np.arange(low, high), min(flips_per_gap, high - low), replace=False):
             data = bytearray(original)
             data[position] ^= 1 << int(rng.integers(0, 8))
             damaged.write_bytes(bytes(data))
@@ -148,7 +161,14 @@ ODD_ENTRIES = [(key, None) for key in ENTRY_TYPES if key != "checksum"] + [
 ]
 
 
-@pytest.mark.parametrize("key, value", ODD_ENTRIES, ids=[f"{key}={value!r}"[:40] for key, value in ODD_ENTRIES])
+FAST_ODD_ENTRIES = {"backbone=None", "grid=[0, -1]", "precision_factor=['x']", "threshold=inf", "n_train=True"}
+ODD_ENTRY_CASES = [
+    pytest.param(key, value, id=name, marks=() if name in FAST_ODD_ENTRIES else pytest.mark.slow)
+    for key, value, name in ((key, value, f"{key}={value!r}"[:40]) for key, value in ODD_ENTRIES)
+]
+
+
+@pytest.mark.parametrize("key, value", ODD_ENTRY_CASES)
 def test_sealed_files_with_odd_entries_are_refused_with_one_line(
     trained: Trained, texture_root: Path, tmp_path: Path, capsys, key, value
 ):
@@ -206,6 +226,7 @@ def _mutated_images(folder: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_damaged_images_are_scored_or_skipped_never_a_crash(trained: Trained, tmp_path: Path, capsys):
     paths = _mutated_images(tmp_path / "images")
     out = tmp_path / "out"
@@ -291,8 +312,8 @@ def _poison_fit(monkeypatch) -> None:
     "stage, reason",
     [
         ("score", "1 of 14 test images got a non-finite score"),
-        ("threshold", "1 of 2 threshold images got a non-finite score"),
-        ("fit", "the fitted mean or precision factor holds a non-finite number"),
+        pytest.param("threshold", "1 of 2 threshold images got a non-finite score", marks=pytest.mark.slow),
+        pytest.param("fit", "the fitted mean or precision factor holds a non-finite number", marks=pytest.mark.slow),
     ],
 )
 def test_a_non_finite_number_fails_the_class_and_is_never_a_metric(
@@ -304,7 +325,14 @@ def test_a_non_finite_number_fails_the_class_and_is_never_a_metric(
         _poison_scores_of(stage, monkeypatch)
     results = tmp_path / "res"
     code = run_experiment.main(
-        [*FAST, "--save_distribution", "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+        [
+            *CPU_RUN_INTO_R_FLAGS,
+            "--save_distribution",
+            "--data_path",
+            str(texture_root / "brick"),
+            "--base_results_dir",
+            str(results),
+        ]
     )
     table = pd.read_csv(results / "r" / "master_results.csv")
     assert code == 1 and table.status[0].startswith(f"failed: {reason}")
@@ -322,13 +350,14 @@ def _limited_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_mid_run_is_one_line_and_leaves_no_half_file(texture_root: Path, tmp_path: Path):
     """The model file (6 MB) passes a 1 MB limit: the run stops with one line, no file half written."""
     results = tmp_path / "res"
     command = [
         sys.executable,
         str(ROOT / "run_experiment.py"),
-        *FAST,
+        *CPU_RUN_INTO_R_FLAGS,
         "--save_distribution",
         "--data_path",
         str(texture_root),
@@ -347,6 +376,7 @@ def test_a_file_size_limit_mid_run_is_one_line_and_leaves_no_half_file(texture_r
     assert _no_temporary_files(results) and not (results / "r" / "brick" / "padim_model.pt").exists()
 
 
+@pytest.mark.slow
 def test_predict_under_a_file_size_limit_is_one_line(trained: Trained, texture_root: Path, tmp_path: Path):
     out = tmp_path / "out"
     command = [
@@ -369,6 +399,7 @@ def test_predict_under_a_file_size_limit_is_one_line(trained: Trained, texture_r
     assert _no_temporary_files(out) and not (out / "predictions.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(
     texture_root: Path, tmp_path: Path, monkeypatch, capsys
 ):
@@ -385,7 +416,9 @@ def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(
     monkeypatch.setattr(trainer, "atomic_write", filling_disk)
     results = tmp_path / "res"
     capsys.readouterr()
-    code = run_experiment.main([*FAST, "--data_path", str(texture_root), "--base_results_dir", str(results)])
+    code = run_experiment.main(
+        [*CPU_RUN_INTO_R_FLAGS, "--data_path", str(texture_root), "--base_results_dir", str(results)]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert f"error: cannot write {results / 'r' / 'gravel' / 'scores.csv'}: No space left on device\n" in err
@@ -398,7 +431,6 @@ def test_a_full_disk_in_the_second_class_keeps_the_first_class_intact(
 
 HOLD_LOCK = """
 import sys, time
-sys.path.insert(0, {root!r})
 from pathlib import Path
 from utils.runtime.output_files import folder_lock
 with folder_lock(Path(sys.argv[1]), "folder", RuntimeError):
@@ -410,19 +442,20 @@ with folder_lock(Path(sys.argv[1]), "folder", RuntimeError):
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another process that holds `folder` until killed."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT)), str(folder)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline() == "held\n"
     return holder
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_results_folder_stops_naming_the_first(texture_root: Path, tmp_path: Path, capsys):
     """A real run holds its folder: a second one stops at once, the first finishes with consistent files."""
     results, data = tmp_path / "res", texture_root / "brick"
     command = [
         sys.executable,
         str(ROOT / "run_experiment.py"),
-        *FAST,
+        *CPU_RUN_INTO_R_FLAGS,
         "--data_path",
         str(data),
         "--base_results_dir",
@@ -433,7 +466,7 @@ def test_a_second_run_into_a_busy_results_folder_stops_naming_the_first(texture_
     while "fit" not in seen and first.poll() is None:
         seen += first.stderr.read(1)
     capsys.readouterr()
-    code = run_experiment.main([*FAST, "--data_path", str(data), "--base_results_dir", str(results)])
+    code = run_experiment.main([*CPU_RUN_INTO_R_FLAGS, "--data_path", str(data), "--base_results_dir", str(results)])
     err = capsys.readouterr().err
     first.communicate(timeout=300)
     assert code == 1 and err.startswith(
@@ -476,7 +509,9 @@ def test_a_killed_run_does_not_block_the_results_folder(texture_root: Path, tmp_
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert (
-        run_experiment.main([*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)])
+        run_experiment.main(
+            [*CPU_RUN_INTO_R_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+        )
         == 0
     )
 

@@ -3,6 +3,7 @@ images said nowhere, slow or silent flag typos, messages that name the wrong cau
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,20 +12,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TRAIN_FLAGS
 
+import predict
 import run_experiment
+from tests.helpers import CPU_RUN_FLAGS, ROOT
 from utils.padim.model_file import MODEL_FILENAME
 from utils.runtime.output_files import LOCK_FILENAME
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = [flag for flag in TRAIN_FLAGS if flag not in ("--save_distribution", "--results_subdir", "r")]
-
 
 def _main(*flags: str) -> int:
-    return run_experiment.main([*FAST, *flags])
+    return run_experiment.main([*CPU_RUN_FLAGS, *flags])
 
 
+@pytest.mark.slow
 def test_the_two_layouts_get_their_own_default_folders(texture_root: Path, tmp_path: Path):
     """--dataset bowtie and --dataset mvtec on one folder once wrote into one default folder."""
     results = tmp_path / "res"
@@ -41,6 +41,7 @@ def test_the_two_layouts_get_their_own_default_folders(texture_root: Path, tmp_p
     assert tables[0].n_test[0] != tables[1].n_test[0]  # bowtie moves a share of train/good to the test normals
 
 
+@pytest.mark.slow
 def test_another_experiment_into_a_used_folder_is_refused_and_changes_nothing(
     texture_root: Path, tmp_path: Path, capsys
 ):
@@ -75,6 +76,8 @@ def test_another_experiment_into_a_used_folder_is_refused_and_changes_nothing(
     assert after == before
 
 
+@pytest.mark.slow
+@pytest.mark.figures
 def test_a_rerun_leaves_no_file_of_the_earlier_run_in_a_class_folder(texture_root: Path, tmp_path: Path, caplog):
     """The earlier run's figures and its model (fitted on other images) would no longer match scores.csv."""
     data = tmp_path / "brick"
@@ -100,6 +103,7 @@ def test_a_rerun_leaves_no_file_of_the_earlier_run_in_a_class_folder(texture_roo
     assert f"removed {class_dir / MODEL_FILENAME}: an earlier run's model that does not match" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_rerun_without_saving_keeps_a_model_that_still_matches(texture_root: Path, tmp_path: Path):
     results = tmp_path / "res"
     flags = ["--dataset", "mvtec", "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
@@ -174,7 +178,6 @@ def test_enough_images_give_no_small_sample_warning(texture_root: Path, tmp_path
 
 CHECK_FLAGS_WITHOUT_TORCH = """
 import sys
-sys.path.insert(0, {root!r})
 import run_experiment
 try:
     run_experiment.main(sys.argv[1:])
@@ -187,16 +190,26 @@ except SystemExit as exit_:
     "flags, message",
     [
         (["--crop", "300"], "unknown flag --crop (did you mean --cropsize?)"),
-        (["--resize", "64", "--cropsize", "128"], "--cropsize 128 is larger than --resize 64"),
-        (["--model_architecture", "resnet19"], "invalid choice: 'resnet19'"),
-        (["--save_distributoin"], "unknown flag --save_distributoin (did you mean --save_distribution?)"),
+        pytest.param(
+            ["--resize", "64", "--cropsize", "128"], "--cropsize 128 is larger than --resize 64", marks=pytest.mark.slow
+        ),
+        pytest.param(["--model_architecture", "resnet19"], "invalid choice: 'resnet19'", marks=pytest.mark.slow),
+        pytest.param(
+            ["--save_distributoin"],
+            "unknown flag --save_distributoin (did you mean --save_distribution?)",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_flags_are_checked_in_one_line_before_torch_loads(tmp_path: Path, flags, message):
     probe = tmp_path / "probe.py"
-    probe.write_text(CHECK_FLAGS_WITHOUT_TORCH.format(root=str(ROOT)))
+    probe.write_text(CHECK_FLAGS_WITHOUT_TORCH)
     done = subprocess.run(
-        [sys.executable, str(probe), "--data_path", str(tmp_path), *flags], capture_output=True, text=True, timeout=60
+        [sys.executable, str(probe), "--data_path", str(tmp_path), *flags],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.stdout.split() == ["2", "False"]
     assert done.stderr == f"run_experiment.py: error: {message}; see run_experiment.py --help\n" or (
@@ -211,8 +224,6 @@ def test_abbreviations_are_not_taken_for_flags(tmp_path: Path):
 
 
 def test_predict_pointed_at_scores_csv_says_what_the_file_is(trained, texture_root: Path, tmp_path: Path, capsys):
-    import predict
-
     scores = trained.model_dir / "scores.csv"
     assert (
         predict.main(

@@ -8,14 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TRAIN_FLAGS
 
 import predict
 import run_experiment
+from tests.helpers import CPU_RUN_FLAGS
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import build_extractor
 
-FAST = [flag for flag in TRAIN_FLAGS if flag not in ("--results_subdir", "r")]
 DEFAULT_DIMS = {"wide_resnet50_2": 1792, "resnet18": 448, "efficientnet_b5": 472, "efficientnet_lite0": 144}
 
 
@@ -40,9 +39,9 @@ def test_stage_names_are_checked_per_backbone_and_put_in_depth_order():
         ("resnet18", None),
         ("resnet18", ["layer2", "layer3", "layer4"]),
         ("resnet18", ["layer1"]),
-        ("wide_resnet50_2", None),
-        ("efficientnet_b5", None),
-        ("efficientnet_b5", ["3", "5"]),
+        pytest.param("wide_resnet50_2", None, marks=pytest.mark.slow),
+        pytest.param("efficientnet_b5", None, marks=pytest.mark.slow),
+        pytest.param("efficientnet_b5", ["3", "5"], marks=pytest.mark.slow),
         ("efficientnet_lite0", None),
         ("efficientnet_lite0", ["3", "4", "5"]),
         ("efficientnet_lite0", ["1", "2", "3"]),
@@ -59,7 +58,8 @@ def test_dims_are_the_hooked_maps_channels(name, layers):
 def test_reduced_dim_above_the_stages_channels_is_one_line(tmp_path: Path, texture_root: Path, capsys):
     code = run_experiment.main(
         [
-            *FAST,
+            *CPU_RUN_FLAGS,
+            "--save_distribution",
             "--data_path",
             str(texture_root / "brick"),
             "--base_results_dir",
@@ -75,11 +75,19 @@ def test_reduced_dim_above_the_stages_channels_is_one_line(tmp_path: Path, textu
     assert not tmp_path.joinpath("mvtec_resnet18_resize-64_crop-56_layers-layer1").exists()
 
 
+@pytest.mark.slow
 def test_a_model_with_other_layers_is_reproduced_by_predict_and_not_reused_for_others(
     tmp_path: Path, texture_root: Path, capsys, caplog
 ):
     results = tmp_path / "res"
-    flags = [*FAST, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+    flags = [
+        *CPU_RUN_FLAGS,
+        "--save_distribution",
+        "--data_path",
+        str(texture_root / "brick"),
+        "--base_results_dir",
+        str(results),
+    ]
     assert run_experiment.main([*flags, "--layers", "layer2", "layer3"]) == 0
     folder = results / "mvtec_resnet18_resize-64_crop-56_layers-layer2-layer3"
     content = torch.load(folder / "brick" / "padim_model.pt", weights_only=True)

@@ -12,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.metrics import roc_auc_score
 
+from tests.helpers import row_bands, symmetric_matrices, synthetic_features
 from tests.reference import blocks_from_dense, gaussian_blur, precision_factor_reference, smooth_upsample
 from utils.evaluation import metrics
 from utils.padim import fast_paths, gaussian, triangular
@@ -28,37 +29,19 @@ from utils.padim.triangular import TriangularBlocks, block_edges
 TWO_GRID_ROWS = 2 * 6 * 16 * 100
 
 
-def _features(n=40, d=6, h=3, w=4, seed=0):
-    rng = np.random.default_rng(seed)
-    mixing = rng.normal(size=(d, d))
-    x = rng.normal(size=(n, h, w, d)) @ mixing + 5.0  # correlated channels, far from zero
-    return x.astype(np.float32)  # (N, H, W, D): the embedding layout
-
-
-def _symmetric(upper_blocks: TriangularBlocks, dtype=None) -> torch.Tensor:
-    """The symmetric matrices whose upper half the blocks hold."""
-    half = upper_blocks.dense(dtype)
-    return half.triu() + half.triu(1).transpose(1, 2)
-
-
-def _bands(x: np.ndarray, rows: int) -> list[tuple[int, torch.Tensor]]:
-    """A (N, H, W, D) array as bands of `rows` grid rows, the way the pipeline hands batches over."""
-    return [(top, torch.from_numpy(x[:, top : top + rows])) for top in range(0, x.shape[1], rows)]
-
-
 @pytest.mark.parametrize(
     "batches, rows", [([1] * 150, 3), ([7] * 22, 1), ([40] * 4, 2), ([100, 50], 3), ([3, 40, 7, 64, 36], 2)]
 )
 def test_streaming_statistics_equal_numpy_cov(batches, rows):
     """150 images in groups of any sizes, later ones larger too."""
-    x = _features(n=150)
+    x = synthetic_features(n=150)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
     assert all(not moment.any() for moment in acc.moments())  # zero sums: an accumulator without images adds nothing
     for start, stop in itertools.pairwise(itertools.accumulate(batches, initial=0)):
-        acc.update(_bands(x[start:stop], rows))
+        acc.update(row_bands(x[start:stop], rows))
     mean, blocks = acc.finalize()
     assert acc.count == 150
-    cov = _symmetric(blocks)
+    cov = symmetric_matrices(blocks)
     flat = x.astype(np.float64).reshape(150, 12, 6).transpose(0, 2, 1)
     for p in range(12):
         expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
@@ -74,7 +57,7 @@ def test_wide_streaming_statistics_equal_numpy_cov():
     for start, stop in [(0, 32), (32, 160), (160, 250)]:
         acc.update([(0, torch.from_numpy(x[start:stop]))])
     mean, blocks = acc.finalize()
-    cov = _symmetric(blocks, torch.float64).numpy()
+    cov = symmetric_matrices(blocks, torch.float64).numpy()
     for p in range(2):
         samples = x[:, 0, p].astype(np.float64)
         expected = np.cov(samples, rowvar=False) + COVARIANCE_EPSILON * np.eye(300)
@@ -97,19 +80,19 @@ def test_image_groups_gather_batches_until_enough_images(sizes, together, expect
 
 def test_single_image_covariance_is_epsilon_identity():
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    acc.update(_bands(_features(n=1), 3))
+    acc.update(row_bands(synthetic_features(n=1), 3))
     _, cov = acc.finalize()
     np.testing.assert_allclose(
-        _symmetric(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7
+        symmetric_matrices(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7
     )
 
 
 def test_batched_mahalanobis_equals_scipy_float64():
-    train, test = _features(n=60, seed=1), _features(n=5, seed=2)
+    train, test = synthetic_features(n=60, seed=1), synthetic_features(n=5, seed=2)
     acc = GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu"))
-    acc.update(_bands(train, 3))
+    acc.update(row_bands(train, 3))
     mean, cov = acc.finalize()
-    covariance64 = _symmetric(cov, torch.float64).numpy()
+    covariance64 = symmetric_matrices(cov, torch.float64).numpy()
     distances = mahalanobis(torch.from_numpy(test), mean, precision_factor_(cov)).numpy()
     flat_train = train.astype(np.float64).reshape(60, 12, 6).transpose(0, 2, 1)
     for b in range(5):
@@ -228,7 +211,9 @@ def test_bands_change_nothing_in_fit_or_maps():
     for whole, banded in zip(*results):  # summation order differs: float32 rounding, relative to each tensor's scale
         torch.testing.assert_close(banded, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
     with pytest.raises(ValueError, match="covered 4 of 12"):
-        GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")).update(_bands(_features(), 1)[:1])
+        GaussianAccumulator(dims=6, positions=12, device=torch.device("cpu")).update(
+            row_bands(synthetic_features(), 1)[:1]
+        )
 
 
 def test_fit_groups_of_any_size_give_the_same_statistics():
@@ -499,9 +484,9 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
     """Model files written with an older BLOCK_WIDTH hold other row blocks; Mahalanobis works on any split,
     so they load and give the same distances. Splits that do not cover the triangle are refused."""
     dims, grid = 11, (2, 3)
-    x = torch.from_numpy(_features(n=30, d=dims, h=grid[0], w=grid[1]))
+    x = torch.from_numpy(synthetic_features(n=30, d=dims, h=grid[0], w=grid[1]))
     acc = GaussianAccumulator(dims=dims, positions=6, device=torch.device("cpu"))
-    acc.update(_bands(x.numpy(), 1))
+    acc.update(row_bands(x.numpy(), 1))
     mean, covariance = acc.finalize()
     covariance_copy = TriangularBlocks([block.clone() for block in covariance.blocks], lower=False)
     dense_factor = precision_factor_(covariance).dense()
@@ -519,7 +504,7 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
             scipy_mahalanobis(
                 x[i, r, c].double().numpy(),
                 mean[r * grid[1] + c].double().numpy(),
-                np.linalg.inv(_symmetric(covariance_copy, torch.float64)[r * grid[1] + c].numpy()),
+                np.linalg.inv(symmetric_matrices(covariance_copy, torch.float64)[r * grid[1] + c].numpy()),
             )
             for r in range(grid[0])
             for c in range(grid[1])
@@ -544,9 +529,9 @@ def test_a_factor_stored_with_another_block_split_reads_and_scores_the_same(monk
 def test_statistics_with_a_non_finite_number_are_refused(spoil):
     """A NaN in the mean or an infinity in the factor would score every image NaN: never loaded."""
     dims, grid = 9, (2, 2)
-    x = torch.from_numpy(_features(n=25, d=dims, h=grid[0], w=grid[1]))
+    x = torch.from_numpy(synthetic_features(n=25, d=dims, h=grid[0], w=grid[1]))
     acc = GaussianAccumulator(dims=dims, positions=4, device=torch.device("cpu"))
-    acc.update(_bands(x.numpy(), 1))
+    acc.update(row_bands(x.numpy(), 1))
     mean, covariance = acc.finalize()
     factor = precision_factor_(covariance)
     assert stats_from_content(_factor_content(factor, mean, grid)).is_finite()

@@ -14,19 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_MODEL_FLAGS
 
 import export
 import predict
 import run_experiment
 from datasets.images import ImageDataset, Sample
+from tests.helpers import ROOT, TRAIN_FLAGS
 from utils.padim import loading
 from utils.padim import onnx_graph as onnx_model
 from utils.padim.onnx_graph import description_path, read_description
 from utils.runtime.output_files import file_sha256
 
-ROOT = Path(__file__).resolve().parents[1]
-PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "4"]
+pytestmark = pytest.mark.slow
+ONNX_PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "4"]
 CONFIGURATIONS = {  # backbone, weights, resize, crop
     "lite0_crop224": ("efficientnet_lite0", "imagenet", 256, 224),
     "lite0_crop0": ("efficientnet_lite0", "imagenet", 224, 0),
@@ -36,9 +36,9 @@ CONFIGURATIONS = {  # backbone, weights, resize, crop
 
 
 def _train(texture_root: Path, results: Path, backbone: str, weights: str, resize: int, crop: int) -> Path:
-    flags = [*SMALL_MODEL_FLAGS, "--dataset", "mvtec", "--device", "cpu", "--save_distribution"]
+    flags = list(TRAIN_FLAGS)
     flags += ["--model_architecture", backbone, "--weights", weights, "--resize", str(resize), "--cropsize", str(crop)]
-    flags += ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results), "--results_subdir", "r"]
+    flags += ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
     assert run_experiment.main(flags) == 0
     return results / "r" / "brick"
 
@@ -95,8 +95,10 @@ def test_onnx_runtime_scores_equal_torch(name: str, exported, texture_root: Path
 def test_predict_with_the_graph_writes_what_the_model_file_writes(name: str, exported, texture_root: Path, tmp_path):
     model_dir, graph = exported[name]
     inputs = ["--input", str(texture_root / "brick" / "test" / "*" / "*.png")]
-    assert predict.main(["--model", str(model_dir), *inputs, "--output", str(tmp_path / "pt"), *PREDICT_FLAGS]) == 0
-    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "onnx"), *PREDICT_FLAGS]) == 0
+    assert (
+        predict.main(["--model", str(model_dir), *inputs, "--output", str(tmp_path / "pt"), *ONNX_PREDICT_FLAGS]) == 0
+    )
+    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "onnx"), *ONNX_PREDICT_FLAGS]) == 0
     pt, onnx = (pd.read_csv(tmp_path / kind / "predictions.csv") for kind in ("pt", "onnx"))
     assert list(pt.columns) == list(onnx.columns) and list(pt.path) == list(onnx.path)
     np.testing.assert_allclose(onnx.score, pt.score, rtol=1e-4)
@@ -118,12 +120,14 @@ def test_large_graphs_keep_their_weights_beside_them(exported, texture_root: Pat
     assert json.loads(description_path(graph).read_text())["external_data"] == "model.onnx.data"
     inputs = ["--input", str(texture_root / "brick" / "test" / "*" / "*.png")]
     for which, path in (("small", small_graph), ("big", graph)):
-        assert predict.main(["--model", str(path), *inputs, "--output", str(tmp_path / which), *PREDICT_FLAGS]) == 0
+        assert (
+            predict.main(["--model", str(path), *inputs, "--output", str(tmp_path / which), *ONNX_PREDICT_FLAGS]) == 0
+        )
     small, big = (pd.read_csv(tmp_path / which / "predictions.csv") for which in ("small", "big"))
     np.testing.assert_allclose(big.score, small.score, rtol=1e-6)
     data.rename(data.with_name("elsewhere.data"))
     capsys.readouterr()
-    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "x"), *PREDICT_FLAGS]) == 1
+    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "x"), *ONNX_PREDICT_FLAGS]) == 1
     assert "its weights file model.onnx.data is missing" in capsys.readouterr().err
 
 
@@ -172,7 +176,7 @@ def test_broken_export_is_one_clear_line(kind: str, exported, texture_root: Path
     graph = _broken_export(kind, exported["resnet18_crop0"][1], tmp_path / "export")
     inputs = ["--input", str(texture_root / "brick" / "test" / "good")]
     capsys.readouterr()
-    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "out"), *PREDICT_FLAGS]) == 1
+    assert predict.main(["--model", str(graph), *inputs, "--output", str(tmp_path / "out"), *ONNX_PREDICT_FLAGS]) == 1
     err = capsys.readouterr().err
     assert BROKEN_EXPORTS[kind] in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_MODEL_FLAGS
 from sklearn.metrics import roc_auc_score
 
 import experiment
@@ -17,6 +16,7 @@ import run_experiment
 import trainer
 from datasets.images import Geometry
 from datasets.split import DataError, load_class
+from tests.helpers import RUN_FLAGS, SMALL_MODEL_FLAGS
 from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import (
     BACKBONES,
@@ -28,14 +28,10 @@ from utils.padim.backbones import (
 )
 from utils.padim.model_file import MODEL_FILENAME, load_model
 
-FAST = SMALL_MODEL_FLAGS
-
 
 def run(tmp_path, *extra, data=None):
     argv = [
-        *FAST,
-        "--dataset",
-        "mvtec",
+        *RUN_FLAGS,
         "--base_results_dir",
         str(tmp_path / "results"),
         "--results_subdir",
@@ -86,6 +82,7 @@ def test_random_init_detects_planted_defects(tmp_path, texture_root):
     assert table.roc_auc[0] > 0.7 and table.pixel_roc_auc[0] > 0.7
 
 
+@pytest.mark.slow
 def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_root, caplog, capsys):
     data = tmp_path / "brick"
     shutil.copytree(texture_root / "brick", data)
@@ -113,9 +110,7 @@ def test_model_file_is_plain_and_reused_only_when_identical(tmp_path, texture_ro
     capsys.readouterr()
     code = run_experiment.main(
         [
-            *FAST,
-            "--dataset",
-            "mvtec",
+            *RUN_FLAGS,
             "--data_path",
             str(data),
             "--base_results_dir",
@@ -219,7 +214,9 @@ def test_lite0_imagenet_weights_load_offline():
 
 
 def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
-    code = run_experiment.main([*FAST, "--data_path", str(tmp_path / "nope"), "--base_results_dir", str(tmp_path)])
+    code = run_experiment.main(
+        [*SMALL_MODEL_FLAGS, "--data_path", str(tmp_path / "nope"), "--base_results_dir", str(tmp_path)]
+    )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --data_path {tmp_path / 'nope'} is not a folder"]
@@ -227,10 +224,18 @@ def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
 
 def test_data_error_for_folder_without_classes(tmp_path):
     with pytest.raises(DataError, match="no class folder"):
-        experiment.class_jobs(run_experiment.parse_args([*FAST, "--data_path", str(tmp_path)]))
+        experiment.class_jobs(run_experiment.parse_args([*SMALL_MODEL_FLAGS, "--data_path", str(tmp_path)]))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "wide_resnet50_2", "efficientnet_b5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "efficientnet_lite0",
+        pytest.param("wide_resnet50_2", marks=pytest.mark.slow),
+        pytest.param("efficientnet_b5", marks=pytest.mark.slow),
+    ],
+)
 def test_batchnorm_folding_keeps_every_hooked_map(name):
     model, _ = load_backbone(name, "none", seed=1)
     for module in model.modules():

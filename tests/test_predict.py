@@ -13,19 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Trained
 from PIL import Image
 from torchvision.transforms import v2
 
 import predict
 from datasets.images import Geometry
+from tests.helpers import PREDICT_FLAGS, ROOT, Trained
 from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import load_backbone
 from utils.padim.model_file import save_model
 from utils.reporting.images import OUTLINE_COLOUR, blend_overlay, heat_colour_table
-
-ROOT = Path(__file__).resolve().parents[1]
-PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "8"]
 
 
 class MarkerPayload:
@@ -345,6 +342,7 @@ def test_broken_model_is_one_clear_line(kind: str, trained: Trained, texture_roo
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_malicious_model_from_the_command_line(trained: Trained, texture_root: Path, tmp_path: Path):
     """The payload is live (plain pickle runs it); predict.py refuses it and it never runs."""
     probe = tmp_path / "probe"

@@ -3,99 +3,22 @@ names stay text, and a real browser (headless Chromium) shows it without an erro
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from conftest import TRAIN_FLAGS
 from PIL import Image
 
 import run_experiment
+from tests.helpers import REPORT_TRAIN_FLAGS, Page, assert_links_resolve, assert_table_equals_csv
 from utils.reporting.report import Thumbnails, class_section, write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
 HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 INSTALL = "apt-get install chromium (Debian) and pip install playwright"
-
-
-class Page(HTMLParser):
-    """The parts of a page the tests read: tables by id (header and cell texts), links, images, scripts,
-    event-handler attributes, the text of every h2, and every piece of text."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.tables: dict[str, dict] = {}
-        self.links: list[str] = []
-        self.scripts = 0
-        self.handlers: list[str] = []
-        self.headings: list[str] = []
-        self.texts: list[str] = []
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self._row: list[str] | None = None
-        self._heading: list[str] | None = None
-        self.feed(path.read_text(encoding="utf-8"))
-
-    def handle_starttag(self, tag, attrs):
-        attributes = dict(attrs)
-        self.handlers += [name for name in attributes if name.startswith("on")]
-        if tag == "script":
-            self.scripts += 1
-        if tag in ("a", "img"):
-            self.links.append(attributes.get("href") or attributes.get("src") or "")
-        if tag == "table":
-            self._table = attributes.get("id")
-            self.tables[self._table] = {"header": [], "rows": []}
-        if tag == "tr" and self._table:
-            self._row = []
-        if tag in ("td", "th") and self._row is not None:
-            self._cell = []
-        if tag == "h2":
-            self._heading = []
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._row.append("".join(self._cell).strip())
-            self._cell = None
-        if tag == "tr" and self._row is not None:
-            table = self.tables[self._table]
-            if table["header"]:
-                table["rows"].append(self._row)
-            else:
-                table["header"] = self._row
-            self._row = None
-        if tag == "table":
-            self._table = None
-        if tag == "h2" and self._heading is not None:
-            self.headings.append("".join(self._heading).strip())
-            self._heading = None
-
-    def handle_data(self, data):
-        self.texts.append(data)
-        for part in (self._cell, self._heading):
-            if part is not None:
-                part.append(data)
-
-
-def assert_table_equals_csv(page: Page, table_id: str, csv_path: Path) -> None:
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        header, *rows = list(csv.reader(handle))
-    shown = page.tables[table_id]
-    assert shown["header"] == header
-    assert shown["rows"] == rows
-
-
-def assert_links_resolve(page: Page, page_path: Path) -> None:
-    local = [link for link in page.links if not link.startswith("#")]
-    assert local, "the page links to nothing"
-    for link in local:
-        assert "://" not in link, f"{link}: the page must open offline"
-        assert (page_path.parent / unquote(link)).is_file(), f"{link} does not resolve"
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +33,20 @@ def hostile_run(texture_root: Path, tmp_path_factory) -> Path:
     for k, image in enumerate(sorted((data / HOSTILE_CLASS / "test" / "good").iterdir())):
         image.rename(image.with_name(f"{HOSTILE_IMAGE}{k}.png"))
     results = tmp_path_factory.mktemp("hostile_results")
-    flags = [*TRAIN_FLAGS, "--max_visualizations", "2", "--data_path", str(data), "--base_results_dir", str(results)]
+    flags = [
+        *REPORT_TRAIN_FLAGS,
+        "--max_visualizations",
+        "2",
+        "--data_path",
+        str(data),
+        "--base_results_dir",
+        str(results),
+    ]
     assert run_experiment.main(flags) == 0
     return results / "r"
 
 
+@pytest.mark.figures
 def test_report_shows_master_results_as_written_and_every_link_resolves(hostile_run: Path):
     page_path = hostile_run / "report.html"
     page = Page(page_path)
@@ -124,6 +56,7 @@ def test_report_shows_master_results_as_written_and_every_link_resolves(hostile_
     assert any(link.endswith("scores.csv") for link in page.links) and "experiment_log.log" in page.links
 
 
+@pytest.mark.figures
 def test_names_from_users_folders_are_shown_as_text(hostile_run: Path):
     page = Page(hostile_run / "report.html")
     assert page.scripts == 1 and page.handlers == []  # the sorting script only; no injected tag or handler
@@ -131,6 +64,7 @@ def test_names_from_users_folders_are_shown_as_text(hostile_run: Path):
     assert any(HOSTILE_IMAGE in text for text in page.texts)  # a caption of the highest-scored good images
 
 
+@pytest.mark.figures
 def test_failed_classes_are_marked(hostile_run: Path):
     text = (hostile_run / "report.html").read_text(encoding="utf-8")
     failed = [line for line in text.splitlines() if line.startswith('<tr class="failed">')]
@@ -138,11 +72,13 @@ def test_failed_classes_are_marked(hostile_run: Path):
 
 
 def test_no_report_writes_no_page(tmp_path: Path, texture_root: Path):
-    flags = [*TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
+    flags = [*REPORT_TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
     assert run_experiment.main([*flags, "--no_report"]) == 0
     assert not (tmp_path / "r" / "report.html").exists() and not (tmp_path / "r" / "report_files").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.figures
 def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hostile_run: Path, tmp_path: Path):
     """Headless Chromium opens the page from disk: no console error, every image decoded, the table sorted
     by roc_auc on a click (blanks last) and reversed on a second; a screenshot is taken."""
@@ -188,6 +124,7 @@ def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hosti
     assert screenshot.stat().st_size > 10_000
 
 
+@pytest.mark.figures
 def test_a_new_page_removes_only_the_thumbnails_it_no_longer_shows(hostile_run: Path, tmp_path: Path):
     """Thumbnails are named by content: rewriting the page after a figure changed keeps every link resolving
     and leaves no stale thumbnail behind (the run's folder is copied, the fixture's stays as it was)."""
