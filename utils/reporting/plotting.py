@@ -137,17 +137,16 @@ def _image_roc_panel(ax, result: ClassEvaluation) -> None:
         label += f" (95% CI {summary['roc_auc_ci_low']:.3f}-{summary['roc_auc_ci_high']:.3f})"
     ax.plot(fpr, tpr, label=label)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
-    if summary.get("false_positive_rate") is not None and summary.get("recall") is not None:
-        ax.plot(
-            summary["false_positive_rate"],
-            summary["recall"],
-            "o",
-            color="crimson",
-            label=f"operating threshold {result.threshold:.3g}",
-        )
+    _operating_point(ax, summary.get("false_positive_rate"), summary.get("recall"), result.threshold)
     ax.set_xlabel("false positive rate (good images called defect)")
     ax.set_ylabel("true positive rate (defect images found)")
     ax.legend(loc="lower right", fontsize="small")
+
+
+def _operating_point(ax, x: float | None, y: float | None, threshold: float) -> None:
+    """The operating threshold's point on a curve, where both its coordinates are defined."""
+    if x is not None and y is not None:
+        ax.plot(x, y, "o", color="crimson", label=f"operating threshold {threshold:.3g}")
 
 
 def _pixel_roc_panel(ax, curves: metrics.PixelCurves, auroc: float) -> None:
@@ -184,14 +183,7 @@ def pr_figure(result: ClassEvaluation) -> Figure:
     precision, recall, _ = precision_recall_curve(result.labels, result.scores)
     ax.plot(recall, precision, drawstyle="steps-post", label=f"AP {summary['pr_auc']:.3f}")
     ax.axhline(result.labels.mean(), color="grey", linestyle=":", linewidth=1, label="chance (defect share)")
-    if summary.get("precision") is not None and summary.get("recall") is not None:
-        ax.plot(
-            summary["recall"],
-            summary["precision"],
-            "o",
-            color="crimson",
-            label=f"operating threshold {result.threshold:.3g}",
-        )
+    _operating_point(ax, summary.get("recall"), summary.get("precision"), result.threshold)
     ax.set_xlabel("recall (defect images found)")
     ax.set_ylabel("precision (called defects that are defects)")
     ax.set_ylim(0, 1.02)
