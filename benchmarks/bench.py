@@ -34,7 +34,7 @@ import trainer
 from datasets.images import Geometry, ImageDataset, image_loader, readable_batches
 from datasets.split import ClassSplit, DataError, load_class
 from utils.cli import at_least
-from utils.config import DeviceConfig, FitConfig, ModelConfig, RunConfig
+from utils.config import DeviceConfig, FitConfig, RunConfig, model_configs
 from utils.evaluation.results import evaluate
 from utils.evaluation.summary import MapSummary
 from utils.padim.backbone_specs import BACKBONES
@@ -126,10 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def pipeline_config(args: argparse.Namespace, backbone: str) -> RunConfig:
     """The configuration `run_experiment.py` runs for this backbone: every other setting at the users' default."""
     weights = "imagenet" if backbone in OFFLINE_PRETRAINED else "none"
-    layers = BACKBONES[backbone].default_layers
     return RunConfig(
         data_path=args.data_path,
-        models=(ModelConfig(backbone, layers, weights, args.resize, args.cropsize),),
+        models=model_configs([backbone], [None], [args.resize], [args.cropsize], [None], weights),
         fit=FitConfig(layout="mvtec", batch_size=args.batch_size, num_workers=args.num_workers),
         devices=DeviceConfig(args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32),
     )

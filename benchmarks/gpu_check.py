@@ -28,7 +28,7 @@ import torch
 from benchmarks import gaussian_steps
 from data.demo_data import make_demo_dataset
 from datasets.images import Geometry, ImageDataset, Sample, image_loader
-from utils.config import FitConfig, ModelConfig
+from utils.config import FitConfig, model_configs
 from utils.padim.backbones import float32_precision
 from utils.padim.loading import build, read_model
 
@@ -85,7 +85,7 @@ def relative_gap(scores: pd.Series, reference: pd.Series) -> float:
 
 
 # RUN_FLAGS as configurations: the loaders below use the run's settings
-RUN_MODEL = ModelConfig("resnet18", ("layer1", "layer2", "layer3"), "none", 128, 112)
+[RUN_MODEL] = model_configs(["resnet18"], [None], [128], [112], [None], weights="none")
 RUN_FIT = FitConfig(layout="mvtec", batch_size=16, num_workers=2, max_visualizations=0, save_distribution=True)
 
 

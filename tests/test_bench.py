@@ -66,7 +66,7 @@ def test_quick_fills_in_only_what_was_not_given():
 def test_subsets_keep_every_defect_type_and_the_holdout_share(texture_root):
     """--max_test spreads over the sorted test list; --max_train keeps fit and hold-out in proportion."""
     args = bench.parse_args(["--data_path", str(texture_root / "gravel"), "--max_train", "10", "--max_test", "4"])
-    (split,) = bench.class_splits(args, bench.pipeline_args(args, "resnet18"))
+    (split,) = bench.class_splits(args, bench.pipeline_config(args, "resnet18"))
     assert split.has_ground_truth
     assert len(split.fit) + len(split.holdout) == 10 and len(split.holdout) == 1
     assert len(split.test) == 4 and {s.label for s in split.test} == {0, 1}
