@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from datasets.images import (
     IMAGENET_MEAN,
@@ -87,6 +88,18 @@ def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[s
     return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
 
 
+def class_loader(
+    samples: list[Sample],
+    geometry: Geometry,
+    fit: FitConfig,
+    seed: int,
+    device: torch.device,
+    augment: list | None = None,
+) -> DataLoader:
+    """The DataLoader of one pass over a class's images: the fit's batch size and workers, the run's seed."""
+    return image_loader(ImageDataset(samples, geometry, augment), fit.batch_size, fit.num_workers, device, seed)
+
+
 def model_identity(
     model: ModelConfig, fit: FitConfig, weights_id: str, layers: list[str], index: torch.Tensor, fingerprint: str
 ) -> dict:
@@ -129,7 +142,7 @@ def score_samples(
     so memory does not grow with the number of images."""
     skipped: list[str] = []
     kept, scores = [], []
-    loader = image_loader(ImageDataset(samples, geometry), fit.batch_size, fit.num_workers, model.device, seed)
+    loader = class_loader(samples, geometry, fit, seed, model.device)
     batches = readable_batches(loader, description, lambda _, reason: skipped.append(reason))
     for batch, batch_maps, batch_scores in model.stream_anomaly_maps((batch, batch.images) for batch in batches):
         batch_samples = [samples[i] for i in batch.indices]
@@ -273,8 +286,7 @@ def fit_or_load(
     augment = build_flips(fit.flips.horizontal, fit.flips.vertical, fit.flips.probability) if fit.flips else None
     skipped: list[str] = []
     torch.manual_seed(seed)
-    dataset = ImageDataset(ranks.part(split.fit), geometry, augment)
-    loader = image_loader(dataset, fit.batch_size, fit.num_workers, model.device, seed)
+    loader = class_loader(ranks.part(split.fit), geometry, fit, seed, model.device, augment)
     batches = readable_batches(loader, "fit", lambda _, reason: skipped.append(reason))
     stats = model.fit((batch.images for batch in batches), peers=ranks)
     if not stats.is_finite():

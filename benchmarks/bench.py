@@ -31,7 +31,7 @@ import torch
 
 import experiment
 import trainer
-from datasets.images import Geometry, ImageDataset, image_loader, readable_batches
+from datasets.images import Geometry, readable_batches
 from datasets.split import ClassSplit, DataError, load_class
 from utils.cli import at_least
 from utils.config import DeviceConfig, FitConfig, RunConfig, model_configs
@@ -140,8 +140,7 @@ def geometry_of(config: RunConfig) -> Geometry:
 
 def loader_of(samples: list, config: RunConfig, device: torch.device):
     """The pipeline's DataLoader over `samples`."""
-    fit, seed = config.fit, config.models[0].seed
-    return image_loader(ImageDataset(samples, geometry_of(config)), fit.batch_size, fit.num_workers, device, seed)
+    return trainer.class_loader(samples, geometry_of(config), config.fit, config.models[0].seed, device)
 
 
 def evenly(items: list, count: int | None) -> list:

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+import trainer
 from benchmarks import gaussian_steps
 from data.demo_data import make_demo_dataset
-from datasets.images import Geometry, ImageDataset, Sample, image_loader
+from datasets.images import Geometry, Sample
 from utils.config import FitConfig, model_configs
 from utils.padim.backbones import float32_precision
 from utils.padim.loading import build, read_model
@@ -91,8 +92,8 @@ RUN_FIT = FitConfig(layout="mvtec", batch_size=16, num_workers=2, max_visualizat
 
 def loaded_batches(images: list[Path], device: torch.device) -> list[torch.Tensor]:
     """The images as the run's loader hands them to a backbone on `device`."""
-    dataset = ImageDataset([Sample(p, 0, "") for p in images], Geometry(RUN_MODEL.resize, RUN_MODEL.cropsize))
-    loader = image_loader(dataset, RUN_FIT.batch_size, RUN_FIT.num_workers, device, RUN_MODEL.seed)
+    geometry = Geometry(RUN_MODEL.resize, RUN_MODEL.cropsize)
+    loader = trainer.class_loader([Sample(p, 0, "") for p in images], geometry, RUN_FIT, RUN_MODEL.seed, device)
     return [batch.images for batch in loader]
 
 

@@ -267,8 +267,8 @@ def image_loader(
     dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, seed: int | None = None
 ) -> DataLoader:
     """The DataLoader of every pass over images (fit, hold-out, test, predict.py, benchmarks); batches are
-    pinned only for a backbone on CUDA (pinning asks CUDA for its context); `seed` seeds the shuffling-free
-    loader's generator, which the random flips of augmentation draw from."""
+    pinned only for a backbone on CUDA (pinning asks CUDA for its context); `seed` seeds the loader's
+    generator, from which its worker processes' random state (augmentation's flips) is drawn."""
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -111,9 +111,9 @@ class Region:
 def first_block(labels: np.ndarray, label: int, box: tuple[slice, slice]) -> tuple[int, int]:
     """(row pair, column pair) of the region's first 2 x 2 block in raster order of blocks.
 
-    Regions are numbered in this order, the order OpenCV's block-based labelling gave them before,
-    so region ids in regions.csv stay as they were (it differs from the order of first pixels when
-    two regions begin in the same pair of rows)."""
+    Regions are numbered in this order, the one of OpenCV's block-based labelling that regions.csv's
+    region ids follow (it differs from the order of first pixels when two regions begin in the same
+    pair of rows)."""
     rows, columns = box
     pair = labels[rows.start : rows.start // 2 * 2 + 2, columns] == label
     return rows.start // 2, (columns.start + int(np.flatnonzero(pair.any(axis=0))[0])) // 2

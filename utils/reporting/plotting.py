@@ -3,7 +3,7 @@
 Plotting reads a ClassEvaluation and draws it; it never scores images and takes every number
 it prints (AUROC, AP, AUPRO, confusion counts) from `result.summary`. Image-level curve points
 come from sklearn; the pixel ROC and PRO curves are `result.pixel_curves`, made once by
-trainer.evaluate(). Figures are `matplotlib.figure.Figure` objects, never pyplot ones:
+utils.evaluation.results.evaluate(). Figures are `matplotlib.figure.Figure` objects, never pyplot ones:
 nothing is registered in pyplot's global figure list, so nothing is left open, and seaborn's
 style is applied through an rc context that ends with `plot_class_results`.
 
