@@ -22,13 +22,14 @@ import pandas as pd
 import torch
 
 from data.demo_data import make_demo_dataset
-from datasets.images import IMAGE_EXTENSIONS
+from datasets.images import IMAGE_EXTENSIONS, Geometry
 from datasets.split import DataError, find_classes, is_class_dir
 from trainer import resolve_devices, run_class
 from utils.cli import install_log_handler
 from utils.config import ModelConfig, RunConfig
 from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision
+from utils.padim.engines import EngineError, EngineExtractor, engine_extractor
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
 from utils.reporting.plotting import save_comparison_figure
 from utils.reporting.report import write_comparison_report, write_report
@@ -38,7 +39,7 @@ from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lo
 
 log = logging.getLogger("padim")
 
-USER_ERRORS = (DataError, WeightsError, ModelFileError, OutputWriteError)
+USER_ERRORS = (DataError, WeightsError, EngineError, ModelFileError, OutputWriteError)
 EXPERIMENT_FILENAME = "experiment.json"
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_PNG = "comparison.png"
@@ -81,9 +82,10 @@ def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
     return [(c.name, c, None) for c in classes]
 
 
-def claim_results_folder(out_dir: Path, settings: dict) -> None:
+def claim_results_folder(out_dir: Path, settings: dict, notes: dict | None = None) -> None:
     """Record the experiment in experiment.json; a folder that holds another experiment's results is refused,
-    so that master_results.csv, scores.csv and the model files of a folder always come from one experiment."""
+    so that master_results.csv, scores.csv and the model files of a folder always come from one experiment.
+    `notes` (the engine that ran) are recorded beside the settings but do not make another experiment."""
     path = out_dir / EXPERIMENT_FILENAME
     if path.is_file():
         try:
@@ -98,7 +100,8 @@ def claim_results_folder(out_dir: Path, settings: dict) -> None:
                 f"results folder {out_dir} holds another experiment's results (it differs in "
                 f"{'; '.join(changed)}): choose another --results_subdir, or remove that folder"
             )
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
+    record = {**settings, **(notes or {})}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
 
 
 def clear_class_folder(folder: Path) -> None:
@@ -160,7 +163,7 @@ class Configuration:
 
     model: ModelConfig
     folder: Path
-    extractor: FeatureExtractor | None = None
+    extractor: FeatureExtractor | EngineExtractor | None = None
     weights_id: str = ""
     rows: dict[str, dict] = field(default_factory=dict)
     logged: bool = False
@@ -238,7 +241,7 @@ def prepare(
         for folder in folders:
             prove_writable(folder, "results folder", DataError)
     classes = class_jobs(config)
-    extractors = {}
+    extractors, engines = {}, {}
     for configuration in configurations:
         model = configuration.model
         key = (model.architecture, model.layers)
@@ -246,17 +249,31 @@ def prepare(
             extractors[key] = build_extractor(
                 model.architecture, model.weights, devices["backbone"], model.seed, list(model.layers)
             )
-        configuration.extractor, configuration.weights_id = extractors[key]
-        if model.reduced_dim is not None and model.reduced_dim > configuration.extractor.dims:
+        extractor, configuration.weights_id = extractors[key]
+        if model.reduced_dim is not None and model.reduced_dim > extractor.dims:
             raise DataError(
-                f"--reduced_dim {model.reduced_dim} exceeds the {configuration.extractor.dims} channels of "
+                f"--reduced_dim {model.reduced_dim} exceeds the {extractor.dims} channels of "
                 f"{model.architecture} at stages {' '.join(model.layers)}"
             )
+        input_size = Geometry(model.resize, model.cropsize).input_size
+        if (key, input_size) not in engines:
+            engines[key, input_size] = engine_extractor(
+                extractor,
+                config.devices.engine,
+                config.devices.precision,
+                devices["backbone"],
+                input_size,
+                configuration.weights_id,
+                model.seed,
+                config.fit.num_workers,
+            )
+        configuration.extractor = engines[key, input_size]
     if world.is_root:
         for folder in folders:
             held.enter_context(folder_lock(folder, "results folder", DataError))
         for configuration in configurations:
-            claim_results_folder(configuration.folder, config.identity(configuration.model))
+            engine = {"engine": configuration.extractor.engine, "engine_requested": config.devices.engine}
+            claim_results_folder(configuration.folder, config.identity(configuration.model), engine)
     sizes = [count_images(class_dir) for _, class_dir, _ in classes]
     return [
         Job(index, name, class_dir, test_dir, size)
@@ -317,9 +334,11 @@ def run_job(
         configuration.logged = True
         log.info("configuration: %s, %s, %s", model, config.fit, config.devices)
         log.info(
-            "backbone %s, weights %s, devices %s, rank %d of %d",
+            "backbone %s, weights %s, engine %s (%s), devices %s, rank %d of %d",
             model.architecture,
             configuration.weights_id,
+            configuration.extractor.engine,
+            configuration.extractor.precision,
             {k: str(v) for k, v in devices.items()},
             world.rank,
             world.size,

@@ -30,16 +30,25 @@ from datasets.images import (
     list_images,
     readable_batches,
 )
-from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, positive_float, run_main
+from utils.cli import (
+    StrictParser,
+    add_allow_tf32,
+    add_engine_flags,
+    at_least,
+    install_log_handler,
+    positive_float,
+    run_main,
+)
 from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbones import (
     WeightsError,
     float32_precision,
     pick_device,
 )
-from utils.padim.loading import LoadedModel, LoadError, build, build_onnx, read_model
+from utils.padim.engines import EngineError
+from utils.padim.loading import LoadedModel, LoadError, build, build_graph, read_model
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError
-from utils.padim.onnx_graph import OnnxModelError, read_description
+from utils.padim.onnx_graph import GRAPH_SUFFIXES, OnnxModelError, read_description
 from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
 
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help=f"a class results folder (holding {MODEL_FILENAME}), the model file itself, or a graph "
-        "written by export.py (.onnx, scored with ONNX Runtime)",
+        "written by export.py (.onnx: ONNX Runtime by default; .xml: OpenVINO)",
     )
     parser.add_argument(
         "--input",
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the backbone and the distances run (auto: CUDA when available)",
     )
     add_allow_tf32(parser)
+    add_engine_flags(parser)
     parser.add_argument(
         "--threshold", type=positive_float, help="anomaly threshold, overriding the model's (held-out normal quantile)"
     )
@@ -300,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     Exit 1 when no image could be read, or when any image got a non-finite score: those are
     reported anomalous, never good, and the user is told the model is not to be trusted.
     """
-    exported = args.model.suffix == ".onnx"
+    exported = args.model.suffix in GRAPH_SUFFIXES
     if exported:
         description = read_description(args.model)
     else:
@@ -309,9 +319,11 @@ def run(args: argparse.Namespace) -> int:
     prove_writable(args.output, "output folder", PredictError)
     device = pick_device(args.device, "--device cuda")
     if exported:
-        model = build_onnx(args.model, description, device)
+        model = build_graph(args.model, description, device, args.engine, args.num_workers)
     else:
-        model = build(content, model_path, weights, device, args.batch_size)
+        model = build(
+            content, model_path, weights, device, args.batch_size, args.engine, args.precision, args.num_workers
+        )
     with folder_lock(args.output, "output folder", PredictError), float32_precision(args.allow_tf32):
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(
         run,
         args,
-        (PredictError, LoadError, ModelFileError, OnnxModelError, WeightsError, OutputWriteError),
+        (PredictError, LoadError, ModelFileError, OnnxModelError, WeightsError, EngineError, OutputWriteError),
         "predictions.csv was not written",
     )
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.cli import StrictParser, add_allow_tf32, at_least, run_main, unit_interval
+from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, run_main, unit_interval
 from utils.config import COMPARISON_SUFFIX, DeviceConfig, FitConfig, Flips, ModelConfig, RunConfig, model_configs
 from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats_on_gpu", action="store_true", help="accumulate the Gaussian on the GPU")
     parser.add_argument("--mahalanobis_on_gpu", action="store_true", help="compute Mahalanobis distances on the GPU")
     add_allow_tf32(parser)
+    add_engine_flags(parser)
     parser.add_argument(
         "--test_sample_ratio",
         type=unit_interval(True, False),
@@ -188,7 +189,9 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         save_distribution=args.save_distribution,
         max_visualizations=args.max_visualizations,
     )
-    devices = DeviceConfig(args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32)
+    devices = DeviceConfig(
+        args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32, args.engine, args.precision
+    )
     return RunConfig(
         data_path=args.data_path,
         models=models,

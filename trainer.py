@@ -101,11 +101,18 @@ def class_loader(
 
 
 def model_identity(
-    model: ModelConfig, fit: FitConfig, weights_id: str, layers: list[str], index: torch.Tensor, fingerprint: str
+    model: ModelConfig,
+    fit: FitConfig,
+    weights_id: str,
+    layers: list[str],
+    index: torch.Tensor,
+    fingerprint: str,
+    precision: str = "fp32",
 ) -> dict:
     """What makes a saved model this run's model (MODEL_IDENTITY_KEYS): the backbone, its weights and
     stages, the geometry, the training images, and the settings that change the fitted statistics or the
-    threshold (the same `settings()` experiment.json records)."""
+    threshold (the same `settings()` experiment.json records). The engine is not among them (its maps equal
+    torch's), a reduced precision is."""
     return {
         "backbone": model.architecture,
         "weights_id": weights_id,
@@ -118,6 +125,7 @@ def model_identity(
             "channel_index": index.tolist(),
             "seed": model.seed,
             **fit.settings(),
+            **({"precision": precision} if precision != "fp32" else {}),
         },
     }
 
@@ -357,7 +365,9 @@ def run_class(
         warn_on_crop_losses(split.test, geometry, split.name)
         out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = training_fingerprint(split.fit + split.holdout, class_dir)
-    identity = model_identity(model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint)
+    identity = model_identity(
+        model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint, extractor.precision
+    )
     start = time.perf_counter()
     threshold, provenance, fit_skipped = fit_or_load(
         model, split, geometry, fit, seed, identity, out_dir / MODEL_FILENAME, ranks

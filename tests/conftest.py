@@ -24,6 +24,14 @@ def _class_figures_only_when_looked_at(request):
             yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache(tmp_path_factory):
+    """Exported backbone trunks (utils.padim.engines) cached for this session only, never in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PADIM_CACHE_DIR", str(tmp_path_factory.mktemp("engine_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def texture_root(tmp_path_factory) -> Path:
     """Two texture classes, small enough for a random-init backbone run in seconds."""

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from utils.config import ENGINES, PRECISIONS, DeviceConfig
+
 log = logging.getLogger(__name__)
 
 Config = TypeVar("Config")
@@ -26,6 +28,23 @@ def add_allow_tf32(parser: argparse.ArgumentParser) -> None:
         "--allow_tf32",
         action="store_true",
         help="let CUDA convolve and multiply in TF32: faster on recent GPUs, but scores no longer match the CPU's",
+    )
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """--engine and --precision, as run_experiment.py, predict.py and bench.py take them (utils.padim.engines)."""
+    parser.add_argument(
+        "--engine",
+        default=DeviceConfig.engine,
+        choices=ENGINES,
+        help="runtime of the backbone on the CPU: auto is the fastest measured for the backbone (torch on a GPU); "
+        "the maps equal torch's within 1e-4, else torch runs",
+    )
+    parser.add_argument(
+        "--precision",
+        default=DeviceConfig.precision,
+        choices=PRECISIONS,
+        help="bf16: the backbone in bfloat16 through OpenVINO, on CPUs with AVX512-BF16 or AMX (scores move)",
     )
 
 

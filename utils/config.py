@@ -89,15 +89,21 @@ class FitConfig:
         }
 
 
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """Device of the backbone ('auto', 'cpu', 'cuda'), and whether the statistics and the distances
-    run on the GPU; TF32 is opt-in."""
+    run on the GPU; TF32 is opt-in; the engine that runs the backbone on a CPU and its precision."""
 
     device: str = "auto"
     stats_on_gpu: bool = False
     mahalanobis_on_gpu: bool = False
     allow_tf32: bool = False
+    engine: str = "auto"
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class RunConfig:
             "test_sample_ratio": fit.test_sample_ratio if fit.layout == "bowtie" else None,
             **model.settings(),
             **fit.settings(),
+            **({"precision": self.devices.precision} if self.devices.precision != "fp32" else {}),
         }
 
     def results_folder(self, model: ModelConfig) -> Path:

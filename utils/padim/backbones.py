@@ -162,8 +162,12 @@ class FeatureExtractor(nn.Module):
     """Runs a backbone up to its last hooked stage and returns the hooked stages' maps.
 
     `channels` (of each hooked map) and `dims` (their sum) are measured by one small forward
-    pass when the extractor is built, so they can never disagree with the maps.
+    pass when the extractor is built, so they can never disagree with the maps. `engine` and
+    `precision` say what computes them (utils.padim.engines.EngineExtractor runs other engines).
     """
+
+    engine = "torch"
+    precision = "fp32"
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, layers: tuple[str, ...]):
         super().__init__()
@@ -214,9 +218,10 @@ def float32_precision(allow_tf32: bool = False) -> Iterator[None]:
 
     torch lets cuDNN convolve in TF32 by default on Ampere and newer GPUs, which moves image
     scores by more than the 1e-4 within which a model must give the same scores on every
-    device (benchmarks/README.md, tf32_effect.py). No effect on the CPU.
+    device (benchmarks/README.md, tf32_effect.py). No effect on the CPU. cuDNN's RNN setting follows its
+    convolutions' (no RNN runs here), so that torch's legacy `cudnn.allow_tf32` stays readable where both are TF32.
     """
-    settings = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    settings = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
     before = [setting.fp32_precision for setting in settings]
     for setting in settings:
         setting.fp32_precision = "tf32" if allow_tf32 else "ieee"

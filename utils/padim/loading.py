@@ -14,9 +14,10 @@ import torch
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Geometry
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import build_extractor, weights_digest
+from utils.padim.engines import engine_extractor, engine_threads
 from utils.padim.model import Padim
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
-from utils.padim.onnx_graph import OnnxScorer
+from utils.padim.onnx_graph import GraphScorer, graph_engine
 
 log = logging.getLogger("padim.predict")
 
@@ -29,17 +30,17 @@ class LoadError(Exception):
 class LoadedModel:
     """A ready-to-score model and what the outputs need from its file.
 
-    `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime (`pixels`: it takes
-    uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
+    `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime or OpenVINO (`pixels`: it
+    takes uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
     """
 
-    scorer: Padim | OnnxScorer
+    scorer: Padim | GraphScorer
     geometry: Geometry
     threshold: float
 
     @property
     def pixels(self) -> bool:
-        return isinstance(self.scorer, OnnxScorer)
+        return isinstance(self.scorer, GraphScorer)
 
 
 def model_file(path: Path) -> Path:
@@ -122,16 +123,25 @@ def read_model(model_path: Path, weights_path: Path | None) -> tuple[dict, Path,
     return content, path, weights_argument(content["weights_id"], weights_path)
 
 
-def build(content: dict, path: Path, weights: str, device: torch.device, batch_size: int) -> LoadedModel:
-    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file.
+def build(
+    content: dict,
+    path: Path,
+    weights: str,
+    device: torch.device,
+    batch_size: int,
+    engine: str = "torch",
+    precision: str = "fp32",
+    workers: int = 0,
+) -> LoadedModel:
+    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file,
+    the backbone on `engine` (utils.padim.engines.engine_extractor).
 
     Distances are computed batch by batch (`batch_size` images together), not over run_experiment's
     groups of GROUP_IMAGES: each image's original stays in memory until its outputs are written, so a
     group would hold GROUP_IMAGES originals of the camera's resolution at once.
     """
-    extractor, weights_id = build_extractor(
-        content["backbone"], weights, device, content["training_config"].get("seed", 0), content["layers"]
-    )
+    seed = content["training_config"].get("seed", 0)
+    extractor, weights_id = build_extractor(content["backbone"], weights, device, seed, content["layers"])
     if weights_id.rsplit(":", 1)[-1] != content["weights_id"].rsplit(":", 1)[-1]:
         raise LoadError(
             f"the backbone weights here ({weights_id}) are not those the model was trained with "
@@ -144,16 +154,24 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
             f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
             f"at stages {' '.join(content['layers'])}"
         )
-    padim = Padim(
-        extractor, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size
-    )
+    trained_precision = content["training_config"].get("precision", "fp32")
+    if trained_precision != precision:
+        log.warning(
+            "the model was fitted with its backbone in %s, it scores in %s here: its scores move",
+            trained_precision,
+            precision,
+        )
+    backbone = engine_extractor(extractor, engine, precision, device, geometry.input_size, weights_id, seed, workers)
+    padim = Padim(backbone, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
     padim.use(stats_from_content(content))
     log.info(
-        "model %s: class %s, backbone %s (%s), resize %d, crop %d, threshold %.4f from %s",
+        "model %s: class %s, backbone %s (%s) on %s (%s), resize %d, crop %d, threshold %.4f from %s",
         path,
         content["class_name"],
         content["backbone"],
         weights_id,
+        backbone.engine,
+        backbone.precision,
         geometry.resize,
         geometry.cropsize,
         content["threshold"],
@@ -162,18 +180,20 @@ def build(content: dict, path: Path, weights: str, device: torch.device, batch_s
     return LoadedModel(padim, geometry, float(content["threshold"]))
 
 
-def build_onnx(path: Path, description: dict, device: torch.device) -> LoadedModel:
-    """An exported graph in ONNX Runtime, checked against its description (read_description)."""
-    scorer = OnnxScorer(path, description, device)
+def build_graph(path: Path, description: dict, device: torch.device, engine: str, workers: int = 0) -> LoadedModel:
+    """An exported graph in ONNX Runtime or OpenVINO (graph_engine), checked against its description
+    (read_description)."""
+    scorer = GraphScorer(path, description, device, graph_engine(path, engine), engine_threads(workers))
     log.info(
-        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (ONNX Runtime: %s)",
+        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (%s: %s)",
         path,
         description["class_name"],
         description["backbone"],
         description["resize"],
         description["cropsize"],
         description["threshold"],
-        ", ".join(scorer.session.get_providers()),
+        scorer.engine,
+        ", ".join(scorer.providers),
     )
     geometry = Geometry(description["resize"], description["cropsize"])
     return LoadedModel(scorer, geometry, float(description["threshold"]))

@@ -11,6 +11,11 @@ to prepare images and decide: geometry, threshold, class, and the source model's
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +74,24 @@ def description_path(graph_path: Path) -> Path:
     return graph_path.with_suffix(".json")
 
 
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+
+
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The ONNX exporter's INFO lines (its passes, one per rewrite) kept off the user's log meanwhile;
+    its warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_graph(padim: Padim, graph_path: Path, opset: int) -> Path | None:
     """Write the graph (batch size dynamic); its weights go to `<graph>.data` when they exceed
     EXTERNAL_DATA_BYTES. Returns the external-data path, or None."""
@@ -77,19 +100,37 @@ def export_graph(padim: Padim, graph_path: Path, opset: int) -> Path | None:
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     weight_bytes = sum(t.numel() * t.element_size() for t in (*graph.parameters(), *graph.buffers()))
     external = weight_bytes > EXTERNAL_DATA_BYTES
-    program = torch.onnx.export(
-        graph,
-        (example,),
-        dynamo=True,
-        opset_version=opset,
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-        verbose=False,
-    )
+    with quiet_exporter():
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            verbose=False,
+        )
     program.save(str(graph_path), external_data=external)
     data_path = graph_path.with_name(graph_path.name + ".data")
     return data_path if external else None
+
+
+def export_openvino_graph(padim: Padim, xml_path: Path, opset: int) -> Path:
+    """The same graph in OpenVINO's format: `<name>.xml` and its weights `<name>.bin`, converted from the
+    ONNX export in full float32 (OpenVINO would otherwise store the weights in float16). Returns the .bin."""
+    import openvino  # only this export needs it
+
+    with tempfile.TemporaryDirectory(dir=xml_path.parent) as folder:
+        onnx_path = Path(folder) / "graph.onnx"
+        export_graph(padim, onnx_path, opset)
+        converted = openvino.convert_model(str(onnx_path))
+        staged = Path(folder) / xml_path.name
+        openvino.save_model(converted, str(staged), compress_to_fp16=False)
+        bin_path = xml_path.with_suffix(".bin")
+        os.replace(staged.with_suffix(".bin"), bin_path)
+        os.replace(staged, xml_path)
+    return bin_path
 
 
 def write_description(
@@ -160,37 +201,91 @@ def read_description(graph_path: Path) -> dict:
     return description
 
 
-class OnnxScorer:
-    """An exported graph in ONNX Runtime, scoring batches the way Padim.stream_anomaly_maps does."""
+GRAPH_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}  # an exported graph and the engine it runs in by default
 
-    def __init__(self, graph_path: Path, description: dict, device: torch.device):
-        import onnxruntime  # only the ONNX path needs it
 
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+def graph_engine(graph_path: Path, wanted: str) -> str:
+    """The runtime that scores an exported graph: its format's (`auto`), or the one asked for; an OpenVINO
+    graph (.xml) runs only in OpenVINO, and no graph runs in torch (score the model file for that)."""
+    engine = GRAPH_SUFFIXES[graph_path.suffix] if wanted == "auto" else wanted
+    if engine == "torch" or (graph_path.suffix == ".xml" and engine != "openvino"):
+        raise OnnxModelError(
+            f"--engine {wanted}: {graph_path.name} runs in {GRAPH_SUFFIXES[graph_path.suffix]}"
+            + (" or openvino" if graph_path.suffix == ".onnx" else "")
+            + " (to score in torch, pass the model file it was exported from)"
+        )
+    return engine
+
+
+class GraphScorer:
+    """An exported graph (.onnx, or OpenVINO's .xml) in ONNX Runtime or OpenVINO, scoring batches the way
+    Padim.stream_anomaly_maps does; OpenVINO computes in float32 (INFERENCE_PRECISION_HINT f32)."""
+
+    def __init__(self, graph_path: Path, description: dict, device: torch.device, engine: str, threads: int):
+        self.engine = engine
+        self.device = torch.device("cpu")
         try:
-            self.session = onnxruntime.InferenceSession(str(graph_path), providers=providers)
-        except Exception as err:  # ONNX Runtime raises its own exception types for a damaged graph
-            raise OnnxModelError(f"{graph_path}: not a usable ONNX graph ({first_line(err)})") from err
+            run, inputs, outputs, self.providers = (
+                _openvino_graph(graph_path, threads) if engine == "openvino" else _onnxruntime_graph(graph_path, device)
+            )
+        except ImportError as err:
+            raise OnnxModelError(f"{engine} is not installed (pip install -r requirements.txt)") from err
+        except Exception as err:  # each runtime raises its own exception types for a damaged graph
+            raise OnnxModelError(f"{graph_path}: not a usable graph for {engine} ({first_line(err)})") from err
         size = description["input_size"]
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if (
-            [i.name for i in inputs] != [INPUT_NAME]
-            or inputs[0].type != "tensor(uint8)"
-            or list(inputs[0].shape[1:]) != [size, size, 3]
-            or tuple(o.name for o in outputs) != OUTPUT_NAMES
+            [name for name, _, _ in inputs] != [INPUT_NAME]
+            or inputs[0][1] != "uint8"
+            or list(inputs[0][2][1:]) != [size, size, 3]
+            or tuple(outputs) != OUTPUT_NAMES
         ):
             raise OnnxModelError(f"{graph_path}: the graph's inputs or outputs do not match its description")
-        self.device = torch.device("cpu")
+        self.run = run
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) -> (anomaly maps (N, S, S), scores (N,)), float32."""
-        maps, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return maps, scores
+        return self.run(images)
 
     def stream_anomaly_maps(self, batches):
         """(key, maps, scores) for every (key, uint8 images (N, S, S, 3)) batch, as torch tensors."""
         for key, images in batches:
             maps, scores = self(np.ascontiguousarray(images.numpy()))
             yield key, torch.from_numpy(maps), torch.from_numpy(scores)
+
+
+def _onnxruntime_graph(graph_path: Path, device: torch.device):
+    """(run, [(input name, dtype, shape)], output names, providers) of the graph in ONNX Runtime."""
+    import onnxruntime  # only the exported-graph path needs it
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = onnxruntime.InferenceSession(str(graph_path), providers=providers)
+    inputs = [(i.name, i.type.removeprefix("tensor(").removesuffix(")"), i.shape) for i in session.get_inputs()]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return maps, scores
+
+    return run, inputs, [o.name for o in session.get_outputs()], session.get_providers()
+
+
+def _openvino_graph(graph_path: Path, threads: int):
+    """(run, [(input name, dtype, shape)], output names, providers) of the graph compiled by OpenVINO for the CPU."""
+    import openvino  # only the OpenVINO path needs it
+
+    core = openvino.Core()
+    model = core.read_model(str(graph_path))
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    inputs = [
+        (i.get_any_name(), str(i.get_element_type().to_dtype()), [str(d) for d in i.get_partial_shape()])
+        for i in compiled.inputs
+    ]
+    inputs = [(name, dtype, [int(d) if d.isdigit() else d for d in shape]) for name, dtype, shape in inputs]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        results = request.infer({INPUT_NAME: images})
+        return tuple(np.array(results[compiled.output(name)], copy=True) for name in OUTPUT_NAMES)
+
+    return run, inputs, [o.get_any_name() for o in compiled.outputs], ["OpenVINO CPU"]
