@@ -1,9 +1,10 @@
-"""Export time and size of each backbone's ONNX graph, and ONNX Runtime against torch in images per second.
+"""Export time and size of each backbone's ONNX graph, and the graph in ONNX Runtime and OpenVINO against torch,
+in images per second.
 
 For every backbone: a model fitted on the first `--fit_images` training images of the class
 (the graph's size does not depend on how many), exported with utils.padim.onnx_graph.export_graph
-(timed), then the test images scored by torch (Padim, as predict.py runs it) and by ONNX
-Runtime (the exported graph), at each batch size, from the same decoded pixels. Decoding is
+(timed), then the test images scored by torch (Padim, as predict.py runs it) and by the exported
+graph in ONNX Runtime and in OpenVINO (float32), at each batch size, from the same decoded pixels. Decoding is
 left out of both timings. Only efficientnet_lite0 loads ImageNet weights; the others run with
 random weights, which cost the same.
 """
@@ -26,11 +27,13 @@ from utils.config import DEFAULT_OPSET
 from utils.padim.backbones import build_extractor
 from utils.padim.embedding import channel_index
 from utils.padim.model import Padim
-from utils.padim.onnx_graph import OnnxScorer, export_graph
+from utils.padim.engines import engine_threads
+from utils.padim.onnx_graph import GraphScorer, export_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "magnetic_tile" / "magnetic_tile"
 OFFLINE_PRETRAINED = {"efficientnet_lite0"}
+GRAPH_ENGINES = ("onnxruntime", "openvino")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,14 +83,16 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict:
     data = export_graph(padim, graph, DEFAULT_OPSET)
     export_s = time.perf_counter() - start
     size = graph.stat().st_size + (data.stat().st_size if data else 0)
-    scorer = OnnxScorer(graph, {"input_size": geometry.input_size}, torch.device("cpu"))
+    description, cpu = {"input_size": geometry.input_size}, torch.device("cpu")
+    scorers = {engine: GraphScorer(graph, description, cpu, engine, engine_threads()) for engine in GRAPH_ENGINES}
     pixels, inputs = pixels_and_inputs(test, geometry)
     row = {"backbone": backbone, "export_s": round(export_s, 1), "size_mib": round(size / 2**20, 1)}
     for batch in args.batch_sizes:
         padim.images_together = batch
         row[f"torch_img_s_b{batch}"] = round(images_per_second(padim.anomaly_maps, list(inputs.split(batch))), 2)
-        onnx_batches = [np.ascontiguousarray(b.numpy()) for b in pixels.split(batch)]
-        row[f"onnx_img_s_b{batch}"] = round(images_per_second(scorer, onnx_batches), 2)
+        graph_batches = [np.ascontiguousarray(b.numpy()) for b in pixels.split(batch)]
+        for engine, scorer in scorers.items():
+            row[f"{engine}_img_s_b{batch}"] = round(images_per_second(scorer, graph_batches), 2)
     return row
 
 

@@ -51,6 +51,12 @@ class Exports(dict):
         self.texture_root, self.tmp_path_factory = texture_root, tmp_path_factory
 
     def __missing__(self, name: str) -> tuple[Path, Path]:
+        if name.endswith(":openvino"):  # the ONNX export's model, exported again as OpenVINO's IR
+            model_dir, _ = self[name.removesuffix(":openvino")]
+            graph = self.tmp_path_factory.mktemp("openvino") / "model.xml"
+            assert export.main(["--model", str(model_dir), "--output", str(graph), "--format", "openvino"]) == 0
+            self[name] = (model_dir, graph)
+            return self[name]
         folder = self.tmp_path_factory.mktemp(name)
         model_dir = _train(self.texture_root, folder / "results", *CONFIGURATIONS[name])
         graph = folder / "export" / "model.onnx"
@@ -69,13 +75,16 @@ def _batch(paths: list[Path], dataset_pixels: bool, loaded: loading.LoadedModel)
     return torch.stack([dataset[i][0] for i in range(len(paths))])
 
 
-@pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_onnx_runtime_scores_equal_torch(name: str, exported, texture_root: Path):
-    """Same images: ONNX Runtime's scores within 1e-4 relative of the torch model's, maps within 1e-3 of their range."""
+@pytest.mark.parametrize(
+    "name", [*CONFIGURATIONS, "lite0_crop224:openvino", "resnet18_crop0:openvino"]
+)  # an .onnx graph in ONNX Runtime, an .xml one in OpenVINO
+def test_exported_graph_scores_equal_torch(name: str, exported, texture_root: Path):
+    """Same images: the graph's scores within 1e-4 relative of the torch model's, maps within 1e-3 of their range."""
     model_dir, graph = exported[name]
     content, path, weights = loading.read_model(model_dir, None)
     torch_model = loading.build(content, path, weights, torch.device("cpu"), batch_size=8)
-    onnx_model_ = loading.build_onnx(graph, read_description(graph), torch.device("cpu"))
+    onnx_model_ = loading.build_graph(graph, read_description(graph), torch.device("cpu"), "auto")
+    assert onnx_model_.scorer.engine == ("openvino" if graph.suffix == ".xml" else "onnxruntime")
     paths = sorted((texture_root / "brick" / "test").glob("*/*.png"))
     torch_maps, torch_scores = torch_model.scorer.anomaly_maps(_batch(paths, False, torch_model))
     onnx_maps, onnx_scores = onnx_model_.scorer(_batch(paths, True, onnx_model_).numpy())
@@ -88,10 +97,11 @@ def test_onnx_runtime_scores_equal_torch(name: str, exported, texture_root: Path
     assert description["threshold"] == content["threshold"] and description["input_size"] == (
         content["cropsize"] or content["resize"]
     )
-    assert description["source_model_checksum"] == content["checksum"] and description["external_data"] is None
+    assert description["source_model_checksum"] == content["checksum"]
+    assert description["external_data"] == ("model.bin" if graph.suffix == ".xml" else None)
 
 
-@pytest.mark.parametrize("name", ["lite0_crop224", "resnet18_crop0"])
+@pytest.mark.parametrize("name", ["lite0_crop224", "resnet18_crop0", "resnet18_crop0:openvino"])
 def test_predict_with_the_graph_writes_what_the_model_file_writes(name: str, exported, texture_root: Path, tmp_path):
     model_dir, graph = exported[name]
     inputs = ["--input", str(texture_root / "brick" / "test" / "*" / "*.png")]
@@ -204,6 +214,6 @@ def test_readme_snippet_scores_one_image_without_torch(exported, texture_root: P
     )
     assert run.returncode == 0, run.stderr
     score = float(re.search(r"score ([0-9.]+)", run.stdout).group(1))
-    loaded = loading.build_onnx(graph, read_description(graph), torch.device("cpu"))
+    loaded = loading.build_graph(graph, read_description(graph), torch.device("cpu"), "auto")
     reference = float(loaded.scorer(_batch([image], True, loaded).numpy())[1][0])
     assert abs(score - reference) <= 0.02 * reference  # Pillow's resize rounds a little differently from torchvision's
