@@ -3,8 +3,9 @@
 The only cost PaDiM cannot avoid is running the backbone over every image; statistics,
 inversion, Mahalanobis distances, up-sampling and blur are overhead on top of it. For each
 backbone and class this prints one row: the forward-only time over the train and test
-images (same DataLoader, same batch size), the time of the pipeline users run (fit with its
-threshold, then scoring; no metrics, no plots), their ratio, the metrics and plot times, and
+images (same DataLoader, same batch size) on each engine (torch, ONNX Runtime, OpenVINO, all
+float32, interleaved), the time of the pipeline users run on `--engine` (fit with its threshold,
+then scoring; no metrics, no plots), its ratio to the fastest forward, the metrics and plot times, and
 the peak resident memory of the fit with a few and with all training images, each measured
 in a fresh process next to that process's baseline after the model is loaded.
 
@@ -33,12 +34,13 @@ import experiment
 import trainer
 from datasets.images import Geometry, readable_batches
 from datasets.split import ClassSplit, DataError, load_class
-from utils.cli import at_least
+from utils.cli import add_engine_flags, at_least
 from utils.config import DeviceConfig, FitConfig, RunConfig, model_configs
 from utils.evaluation.results import evaluate
 from utils.evaluation.summary import MapSummary
 from utils.padim.backbone_specs import BACKBONES
 from utils.padim.backbones import WeightsError, build_extractor, float32_precision
+from utils.padim.engines import EngineError, engine_extractor
 from utils.padim.model import Padim
 from utils.reporting.plotting import plot_class_results
 from utils.runtime.distributed import World
@@ -54,6 +56,7 @@ TARGET_RATIO = 1.3
 TARGET_MEMORY_GROWTH = 1.10
 TARGET_WIDE_PEAK_MIB = 6 * 1024
 TARGET_METRICS_S = 15.0
+FORWARD_ENGINES = ("torch", "onnxruntime", "openvino")
 
 log = logging.getLogger("padim.bench")
 
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the backbone")
     for flag in ("--stats_on_gpu", "--mahalanobis_on_gpu", "--allow_tf32"):
         parser.add_argument(flag, action="store_true", help=f"as run_experiment.py {flag}")
+    add_engine_flags(parser)
     parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
     return parser
 
@@ -130,7 +134,29 @@ def pipeline_config(args: argparse.Namespace, backbone: str) -> RunConfig:
         data_path=args.data_path,
         models=model_configs([backbone], [None], [args.resize], [args.cropsize], [None], weights),
         fit=FitConfig(layout="mvtec", batch_size=args.batch_size, num_workers=args.num_workers),
-        devices=DeviceConfig(args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32),
+        devices=DeviceConfig(
+            args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32, args.engine, args.precision
+        ),
+    )
+
+
+def backbone_on(engine: str, precision: str, config: RunConfig, devices: dict[str, torch.device], built=None):
+    """The configuration's backbone on `engine` (as run_experiment.py builds it), from `built` (build_extractor's
+    (extractor, weights id)) when given."""
+    model_config = config.models[0]
+    extractor, weights_id = built or build_extractor(
+        model_config.architecture, model_config.weights, devices["backbone"], model_config.seed
+    )
+    input_size = geometry_of(config).input_size
+    return engine_extractor(
+        extractor,
+        engine,
+        precision,
+        devices["backbone"],
+        input_size,
+        weights_id,
+        model_config.seed,
+        config.fit.num_workers,
     )
 
 
@@ -241,12 +267,9 @@ def timed_pipeline(extractor, split: ClassSplit, config: RunConfig, devices: dic
 
 def fit_peak_rss(config: RunConfig, split: ClassSplit) -> tuple[float, float]:
     """(MiB after the model is loaded, peak MiB after the fit) of this process; run it in a fresh one."""
-    model_config = config.models[0]
     devices = trainer.resolve_devices(config.devices)
-    extractor, _ = build_extractor(
-        model_config.architecture, model_config.weights, devices["backbone"], model_config.seed
-    )
-    model = trainer.build_model(extractor, model_config, devices)
+    backbone = backbone_on(config.devices.engine, config.devices.precision, config, devices)
+    model = trainer.build_model(backbone, config.models[0], devices)
     baseline = peak_rss_mib()
     fit(model, split, config)
     return baseline, peak_rss_mib()
@@ -301,29 +324,43 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
     config = pipeline_config(args, backbone)
     model_config = config.models[0]
     devices = trainer.resolve_devices(config.devices)
-    extractor, _ = build_extractor(backbone, model_config.weights, devices["backbone"], model_config.seed)
+    built = build_extractor(backbone, model_config.weights, devices["backbone"], model_config.seed)
+    pipeline_backbone = backbone_on(config.devices.engine, config.devices.precision, config, devices, built)
+    engines = FORWARD_ENGINES if devices["backbone"].type == "cpu" else ("torch",)
+    forward_backbones = {}
+    for engine in engines:  # full float32 each: the lower bound is the fastest exact forward
+        candidate = backbone_on(engine, "fp32", config, devices, built)
+        forward_backbones.setdefault(candidate.engine, candidate)  # an engine that fell back to torch is not timed
     rows = []
     for split in splits:
         n_train, n_test = len(split.fit) + len(split.holdout), len(split.test)
         log.info("%s / %s: %d train, %d test images", backbone, split.name, n_train, n_test)
         warm_file_cache(split)
-        backbone_only = trainer.build_model(extractor, model_config, devices)
-        warm_up(backbone_only, split, config)
-        forwards, attempts = [], []
+        backbone_only = {
+            engine: trainer.build_model(candidate, model_config, devices)
+            for engine, candidate in forward_backbones.items()
+        }
+        for model in backbone_only.values():
+            warm_up(model, split, config)
+        forwards, attempts = {engine: [] for engine in backbone_only}, []
         for run in range(1, args.repeat + 1):
-            forwards.append(forward_only(backbone_only, split, config))
-            attempts.append(timed_pipeline(extractor, split, config, devices))
+            for engine, model in backbone_only.items():  # engines interleaved, so drifts of the machine hit all
+                forwards[engine].append(forward_only(model, split, config))
+            attempts.append(timed_pipeline(pipeline_backbone, split, config, devices))
             pipeline_run_s = attempts[-1]["fit_s"] + attempts[-1]["score_s"]
+            fastest_run_s = min(times[-1] for times in forwards.values())
             log.info(
-                "%s / %s run %d: forward %.2f s, pipeline %.2f s, ratio %.3f",
+                "%s / %s run %d: forward %s, pipeline (%s) %.2f s, ratio to the fastest forward %.3f",
                 backbone,
                 split.name,
                 run,
-                forwards[-1],
+                ", ".join(f"{engine} {times[-1]:.2f} s" for engine, times in forwards.items()),
+                pipeline_backbone.engine,
                 pipeline_run_s,
-                pipeline_run_s / forwards[-1],
+                pipeline_run_s / fastest_run_s,
             )
-        forward_s = float(np.median(forwards))
+        forward_medians = {engine: float(np.median(times)) for engine, times in forwards.items()}
+        fastest = min(forward_medians, key=forward_medians.get)
         times = sorted(attempts, key=lambda attempt: attempt["fit_s"] + attempt["score_s"])[len(attempts) // 2]
         pipeline_s = times["fit_s"] + times["score_s"]
         row = {
@@ -331,11 +368,14 @@ def benchmark_backbone(args: argparse.Namespace, backbone: str, splits: list[Cla
             "class_name": split.name,
             "weights": model_config.weights,
             "devices": "/".join(devices[part].type for part in ("backbone", "stats", "mahalanobis")),
+            "engine": f"{pipeline_backbone.engine}/{pipeline_backbone.precision}",
             "n_train": n_train,
             "n_test": n_test,
-            "forward_s": forward_s,
+            **{f"forward_{engine}_s": seconds for engine, seconds in forward_medians.items()},
+            "fastest_forward": fastest,
+            "forward_s": forward_medians[fastest],
             "pipeline_s": pipeline_s,
-            "ratio": pipeline_s / forward_s,
+            "ratio": pipeline_s / forward_medians[fastest],
             "fit_s": times["fit_s"],
             "score_s": times["score_s"],
             "fit_img_s": n_train / times["fit_s"],
@@ -405,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with float32_precision(args.allow_tf32):
             return run(args)
-    except (DataError, WeightsError) as err:
+    except (DataError, WeightsError, EngineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -26,8 +26,8 @@ from utils.cli import at_least
 from utils.config import DEFAULT_OPSET
 from utils.padim.backbones import build_extractor
 from utils.padim.embedding import channel_index
-from utils.padim.model import Padim
 from utils.padim.engines import engine_threads
+from utils.padim.model import Padim
 from utils.padim.onnx_graph import GraphScorer, export_graph
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,6 +33,9 @@ def test_benchmark_row_is_consistent(texture_root, tmp_path, capsys):
     row = table.iloc[0]
     assert (row.backbone, row.class_name, row.weights) == ("efficientnet_lite0", "brick", "imagenet")
     assert (row.n_train, row.n_test) == (24, 14)
+    forwards = {engine: row[f"forward_{engine}_s"] for engine in bench.FORWARD_ENGINES}
+    assert row.forward_s == min(forwards.values()) and row.fastest_forward == min(forwards, key=forwards.get)
+    assert row.engine == "openvino/fp32"  # auto: the fastest measured for efficientnet_lite0
     assert row.forward_s > 0 and row.fit_s > 0 and row.score_s > 0 and row.metrics_s > 0 and row.plots_s > 0
     # the CSV keeps 4 significant digits, hence the tolerance
     assert math.isclose(row.pipeline_s, row.fit_s + row.score_s, rel_tol=1e-2)
@@ -88,8 +91,13 @@ def test_bad_flags_are_refused(flags):
 
 
 def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
-    """The row takes the median forward pass and the pipeline run with the median total, with that run's columns."""
-    forwards = iter([3.0, 2.0, 4.0])
+    """The row takes each engine's median forward pass, the fastest of them as the lower bound, and the pipeline run
+    with the median total, with that run's columns."""
+    forwards = {
+        "torch": iter([3.0, 2.0, 4.0]),
+        "onnxruntime": iter([1.5, 2.5, 2.0]),
+        "openvino": iter([2.2, 2.4, 2.3]),
+    }
     pipelines = iter(
         [
             {"fit_s": 4.0, "score_s": 1.0, "metrics_s": 0.1, "plots_s": 0.2},
@@ -97,7 +105,7 @@ def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
             {"fit_s": 2.5, "score_s": 1.5, "metrics_s": 0.5, "plots_s": 0.6},
         ]
     )
-    monkeypatch.setattr(bench, "forward_only", lambda *args: next(forwards))
+    monkeypatch.setattr(bench, "forward_only", lambda model, *args: next(forwards[model.extractor.engine]))
     monkeypatch.setattr(bench, "timed_pipeline", lambda *args: next(pipelines))
     output = tmp_path / "bench.csv"
     assert (
@@ -116,8 +124,10 @@ def test_repeat_reports_the_median_of_each(texture_root, tmp_path, monkeypatch):
         == 0
     )
     row = pd.read_csv(output).iloc[0]
-    assert (row.forward_s, row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (3.0, 4.0, 1.0, 5.0, 0.1)
-    assert math.isclose(row.ratio, 5.0 / 3.0, rel_tol=1e-3)
+    assert (row.forward_torch_s, row.forward_onnxruntime_s, row.forward_openvino_s) == (3.0, 2.0, 2.3)
+    assert (row.forward_s, row.fastest_forward) == (2.0, "onnxruntime")
+    assert (row.fit_s, row.score_s, row.pipeline_s, row.metrics_s) == (4.0, 1.0, 5.0, 0.1)
+    assert math.isclose(row.ratio, 5.0 / 2.0, rel_tol=1e-3)
 
 
 def test_gaussian_steps_prints_the_median_of_its_runs(capsys):

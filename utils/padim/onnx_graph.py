@@ -231,7 +231,8 @@ class GraphScorer:
         except ImportError as err:
             raise OnnxModelError(f"{engine} is not installed (pip install -r requirements.txt)") from err
         except Exception as err:  # each runtime raises its own exception types for a damaged graph
-            raise OnnxModelError(f"{graph_path}: not a usable graph for {engine} ({first_line(err)})") from err
+            kind = "OpenVINO" if graph_path.suffix == ".xml" else "ONNX"
+            raise OnnxModelError(f"{graph_path}: not a usable {kind} graph ({engine}: {first_line(err)})") from err
         size = description["input_size"]
         if (
             [name for name, _, _ in inputs] != [INPUT_NAME]
