@@ -9,6 +9,7 @@ writes the tables as the rows arrive."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,8 +23,16 @@ import pandas as pd
 import torch
 
 from data.demo_data import make_demo_dataset
-from datasets.images import IMAGE_EXTENSIONS
-from datasets.split import DataError, find_classes, is_class_dir
+from datasets.manifest import manifest_files
+from datasets.split import (
+    ClassFiles,
+    DataError,
+    choose_layout,
+    class_folder_files,
+    find_classes,
+    folder_layout_files,
+    is_class_dir,
+)
 from trainer import resolve_devices, run_class
 from utils.cli import install_log_handler
 from utils.config import ModelConfig, RunConfig
@@ -58,8 +67,23 @@ def ensure_demo_data(root: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
-    """(result folder name, training class, test class or None) for every class to run."""
+def with_layout(config: RunConfig) -> tuple[RunConfig, str]:
+    """The configuration with `--dataset auto` resolved to the layout of the data, and why it was chosen."""
+    layout, reason = choose_layout(config)
+    return dataclasses.replace(config, fit=dataclasses.replace(config.fit, layout=layout)), reason
+
+
+def class_jobs(config: RunConfig) -> list[tuple[str, ClassFiles, ClassFiles | None]]:
+    """(result folder name, training class's images, test class's images or None) for every class to run,
+    in the layout of the data; a manifest with a bad row stops the run here, before any work."""
+    config, _ = with_layout(config)
+    layout = config.fit.layout
+    if layout == "folder":
+        files = folder_layout_files(config.folder)
+        return [(files.name, files, None)]
+    if layout == "csv":
+        listed = manifest_files(config.manifest, config.data_path, config.class_name)
+        return [(files.name, files, None) for files in listed]
     if not config.data_path.is_dir():
         raise DataError(f"--data_path {config.data_path} is not a folder")
     classes = find_classes(config.data_path)
@@ -75,10 +99,11 @@ def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
         )
         if not is_class_dir(test_dir):
             raise DataError(f"test class {test_dir} has no train/ and test/ folders")
-        return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
+        name = f"train_{classes[0].name}_test_{test_dir.name}"
+        return [(name, class_folder_files(layout, classes[0]), class_folder_files(layout, test_dir))]
     if not classes:
         raise DataError(f"no class folder (with train/ and test/) in {config.data_path}")
-    return [(c.name, c, None) for c in classes]
+    return [(c.name, class_folder_files(layout, c), None) for c in classes]
 
 
 def claim_results_folder(out_dir: Path, settings: dict) -> None:
@@ -176,8 +201,8 @@ class Job:
 
     configuration: int
     name: str
-    class_dir: Path
-    test_dir: Path | None
+    files: ClassFiles
+    test_files: ClassFiles | None
     images: int
 
 
@@ -198,12 +223,6 @@ class ResultBook:
         with self.lock:
             configuration.rows[name] = {"class_name": name, **row}
             write_results(self.rows(configuration), configuration.folder / "master_results.csv")
-
-
-def count_images(class_dir: Path) -> int:
-    """The training and test images of a class (not its masks): the size of its jobs."""
-    folders = (class_dir / "train", class_dir / "test")
-    return sum(1 for folder in folders for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def share_jobs(jobs: list[Job], world: World) -> list[Job]:
@@ -232,12 +251,12 @@ def prepare(
 ) -> list[Job]:
     """Check what can fail early (output writable, classes, weights, dims) before creating anything, then
     (rank 0) hold and claim the results folders for the rest of the run, so no other run writes there."""
+    classes = class_jobs(config)
     parent = config.comparison_folder()
     folders = ([parent] if parent else []) + [configuration.folder for configuration in configurations]
     if world.is_root:
         for folder in folders:
             prove_writable(folder, "results folder", DataError)
-    classes = class_jobs(config)
     extractors = {}
     for configuration in configurations:
         model = configuration.model
@@ -257,11 +276,10 @@ def prepare(
             held.enter_context(folder_lock(folder, "results folder", DataError))
         for configuration in configurations:
             claim_results_folder(configuration.folder, config.identity(configuration.model))
-    sizes = [count_images(class_dir) for _, class_dir, _ in classes]
     return [
-        Job(index, name, class_dir, test_dir, size)
+        Job(index, name, files, test_files, files.images)
         for index in range(len(configurations))
-        for (name, class_dir, test_dir), size in zip(classes, sizes)
+        for name, files, test_files in classes
     ]
 
 
@@ -270,6 +288,7 @@ def run(config: RunConfig) -> int:
     writes each configuration's master_results.csv as rows arrive, and the comparison at the end."""
     if config.demo:
         ensure_demo_data(config.data_path)
+    config, reason = with_layout(config)
     configurations = [Configuration(model, config.results_folder(model)) for model in config.models]
     book = ResultBook(configurations, [])
     devices = resolve_devices(config.devices)
@@ -277,6 +296,8 @@ def run(config: RunConfig) -> int:
     world = World.join(book.record, config.dist_timeout_s, cuda)
     devices = on_rank(devices, world)
     console_handler(world)
+    if world.is_root:
+        print(f"dataset: {config.fit.layout} ({reason})")
     try:
         with contextlib.ExitStack() as held:
             held.enter_context(float32_precision(config.devices.allow_tf32))
@@ -324,14 +345,14 @@ def run_job(
             world.rank,
             world.size,
         )
-    test = f", testing on {job.test_dir}" if job.test_dir else ""
-    log.info("class %s: training on %s%s", job.name, job.class_dir, test)
+    test = f", testing on {job.test_files.test_where}" if job.test_files else ""
+    log.info("class %s: training on %s%s", job.name, job.files.train_where, test)
     if class_ranks.is_root:
         clear_class_folder(out_dir)
     try:
         row = run_class(
-            job.class_dir,
-            job.test_dir,
+            job.files,
+            job.test_files,
             model,
             config.fit,
             configuration.extractor,

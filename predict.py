@@ -180,10 +180,10 @@ class WithOriginal(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, mask = self.dataset.decode(index)
+            decoded, mask = self.dataset.decode(index)
         except ImageReadError as err:
             return None, str(err), index, None
-        return (*self.dataset.to_item(image, mask, index), np.asarray(image))
+        return (*self.dataset.to_item(decoded, mask, index), np.asarray(decoded.image))
 
 
 @dataclass(frozen=True)
