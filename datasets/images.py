@@ -119,9 +119,8 @@ def decode_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, short_sid
             opened.load()
             image = opened
             if factor > 1:
-                image = image.convert(
-                    {"I;16": "I", "I;16B": "I", "I;16L": "I", "P": "RGBA", "1": "L"}.get(image.mode, image.mode)
-                )
+                if image.mode in REDUCIBLE_MODE:
+                    image = image.convert(REDUCIBLE_MODE[image.mode])
                 image = image.reduce(max(1, min(image.size) // (REDUCING_GAP * short_side)))
             orientation = opened.getexif().get(0x0112)
             image = ImageOps.exif_transpose(image)
