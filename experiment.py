@@ -296,8 +296,6 @@ def run(config: RunConfig) -> int:
     world = World.join(book.record, config.dist_timeout_s, cuda)
     devices = on_rank(devices, world)
     console_handler(world)
-    if world.is_root:
-        print(f"dataset: {config.fit.layout} ({reason})")
     try:
         with contextlib.ExitStack() as held:
             held.enter_context(float32_precision(config.devices.allow_tf32))
@@ -317,7 +315,7 @@ def run(config: RunConfig) -> int:
                 if row is not None:
                     world.post((job.configuration, job.name, row))
             world.close()
-            return report(config, configurations, book) if world.is_root else 0
+            return report(config, configurations, book, reason) if world.is_root else 0
     except PeerLost:
         return 1  # the reason is logged where it was noticed
 
@@ -373,9 +371,10 @@ def run_job(
 SUMMARY_COLUMNS = ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped"]
 
 
-def report(config: RunConfig, configurations: list[Configuration], book: ResultBook) -> int:
-    """Rank 0, after the last job: the final tables, the summary on stdout, and with several configurations
-    comparison.csv / comparison.png and the best configuration per class; 0 when any class succeeded."""
+def report(config: RunConfig, configurations: list[Configuration], book: ResultBook, layout_reason: str) -> int:
+    """Rank 0, after the last job: the final tables, the summary and the layout (and why it was chosen) on
+    stdout, and with several configurations comparison.csv / comparison.png and the best configuration per
+    class; 0 when any class succeeded."""
     tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
     parent = config.comparison_folder()
     best = None
@@ -395,6 +394,8 @@ def report(config: RunConfig, configurations: list[Configuration], book: ResultB
         print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
         print(f"comparison: {parent / COMPARISON_CSV}")
         log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
+    print(f"dataset: {config.fit.layout} ({layout_reason})")
+    log.info("dataset: %s (%s)", config.fit.layout, layout_reason)
     if config.write_report:
         for configuration in configurations:
             print(f"report: {write_report(configuration.folder, configuration.folder.name)}")

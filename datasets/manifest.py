@@ -66,7 +66,9 @@ def row_sample(row: dict[str, str], base: Path) -> tuple[str, Sample]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {row['split']!r} (train or test)")
     if label not in NORMAL_LABELS | {ANOMALY_LABEL}:
-        raise ValueError(f"unknown label {row['label']!r} (normal, good or anomaly)")
+        raise ValueError(
+            f"unknown label {row['label']!r} (normal, good or anomaly; a defect type goes in a defect column)"
+        )
     if not row["image"]:
         raise ValueError("no image")
     image = located(row["image"], base)
