@@ -9,6 +9,7 @@ writes the tables as the rows arrive."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,8 +23,17 @@ import pandas as pd
 import torch
 
 from data.demo_data import make_demo_dataset
-from datasets.images import IMAGE_EXTENSIONS, Geometry
-from datasets.split import DataError, find_classes, is_class_dir
+from datasets.images import Geometry
+from datasets.manifest import manifest_files
+from datasets.split import (
+    ClassFiles,
+    DataError,
+    choose_layout,
+    class_folder_files,
+    find_classes,
+    folder_layout_files,
+    is_class_dir,
+)
 from trainer import resolve_devices, run_class
 from utils.cli import install_log_handler
 from utils.config import ModelConfig, RunConfig
@@ -59,8 +69,23 @@ def ensure_demo_data(root: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
-    """(result folder name, training class, test class or None) for every class to run."""
+def with_layout(config: RunConfig) -> tuple[RunConfig, str]:
+    """The configuration with `--dataset auto` resolved to the layout of the data, and why it was chosen."""
+    layout, reason = choose_layout(config)
+    return dataclasses.replace(config, fit=dataclasses.replace(config.fit, layout=layout)), reason
+
+
+def class_jobs(config: RunConfig) -> list[tuple[str, ClassFiles, ClassFiles | None]]:
+    """(result folder name, training class's images, test class's images or None) for every class to run,
+    in the layout of the data; a manifest with a bad row stops the run here, before any work."""
+    config, _ = with_layout(config)
+    layout = config.fit.layout
+    if layout == "folder":
+        files = folder_layout_files(config.folder)
+        return [(files.name, files, None)]
+    if layout == "csv":
+        listed = manifest_files(config.manifest, config.data_path, config.class_name)
+        return [(files.name, files, None) for files in listed]
     if not config.data_path.is_dir():
         raise DataError(f"--data_path {config.data_path} is not a folder")
     classes = find_classes(config.data_path)
@@ -76,10 +101,11 @@ def class_jobs(config: RunConfig) -> list[tuple[str, Path, Path | None]]:
         )
         if not is_class_dir(test_dir):
             raise DataError(f"test class {test_dir} has no train/ and test/ folders")
-        return [(f"train_{classes[0].name}_test_{test_dir.name}", classes[0], test_dir)]
+        name = f"train_{classes[0].name}_test_{test_dir.name}"
+        return [(name, class_folder_files(layout, classes[0]), class_folder_files(layout, test_dir))]
     if not classes:
         raise DataError(f"no class folder (with train/ and test/) in {config.data_path}")
-    return [(c.name, c, None) for c in classes]
+    return [(c.name, class_folder_files(layout, c), None) for c in classes]
 
 
 def claim_results_folder(out_dir: Path, settings: dict, notes: dict | None = None) -> None:
@@ -179,8 +205,8 @@ class Job:
 
     configuration: int
     name: str
-    class_dir: Path
-    test_dir: Path | None
+    files: ClassFiles
+    test_files: ClassFiles | None
     images: int
 
 
@@ -201,12 +227,6 @@ class ResultBook:
         with self.lock:
             configuration.rows[name] = {"class_name": name, **row}
             write_results(self.rows(configuration), configuration.folder / "master_results.csv")
-
-
-def count_images(class_dir: Path) -> int:
-    """The training and test images of a class (not its masks): the size of its jobs."""
-    folders = (class_dir / "train", class_dir / "test")
-    return sum(1 for folder in folders for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def share_jobs(jobs: list[Job], world: World) -> list[Job]:
@@ -235,12 +255,12 @@ def prepare(
 ) -> list[Job]:
     """Check what can fail early (output writable, classes, weights, dims) before creating anything, then
     (rank 0) hold and claim the results folders for the rest of the run, so no other run writes there."""
+    classes = class_jobs(config)
     parent = config.comparison_folder()
     folders = ([parent] if parent else []) + [configuration.folder for configuration in configurations]
     if world.is_root:
         for folder in folders:
             prove_writable(folder, "results folder", DataError)
-    classes = class_jobs(config)
     extractors, engines = {}, {}
     for configuration in configurations:
         model = configuration.model
@@ -274,11 +294,10 @@ def prepare(
         for configuration in configurations:
             engine = {"engine": configuration.extractor.engine, "engine_requested": config.devices.engine}
             claim_results_folder(configuration.folder, config.identity(configuration.model), engine)
-    sizes = [count_images(class_dir) for _, class_dir, _ in classes]
     return [
-        Job(index, name, class_dir, test_dir, size)
+        Job(index, name, files, test_files, files.images)
         for index in range(len(configurations))
-        for (name, class_dir, test_dir), size in zip(classes, sizes)
+        for name, files, test_files in classes
     ]
 
 
@@ -287,6 +306,7 @@ def run(config: RunConfig) -> int:
     writes each configuration's master_results.csv as rows arrive, and the comparison at the end."""
     if config.demo:
         ensure_demo_data(config.data_path)
+    config, reason = with_layout(config)
     configurations = [Configuration(model, config.results_folder(model)) for model in config.models]
     book = ResultBook(configurations, [])
     devices = resolve_devices(config.devices)
@@ -313,7 +333,7 @@ def run(config: RunConfig) -> int:
                 if row is not None:
                     world.post((job.configuration, job.name, row))
             world.close()
-            return report(config, configurations, book) if world.is_root else 0
+            return report(config, configurations, book, reason) if world.is_root else 0
     except PeerLost:
         return 1  # the reason is logged where it was noticed
 
@@ -343,14 +363,14 @@ def run_job(
             world.rank,
             world.size,
         )
-    test = f", testing on {job.test_dir}" if job.test_dir else ""
-    log.info("class %s: training on %s%s", job.name, job.class_dir, test)
+    test = f", testing on {job.test_files.test_where}" if job.test_files else ""
+    log.info("class %s: training on %s%s", job.name, job.files.train_where, test)
     if class_ranks.is_root:
         clear_class_folder(out_dir)
     try:
         row = run_class(
-            job.class_dir,
-            job.test_dir,
+            job.files,
+            job.test_files,
             model,
             config.fit,
             configuration.extractor,
@@ -371,9 +391,10 @@ def run_job(
 SUMMARY_COLUMNS = ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_score", "n_holdout", "n_skipped"]
 
 
-def report(config: RunConfig, configurations: list[Configuration], book: ResultBook) -> int:
-    """Rank 0, after the last job: the final tables, the summary on stdout, and with several configurations
-    comparison.csv / comparison.png and the best configuration per class; 0 when any class succeeded."""
+def report(config: RunConfig, configurations: list[Configuration], book: ResultBook, layout_reason: str) -> int:
+    """Rank 0, after the last job: the final tables, the summary and the layout (and why it was chosen) on
+    stdout, and with several configurations comparison.csv / comparison.png and the best configuration per
+    class; 0 when any class succeeded."""
     tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
     parent = config.comparison_folder()
     best = None
@@ -393,6 +414,8 @@ def report(config: RunConfig, configurations: list[Configuration], book: ResultB
         print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
         print(f"comparison: {parent / COMPARISON_CSV}")
         log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
+    print(f"dataset: {config.fit.layout} ({layout_reason})")
+    log.info("dataset: %s (%s)", config.fit.layout, layout_reason)
     if config.write_report:
         for configuration in configurations:
             print(f"report: {write_report(configuration.folder, configuration.folder.name)}")

@@ -28,6 +28,7 @@ from datasets.images import (
     Sample,
     image_loader,
     list_images,
+    read_rgb,
     readable_batches,
 )
 from utils.cli import (
@@ -39,6 +40,7 @@ from utils.cli import (
     positive_float,
     run_main,
 )
+from utils.config import DEFAULT_MAX_IMAGE_PIXELS
 from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbones import (
     WeightsError,
@@ -58,6 +60,7 @@ CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px"
 REGION_COLUMNS = ("path", "region_id", "x", "y", "width", "height", "area_px", "peak_score", "mean_score")
 MIN_REGION_AREA = 25
 HEAT_SCALE_TOP = 2.0
+BAND_ROWS = 1024  # rows of an original-resolution output coloured at a time: no float copy of a whole large image
 NON_FINITE_ERROR = "non-finite score or map (NaN or infinity): reported anomalous, the model or backbone is damaged"
 
 
@@ -111,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--save_masks", action="store_true", help="also write masks/<stem>.png: 0/255 pixels above the threshold"
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=at_least(0),
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="larger images are refused as possible decompression bombs; raise it for your own large images "
+        "(0: no limit)",
     )
     parser.add_argument(
         "--weights",
@@ -180,7 +190,9 @@ def output_names(paths: list[Path]) -> list[str]:
 
 class WithOriginal(Dataset):
     """ImageDataset items plus the original pixels they were made from (decoded once), which the
-    original-resolution outputs need (collated into Batch.originals)."""
+    original-resolution outputs need (collated into Batch.originals); None for an image reduced on
+    decoding (a large one), whose full pixels the writer decodes again, one image at a time, so a
+    batch never holds large images in full."""
 
     def __init__(self, dataset: ImageDataset):
         self.dataset = dataset
@@ -190,10 +202,11 @@ class WithOriginal(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, mask = self.dataset.decode(index)
+            decoded, mask = self.dataset.decode(index)
         except ImageReadError as err:
             return None, str(err), index, None
-        return (*self.dataset.to_item(image, mask, index), np.asarray(image))
+        original = None if decoded.reduced else np.asarray(decoded.image)
+        return (*self.dataset.to_item(decoded, mask, index), original)
 
 
 @dataclass(frozen=True)
@@ -210,16 +223,28 @@ class OutputWriter:
     save_masks: bool
     table: np.ndarray
     min_region_area: int
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
-    def __call__(self, amap: torch.Tensor, original: np.ndarray, name: str) -> tuple[int, list[Region]]:
-        """Write the files of one image; returns its pixels above the threshold and its regions."""
+    def __call__(
+        self, amap: torch.Tensor, original: np.ndarray | None, name: str, path: Path
+    ) -> tuple[int, list[Region]]:
+        """Write the files of one image (`original` None: decoded from `path` here); returns its pixels above
+        the threshold and its regions. Colours are computed BAND_ROWS rows at a time into the outputs."""
+        if original is None:
+            original = np.asarray(read_rgb(path, self.max_pixels))
         height, width = original.shape[:2]
         full = to_original_resolution(amap, height, width, self.geometry).numpy()
-        heat = heat_colours(full, HEAT_SCALE_TOP * self.threshold, self.table)
-        regions = anomaly_regions(full, self.threshold, self.min_region_area)
-        overlay = draw_regions(blend_overlay(original, heat), regions)
+        heat, overlay = np.empty_like(original), np.empty_like(original)
+        for top in range(0, height, BAND_ROWS):
+            band = slice(top, top + BAND_ROWS)
+            heat[band] = heat_colours(full[band], HEAT_SCALE_TOP * self.threshold, self.table)
+            overlay[band] = blend_overlay(original[band], heat[band])
+        del original
         write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
-        write_png(overlay, self.out_dir / "overlays" / f"{name}.png")
+        del heat
+        regions = anomaly_regions(full, self.threshold, self.min_region_area)
+        write_png(draw_regions(overlay, regions), self.out_dir / "overlays" / f"{name}.png")
+        del overlay
         above = full > self.threshold
         if self.save_masks:
             write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
@@ -263,10 +288,16 @@ def score_images(
     """
     rows = [{"path": str(p), "threshold": _number(threshold)} for p in paths]
     samples = [Sample(p, 0, "") for p in paths]
-    dataset = WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels))
+    dataset = WithOriginal(ImageDataset(samples, model.geometry, pixels=model.pixels, max_pixels=args.max_image_pixels))
     loader = image_loader(dataset, args.batch_size, args.num_workers, model.scorer.device)
     write = OutputWriter(
-        args.output, threshold, model.geometry, args.save_masks, heat_colour_table(), args.min_region_area
+        args.output,
+        threshold,
+        model.geometry,
+        args.save_masks,
+        heat_colour_table(),
+        args.min_region_area,
+        args.max_image_pixels,
     )
     in_flight: list[tuple[int, Future]] = []
     regions: list[dict] = []
@@ -280,7 +311,7 @@ def score_images(
             _finish(in_flight, rows, names, regions)
             finite = (torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)).tolist()
             in_flight = [
-                (index, writer.submit(write, amap, original, names[index]))
+                (index, writer.submit(write, amap, original, names[index], paths[index]))
                 for index, amap, original, ok in zip(batch.indices, maps, batch.originals, finite)
                 if ok
             ]

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
 from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, run_main, unit_interval
-from utils.config import COMPARISON_SUFFIX, DeviceConfig, FitConfig, Flips, ModelConfig, RunConfig, model_configs
+from utils.config import (
+    COMPARISON_SUFFIX,
+    DeviceConfig,
+    FitConfig,
+    Flips,
+    FolderLayout,
+    ModelConfig,
+    RunConfig,
+    model_configs,
+)
 from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE
 
 DEMO_DATA_DIR = Path("demo_data")
@@ -36,8 +45,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=ModelConfig.weights,
         help="'imagenet', 'none' (random init, for tests only) or a path to a state dict",
     )
-    parser.add_argument("--dataset", default=FitConfig.layout, choices=sorted(DATASET_LAYOUTS), help="data layout")
-    parser.add_argument("--data_path", type=Path, help="a folder of classes, or one class folder (train/ and test/)")
+    parser.add_argument(
+        "--dataset",
+        default=FitConfig.layout,
+        choices=DATASET_LAYOUTS,
+        help="data layout; auto: folder with --normal_dir, csv with --manifest, bowtie for class folders "
+        "data/process_data.py prepared, mvtec for other class folders",
+    )
+    parser.add_argument(
+        "--data_path",
+        type=Path,
+        help="a folder of classes, or one class folder (train/ and test/); with --manifest, the folder its "
+        "relative paths start from (None: the manifest's folder)",
+    )
+    parser.add_argument("--normal_dir", type=Path, help="folder layout: the good images to train on")
+    parser.add_argument(
+        "--abnormal_dir", type=Path, nargs="+", help="folder layout: defect images, a folder per defect type"
+    )
+    parser.add_argument(
+        "--normal_test_dir",
+        type=Path,
+        help="folder layout: good images to test on (None: a seeded --test_sample_ratio share of --normal_dir)",
+    )
+    parser.add_argument(
+        "--mask_dir",
+        type=Path,
+        help="folder layout: masks named by their image's stem (_mask suffix optional), directly in it or in a "
+        "sub-folder named after the defect type",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        help="csv layout: a CSV of object,split,label,image,mask (VisA's) or image,split,label[,mask][,class][,defect]",
+    )
+    parser.add_argument(
+        "--class_name",
+        help="folder layout: the class's name (None: the name of --normal_dir's parent); csv layout: the class "
+        "to run (None: every class)",
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=at_least(0),
+        default=FitConfig.max_image_pixels,
+        help="larger images are refused as possible decompression bombs; raise it for your own large images "
+        "(0: no limit)",
+    )
     parser.add_argument("--base_results_dir", type=Path, default=RunConfig.base_results_dir, help="where results go")
     parser.add_argument(
         "--results_subdir",
@@ -122,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--test_sample_ratio",
         type=unit_interval(True, False),
         default=FitConfig.test_sample_ratio,
-        help="bowtie: share of train/good moved (seeded, disjoint) to the test normals",
+        help="bowtie, and folder without --normal_test_dir: share of the good training images moved (seeded, "
+        "disjoint) to the test normals",
     )
     parser.add_argument(
         "--holdout_ratio",
@@ -188,6 +241,7 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         num_workers=args.num_workers,
         save_distribution=args.save_distribution,
         max_visualizations=args.max_visualizations,
+        max_image_pixels=args.max_image_pixels,
     )
     devices = DeviceConfig(
         args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32, args.engine, args.precision
@@ -205,7 +259,44 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         distribute=args.distribute,
         dist_timeout_s=args.dist_timeout_s,
         write_report=not args.no_report,
+        folder=folder_layout(args),
+        manifest=args.manifest,
+        class_name=args.class_name,
     )
+
+
+FOLDER_FLAGS = ("normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir")
+
+
+def folder_layout(args: argparse.Namespace) -> FolderLayout | None:
+    if args.normal_dir is None:
+        return None
+    return FolderLayout(
+        args.normal_dir, tuple(args.abnormal_dir or ()), args.normal_test_dir, args.mask_dir, args.class_name
+    )
+
+
+def check_layout_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Each layout's flags only with that layout (or auto, which they choose); parser error otherwise."""
+    folder_given = [f"--{name}" for name in FOLDER_FLAGS if getattr(args, name) is not None]
+    layout = args.dataset
+    if args.manifest is not None and folder_given:
+        parser.error(f"--manifest (csv layout) and {' '.join(folder_given)} (folder layout) exclude each other")
+    if folder_given and layout not in ("auto", "folder"):
+        parser.error(f"{' '.join(folder_given)}: only with --dataset folder")
+    if args.manifest is not None and layout not in ("auto", "csv"):
+        parser.error("--manifest: only with --dataset csv")
+    if layout == "csv" and args.manifest is None:
+        parser.error("--dataset csv needs --manifest FILE")
+    if layout == "folder" or folder_given:
+        if args.normal_dir is None or not args.abnormal_dir:
+            parser.error("the folder layout needs --normal_dir DIR and --abnormal_dir DIR...")
+        if args.data_path is not None:
+            parser.error("--data_path is not used with the folder layout (--normal_dir, --abnormal_dir)")
+    if args.class_name is not None and not (folder_given or args.manifest is not None):
+        parser.error("--class_name: only with the folder layout or --manifest")
+    if args.test_class_name and (folder_given or args.manifest is not None):
+        parser.error("--test_class_name: only with class folders (--dataset mvtec or bowtie)")
 
 
 def parse_args(argv: list[str] | None) -> RunConfig:
@@ -216,8 +307,9 @@ def parse_args(argv: list[str] | None) -> RunConfig:
         args.dataset, args.model_architecture, args.data_path = "mvtec", ["efficientnet_lite0"], DEMO_DATA_DIR
         args.cropsize = [min(cropsize, 224) for cropsize in args.cropsize]
         args.results_subdir = args.results_subdir or "demo"
-    if args.data_path is None:
-        parser.error("--data_path is required (or --demo)")
+    check_layout_flags(args, parser)
+    if args.data_path is None and args.normal_dir is None and args.manifest is None:
+        parser.error("--data_path is required (or --demo, or --normal_dir / --manifest for the folder and csv layouts)")
     config = run_config(args, parser)
     if args.augmentations_enabled and not (args.horizontal_flip or args.vertical_flip):
         parser.error("--augmentations_enabled needs --horizontal_flip and/or --vertical_flip")

@@ -30,7 +30,7 @@ from datasets.images import (
     image_loader,
     readable_batches,
 )
-from datasets.split import ClassSplit, DataError, load_class
+from datasets.split import ClassFiles, ClassSplit, DataError, split_class
 from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
@@ -97,7 +97,8 @@ def class_loader(
     augment: list | None = None,
 ) -> DataLoader:
     """The DataLoader of one pass over a class's images: the fit's batch size and workers, the run's seed."""
-    return image_loader(ImageDataset(samples, geometry, augment), fit.batch_size, fit.num_workers, device, seed)
+    dataset = ImageDataset(samples, geometry, augment, max_pixels=fit.max_image_pixels)
+    return image_loader(dataset, fit.batch_size, fit.num_workers, device, seed)
 
 
 def model_identity(
@@ -333,8 +334,8 @@ def write_scores(result: ClassEvaluation, path: Path) -> None:
 
 
 def run_class(
-    class_dir: Path,
-    test_class_dir: Path | None,
+    files: ClassFiles,
+    test_files: ClassFiles | None,
     model_config: ModelConfig,
     fit: FitConfig,
     extractor: FeatureExtractor,
@@ -349,14 +350,10 @@ def run_class(
     alone evaluates, writes and returns the row, the others return None."""
     ranks = ranks or World()
     seed = model_config.seed
-    split = load_class(
-        fit.layout, class_dir, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio
-    )
+    split = split_class(files, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio)
     has_ground_truth = split.has_ground_truth
-    if test_class_dir is not None:
-        other = load_class(
-            fit.layout, test_class_dir, holdout_ratio=0.0, seed=seed, test_sample_ratio=fit.test_sample_ratio
-        )
+    if test_files is not None:
+        other = split_class(test_files, holdout_ratio=0.0, seed=seed, test_sample_ratio=fit.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(model_config.resize, model_config.cropsize)
     model = build_model(extractor, model_config, devices)
@@ -364,7 +361,7 @@ def run_class(
     if ranks.is_root:
         warn_on_crop_losses(split.test, geometry, split.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = training_fingerprint(split.fit + split.holdout, class_dir)
+    fingerprint = training_fingerprint(split.fit + split.holdout, files.root)
     identity = model_identity(
         model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint, extractor.precision
     )

@@ -33,7 +33,7 @@ import torch
 import experiment
 import trainer
 from datasets.images import Geometry, readable_batches
-from datasets.split import ClassSplit, DataError, load_class
+from datasets.split import ClassSplit, DataError, split_class
 from utils.cli import add_engine_flags, at_least
 from utils.config import DeviceConfig, FitConfig, RunConfig, model_configs
 from utils.evaluation.results import evaluate
@@ -311,10 +311,8 @@ def class_splits(args: argparse.Namespace, config: RunConfig) -> list[ClassSplit
     """
     splits = []
     fit, seed = config.fit, config.models[0].seed
-    for _, class_dir, _ in experiment.class_jobs(config):
-        split = load_class(
-            fit.layout, class_dir, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio
-        )
+    for _, files, _ in experiment.class_jobs(config):
+        split = split_class(files, holdout_ratio=fit.holdout_ratio, seed=seed, test_sample_ratio=fit.test_sample_ratio)
         splits.append(replace(limit_train(split, args.max_train), test=evenly(split.test, args.max_test)))
     return splits
 

@@ -3,7 +3,8 @@
 Sort mode reads the CSVs made by convert_excel.py and the image folders named in map.json
 and writes `<out>/<line>/train/good` (type A) and `<out>/<line>/test/<defect>` (type R).
 Combine mode merges several sorted classes into one class folder. Inputs are only read;
-each class folder is built under a temporary name and renamed when complete.
+each class folder is built under a temporary name and renamed when complete, with a small marker
+file (datasets.BOWTIE_MARKER) that lets `run_experiment.py --dataset auto` know it as BowTie.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script, this folder is on the path, the repository root is not
     sys.path.insert(0, str(ROOT))
 
-from datasets import IMAGE_EXTENSIONS  # noqa: E402
+from datasets import BOWTIE_MARKER, IMAGE_EXTENSIONS  # noqa: E402
 from utils.cli import first_line, positive_float  # noqa: E402
 
 PROG = "process_data.py"
@@ -479,6 +480,8 @@ def plan_combine(sorted_dir: Path, sources: list[str], normalized: set[str]) -> 
         class_dir = sorted_dir / source
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
             relative = path.relative_to(class_dir)
+            if relative == Path(BOWTIE_MARKER):
+                continue
             if len(relative.parts) != 3 or relative.parts[0] not in CLASS_SPLITS:
                 skips.append(Skip(source, str(relative), "not in train/<category>/ or test/<category>/"))
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -556,8 +559,16 @@ def write_item(item: Item, dest_dir: Path, processing: Processing) -> None:
     Image.fromarray(pixels).save(dest)
 
 
-def build_class(out_dir: Path, name: str, items: list[Item], processing: Processing) -> tuple[Counter, list[Skip]]:
-    """Write one class folder under a temporary name, then rename it into place."""
+def write_marker(class_dir: Path, mode: str) -> None:
+    """The mark of a BowTie-prepared class folder: run_experiment.py --dataset auto reads it as BowTie."""
+    text = json.dumps({"layout": "bowtie", "written_by": "data/process_data.py", "mode": mode}, indent=2)
+    (class_dir / BOWTIE_MARKER).write_text(text + "\n", encoding="utf-8")
+
+
+def build_class(
+    out_dir: Path, name: str, items: list[Item], processing: Processing, mode: str
+) -> tuple[Counter, list[Skip]]:
+    """Write one class folder (and its BowTie marker) under a temporary name, then rename it into place."""
     staging = partial_dir(out_dir, name)
     counts, skips = Counter(), []
     try:
@@ -572,6 +583,7 @@ def build_class(out_dir: Path, name: str, items: list[Item], processing: Process
                 skips.append(Skip(item.origin, item.source.name, str(exc)))
                 continue
             counts[item.origin, item.folder] += 1
+        write_marker(staging, mode)
         os.replace(staging, out_dir / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -634,7 +646,7 @@ def run_sort(args: argparse.Namespace) -> None:
     processing = processing_from_args(args)
     counts, skips = Counter(), []
     for name, (items, plan_skips) in plans.items():
-        written, failed = build_class(out_dir, name, items, processing)
+        written, failed = build_class(out_dir, name, items, processing, "sort")
         counts.update(written)
         skips += plan_skips + failed
     print_report(summary_table(list(plans), counts, skips, "total"), skips, args.output)
@@ -660,7 +672,7 @@ def run_combine(args: argparse.Namespace) -> None:
         normalized = set(sources) - {reference_name}
     items, skips = plan_combine(sorted_dir, sources, normalized)
     prepare_output(out_dir, [target], args.overwrite, [sorted_dir])
-    counts, failed = build_class(out_dir, target, items, processing)
+    counts, failed = build_class(out_dir, target, items, processing, "combine")
     skips += failed
     print_report(summary_table(sources, counts, skips, target), skips, args.output / target)
 

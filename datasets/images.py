@@ -7,7 +7,6 @@ identical pixels for the same file.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,21 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from datasets import IMAGE_EXTENSIONS
+from utils.config import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LARGE_IMAGE_PIXELS = 4096 * 4096  # larger images are reduced as they are decoded; smaller ones decode in full
+REDUCING_GAP = 3  # a reduced image keeps at least this many pixels per model-input pixel on its short side
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
+REDUCIBLE_MODE = {"I;16": "I", "I;16B": "I", "I;16L": "I", "P": "RGBA", "1": "L"}  # for modes Image.reduce lacks
+MAX_PIXELS_FLAG = "--max_image_pixels"
+
+# PIL's decompression-bomb guard is one process-wide number; open_image applies the run's own limit
+# (a parameter, so a flag can raise it per run) to every image and mask this package reads.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageReadError(Exception):
@@ -55,35 +64,90 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Decode any common image file as 8-bit RGB, honouring EXIF orientation.
+def open_image(path: Path, max_pixels: int) -> Image.Image:
+    """The opened (not yet decoded) image; ImageReadError when it has more than `max_pixels` pixels
+    (0: no limit), a guard against decompression bombs that names the flag which raises it."""
+    image = Image.open(path)
+    width, height = image.size
+    if max_pixels and width * height > max_pixels:
+        image.close()
+        raise ImageReadError(
+            f"{path}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} (a guard "
+            f"against decompression bombs); for your own large images raise it with {MAX_PIXELS_FLAG} N (0: no limit)"
+        )
+    return image
 
-    Grey, palette, RGBA, CMYK, 16-bit and float images are all converted; anything that
-    cannot be fully decoded (zero bytes, truncated, not an image) raises ImageReadError.
+
+def reduction(size: tuple[int, int], short_side: int | None) -> int:
+    """The integer factor by which an image of `size` is reduced as it is decoded: 1 (decoded in full) up to
+    LARGE_IMAGE_PIXELS, so results for such images never change; above, as much as keeps REDUCING_GAP times
+    `short_side` (the model's resize) on the short side."""
+    width, height = size
+    if short_side is None or width * height <= LARGE_IMAGE_PIXELS:
+        return 1
+    return max(1, min(width, height) // (REDUCING_GAP * short_side))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded RGB image, possibly reduced on decoding, and the (width, height) of the full image (after its
+    EXIF orientation): the model-input geometry and the original-resolution outputs are computed from it."""
+
+    image: Image.Image
+    size: tuple[int, int]
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != self.size
+
+
+def decode_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, short_side: int | None = None) -> Decoded:
+    """Decode any common image file as 8-bit RGB, honouring EXIF orientation; a large one reduced to no
+    less than REDUCING_GAP x `short_side` as it is decoded (JPEG: `draft` decodes at 1/2, 1/4 or 1/8 scale;
+    other formats: `reduce` right after decoding), so one image's memory stays bounded.
+
+    Grey, palette, RGBA, CMYK, 16-bit and float images are all converted, after the reduction; anything
+    that cannot be fully decoded (zero bytes, truncated, not an image, over `max_pixels`) raises
+    ImageReadError.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        with open_image(path, max_pixels) as opened:
+            width, height = opened.size
+            factor = reduction(opened.size, short_side)
+            if factor > 1 and opened.format == "JPEG":
+                opened.draft(opened.mode, (width // factor, height // factor))
+            opened.load()
+            image = opened
+            if factor > 1:
+                if image.mode in REDUCIBLE_MODE:
+                    image = image.convert(REDUCIBLE_MODE[image.mode])
+                image = image.reduce(max(1, min(image.size) // (REDUCING_GAP * short_side)))
+            orientation = opened.getexif().get(0x0112)
+            image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(f"{path}: cannot read image ({err})") from err
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = _to_8bit(image)
     if image.mode == "P":
         image = image.convert("RGBA")
-    return image.convert("RGB")
+    size = (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+    return Decoded(image.convert("RGB"), size)
 
 
-def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
-    """Ground-truth mask as a 0/255 'L' image of the given (width, height).
+def read_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The whole image as 8-bit RGB (decode_rgb without a reduction)."""
+    return decode_rgb(path, max_pixels).image
+
+
+def read_mask(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Ground-truth mask as a 0/255 'L' image of the given (width, height): the full image's, also when
+    the image was reduced on decoding, so the mask reaches the model's mask size exactly as it always did.
 
     A pixel is a defect when it is >= 128, or > 0 in a mask whose maximum is 1 (0/1 masks).
     A mask of another size than its image is resized to it (nearest) with a warning.
     """
     try:
-        with Image.open(path) as opened:
+        with open_image(path, max_pixels) as opened:
             opened.load()
             mask = opened
             if mask.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -133,24 +197,31 @@ class Geometry:
         new_width, new_height = self.resized_size(width, height)
         return min(self.cropsize, new_width) * min(self.cropsize, new_height) / (new_width * new_height)
 
-    def spatial(self, interpolation: v2.InterpolationMode) -> v2.Compose:
+    def spatial(self, interpolation: v2.InterpolationMode, size: tuple[int, int] | None = None) -> v2.Compose:
+        """Resize and centre crop. `size`, the (width, height) of the full image when the one given was reduced
+        on decoding, makes the resize land on the very size the full image's would (resized_size)."""
         if self.cropsize == 0:
             return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])
+        target = self.resize if size is None else self.resized_size(*size)[::-1]
         return v2.Compose(
             [
-                v2.Resize(self.resize, interpolation=interpolation, antialias=True),
+                v2.Resize(target, interpolation=interpolation, antialias=True),
                 v2.CenterCrop(self.cropsize),
             ]
         )
 
-    def pixel_transform(self) -> v2.Compose:
+    def pixel_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
         """PIL image -> uint8 (3, S, S) model-input pixels: what an exported graph takes (as (S, S, 3))."""
-        return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.BILINEAR)])
+        return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.BILINEAR, size)])
 
-    def image_transform(self) -> v2.Compose:
+    def image_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
         """PIL image -> the normalised float32 (3, S, S) model input, from the same pixels."""
         return v2.Compose(
-            [self.pixel_transform(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            [
+                self.pixel_transform(size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
         )
 
     def mask_transform(self) -> v2.Compose:
@@ -181,7 +252,8 @@ class ImageDataset(Dataset):
     """Samples -> (image tensor, mask tensor, index); an unreadable image yields None.
 
     The mask is an all-zero tensor for good images, and for defect images whose mask file is
-    missing (those are flagged by `Sample.mask_path is None`).
+    missing (those are flagged by `Sample.mask_path is None`). Images over `max_pixels` (0: no
+    limit) are unreadable; large ones are reduced as they are decoded (decode_rgb).
     """
 
     def __init__(
@@ -190,11 +262,13 @@ class ImageDataset(Dataset):
         geometry: Geometry,
         augment: list[v2.Transform] | None = None,
         pixels: bool = False,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.samples = samples
         self.geometry = geometry
         self.pixels = pixels  # uint8 (S, S, 3) model-input pixels, for an exported graph, instead of tensors
-        self.image_transform = geometry.pixel_transform() if pixels else geometry.image_transform()
+        self.max_pixels = max_pixels
+        self.image_transform = self.transform()
         self.mask_transform = geometry.mask_transform()
         self.augment = v2.Compose(augment) if augment else None
 
@@ -203,20 +277,27 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, mask = self.decode(index)
+            decoded, mask = self.decode(index)
         except ImageReadError as err:
             return None, str(err), index
-        return self.to_item(image, mask, index)
+        return self.to_item(decoded, mask, index)
 
-    def decode(self, index: int) -> tuple[Image.Image, Image.Image | None]:
-        """The sample's RGB image and binary mask (None without a mask file); raises ImageReadError."""
+    def transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
+        """The image transform; `size` is the full image's for one reduced on decoding."""
+        return self.geometry.pixel_transform(size) if self.pixels else self.geometry.image_transform(size)
+
+    def decode(self, index: int) -> tuple[Decoded, Image.Image | None]:
+        """The sample's RGB image (reduced when large) and binary mask at the full image's size (None without a
+        mask file); raises ImageReadError."""
         sample = self.samples[index]
-        image = read_rgb(sample.path)
-        return image, read_mask(sample.mask_path, image.size) if sample.mask_path else None
+        decoded = decode_rgb(sample.path, self.max_pixels, self.geometry.resize)
+        mask = read_mask(sample.mask_path, decoded.size, self.max_pixels) if sample.mask_path else None
+        return decoded, mask
 
-    def to_item(self, image: Image.Image, mask: Image.Image | None, index: int):
+    def to_item(self, decoded: Decoded, mask: Image.Image | None, index: int):
         """Decoded pixels -> (model input tensor, bool mask tensor at the input size, index)."""
-        tensor = self.image_transform(image)
+        transform = self.transform(decoded.size) if decoded.reduced else self.image_transform
+        tensor = transform(decoded.image)
         if self.pixels:
             tensor = tensor.permute(1, 2, 0).contiguous()
         if self.augment is not None:

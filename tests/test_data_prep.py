@@ -22,6 +22,9 @@ from openpyxl import Workbook
 from PIL import Image
 
 from data import convert_excel, process_data
+from datasets import BOWTIE_MARKER
+from datasets.split import choose_layout
+from utils.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ROOT / "data" / "convert_excel.py"
@@ -448,6 +451,7 @@ def test_combine_end_to_end(prepared_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert tree_hashes(sorted_dir) == before
     assert [p.name for p in out.iterdir()] == ["116_27952G"]
+    assert (out / "116_27952G" / BOWTIE_MARKER).is_file()
     listing = class_listing(out / "116_27952G")
     expected: dict[str, set[str]] = {}
     for source in ("116", "27952G"):
@@ -527,3 +531,14 @@ def test_missing_sources_get_the_hint_that_fixes_them(raw_dir: Path, tmp_path: P
     assert (
         f"(is {ROOT / 'data' / 'map.json'} this folder's map? pass its own with -m MAP_JSON)" in capsys.readouterr().err
     )
+
+
+def test_sorted_class_folders_carry_the_marker_that_dataset_auto_reads_as_bowtie(prepared_dir: Path, tmp_path: Path):
+    out = tmp_path / "sorted"
+    assert process_data.main(sort_args(prepared_dir, out)) == 0
+    for name in ("116", "27952G"):
+        marker = json.loads((out / name / BOWTIE_MARKER).read_text())
+        assert marker["layout"] == "bowtie" and marker["written_by"] == "data/process_data.py"
+    assert choose_layout(RunConfig(out, ()))[0] == "bowtie"
+    items, skips = process_data.plan_combine(out, ["116", "27952G"], set())
+    assert skips == [] and all(item.source.name != BOWTIE_MARKER for item in items)  # combine passes it over

@@ -123,7 +123,7 @@ def test_jobs_are_shared_largest_first_and_shares_cover_every_item_once():
 
 def test_layer_choices_and_configurations_are_the_product_of_the_flags(tmp_path: Path, capsys):
     parse = run_experiment.parse_args
-    base = ["--data_path", str(tmp_path), "--model_architecture", "efficientnet_lite0"]
+    base = ["--dataset", "bowtie", "--data_path", str(tmp_path), "--model_architecture", "efficientnet_lite0"]
     flags = [*base, "--layers", "2,3,4", "3,4,5", "--resize", "256", "320", "--cropsize", "0", "224"]
     config = parse([*flags, "--base_results_dir", str(tmp_path), "--results_subdir", "."])
     chosen = [(c.layers, c.resize, c.cropsize) for c in config.models]

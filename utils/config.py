@@ -5,6 +5,7 @@ field defaults are the flags' defaults. Torch-free, so that a bad flag fails bef
 - ModelConfig: what the model is (backbone, stages, weights, geometry, channels, seed);
 - FitConfig: how a class is split, fitted, thresholded and evaluated, and how images are loaded;
 - DeviceConfig: where the backbone, the statistics and the distances run;
+- FolderLayout: the folders of `--dataset folder` (good images, defect images, masks);
 - RunConfig: the data, the configurations to run, the folders, the distribution over ranks.
 
 `RunConfig.identity(model)` is what makes two runs one experiment (experiment.json); the
@@ -21,6 +22,7 @@ from utils.padim.backbone_specs import BACKBONES, hooked_layers
 
 COMPARISON_SUFFIX = "comparison"
 DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class FitConfig:
     """How a class is split (layout, moved test normals, hold-out), fitted (flips), thresholded
-    (quantile of the held-out scores) and evaluated; how images are loaded; what is kept."""
+    (quantile of the held-out scores) and evaluated; how images are loaded (the pixel limit of one
+    image: 0 none); what is kept. `layout` 'auto' is resolved to a layout before any class is read."""
 
-    layout: str = "bowtie"
+    layout: str = "auto"
     test_sample_ratio: float = 0.2
     holdout_ratio: float = 0.1
     threshold_quantile: float = 0.99
@@ -79,6 +82,7 @@ class FitConfig:
     num_workers: int = 2
     save_distribution: bool = False
     max_visualizations: int = 20
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def settings(self) -> dict:
         """The settings that change the fitted Gaussian or the threshold (beside the model's seed)."""
@@ -107,10 +111,41 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """One run of run_experiment.py: the data, every configuration to run, and where results go."""
+class FolderLayout:
+    """`--dataset folder`: good images to train on, one folder per defect type, and optionally the good
+    images to test on (None: a seeded share of `normal_dir`) and the masks (by image stem); one class."""
 
-    data_path: Path
+    normal_dir: Path
+    abnormal_dirs: tuple[Path, ...]
+    normal_test_dir: Path | None = None
+    mask_dir: Path | None = None
+    class_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The class: `class_name`, else the name of the folder that holds the good images' folder."""
+        return self.class_name or self.normal_dir.resolve().parent.name or "class"
+
+    def settings(self) -> dict:
+        def where(path: Path | None) -> str | None:
+            return str(path.resolve()) if path else None
+
+        return {
+            "normal_dir": where(self.normal_dir),
+            "abnormal_dirs": [where(path) for path in self.abnormal_dirs],
+            "normal_test_dir": where(self.normal_test_dir),
+            "mask_dir": where(self.mask_dir),
+            "class_name": self.name,
+        }
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of run_experiment.py: the data, every configuration to run, and where results go. The data
+    is `data_path` (class folders; with a manifest, the folder its relative paths start from), `folder`
+    (--dataset folder) or `manifest` (--dataset csv)."""
+
+    data_path: Path | None
     models: tuple[ModelConfig, ...]
     fit: FitConfig = FitConfig()
     devices: DeviceConfig = DeviceConfig()
@@ -122,16 +157,26 @@ class RunConfig:
     distribute: str = "jobs"
     dist_timeout_s: int = 300
     write_report: bool = True
+    folder: FolderLayout | None = None
+    manifest: Path | None = None
+    class_name: str | None = None  # with a manifest: its class to run (without a class column: the name)
+
+    @property
+    def moves_train_share(self) -> bool:
+        """Whether a seeded share of the training normals becomes test normals (datasets.MOVES_TRAIN_SHARE)."""
+        return self.fit.layout == "bowtie" or (self.fit.layout == "folder" and self.folder.normal_test_dir is None)
 
     def identity(self, model: ModelConfig) -> dict:
         """The settings that make two runs one experiment: only such runs may share a results folder."""
         fit = self.fit
         return {
             "dataset": fit.layout,
-            "data_path": str(self.data_path.resolve()),
+            "data_path": str(self.data_path.resolve()) if self.data_path else None,
+            **({"folder": self.folder.settings()} if self.folder else {}),
+            **({"manifest": str(self.manifest.resolve()), "class_name": self.class_name} if self.manifest else {}),
             "test_class_name": self.test_class_name,
             "test_class_path": str(self.test_class_path.resolve()) if self.test_class_path else None,
-            "test_sample_ratio": fit.test_sample_ratio if fit.layout == "bowtie" else None,
+            "test_sample_ratio": fit.test_sample_ratio if self.moves_train_share else None,
             **model.settings(),
             **fit.settings(),
             **({"precision": self.devices.precision} if self.devices.precision != "fp32" else {}),
