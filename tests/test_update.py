@@ -4,6 +4,7 @@ old models, bad inputs and non-finite statistics are refused with one line and n
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tests.helpers import PREDICT_FLAGS, TRAIN_FLAGS
 from utils.config import FitConfig
 from utils.padim.loading import build, read_model
 from utils.padim.model import Padim
-from utils.padim.model_file import load_model
+from utils.padim.model_file import UPDATE_ENTRY_TYPES, content_checksum, load_model, save_model
 
 HOLDOUT_RATIO = 0.2  # every part of a 5-way split of 24 images still holds one out
 UPDATE_FLAGS = ["--device", "cpu", "--batch_size", "8"]
@@ -134,3 +135,103 @@ def test_a_model_taught_a_variation_it_flagged_stops_flagging_it_and_still_flags
     assert not _anomalous(tmp_path / "updated", added, tmp_path / "q1").any()
     assert not _anomalous(tmp_path / "updated", unseen, tmp_path / "q2").any()
     assert _anomalous(tmp_path / "updated", defects, tmp_path / "q3").all()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_model_saved_before_sums_were_kept_scores_as_before_but_is_refused_for_update(
+    trained, texture_root, tmp_path, capsys
+):
+    """A version-5 file (no sums, no threshold images, no updates) loads and scores exactly as the same
+    model's version-6 file; update.py stops with one line saying why it cannot be updated."""
+    content = torch.load(trained.model_dir / "padim_model.pt", weights_only=True)
+    old = {key: value for key, value in content.items() if key not in UPDATE_ENTRY_TYPES and key != "checksum"}
+    old["format_version"] = 5
+    old["checksum"] = content_checksum(old)
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "padim_model.pt")
+    images = [str(p) for p in list_images(texture_root / "brick" / "test" / "good")]
+    scores = []
+    for model in (trained.model_dir, tmp_path / "old"):
+        output = tmp_path / f"predicted_{model.name}"
+        inputs = [flag for image in images for flag in ("--input", image)]
+        assert predict.main(["--model", str(model), *inputs, "--output", str(output), *PREDICT_FLAGS]) == 0
+        scores.append(pd.read_csv(output / "predictions.csv").score.tolist())
+    assert scores[0] == scores[1]
+    capsys.readouterr()
+    assert _update(tmp_path / "old", images, tmp_path / "updated") == 1
+    line = _one_error_line(capsys)
+    assert "cannot be updated" in line and "version 5" in line
+    assert not (tmp_path / "updated").exists()
+
+
+def test_missing_threshold_images_are_said_and_counted(texture_root, tmp_path, caplog):
+    """An original held-out image deleted since the fit: the update warns with the count, sets the threshold on
+    the rest plus the new held-out ones, and records how many were missing."""
+    images = list_images(texture_root / "brick" / "train" / "good")
+    class_dir = _class_with(images[:16], texture_root / "brick", tmp_path / "brick")
+    model = _train(class_dir, tmp_path / "results")
+    recorded = load_model(model / "padim_model.pt")["threshold_images"]
+    Path(recorded[0][0]).unlink()
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for path in images[16:]:
+        shutil.copy(path, folder / path.name)
+    with caplog.at_level(logging.WARNING):
+        assert _update(model, [str(folder)], tmp_path / "updated") == 0
+    assert f"1 of the {len(recorded)} images the threshold was set on are missing or changed" in caplog.text
+    content = load_model(tmp_path / "updated" / "padim_model.pt")
+    held_out = round(HOLDOUT_RATIO * len(images[16:]))
+    assert content["threshold_provenance"]["n_missing"] == 1
+    assert content["threshold_provenance"]["n_images"] == len(recorded) - 1 + held_out
+    assert Path(recorded[0][0]).as_posix() not in [p for p, _ in content["threshold_images"]]
+
+
+def test_unreadable_added_images_are_skipped_and_counted_and_the_update_is_recorded(trained, tmp_path, capsys, caplog):
+    """A file that does not decode is skipped and counted; the record says what was added (its digests'
+    digest, the new count), and predict.py logs it."""
+    class_dir = next(Path(p).parents[2] for p in trained.scores)
+    good = list_images(class_dir / "test" / "good")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert _update(trained.model_dir, [str(p) for p in good] + [str(broken)], tmp_path / "updated") == 0
+    before = load_model(trained.model_dir / "padim_model.pt")
+    content = load_model(tmp_path / "updated" / "padim_model.pt")
+    [record] = content["updates"]
+    assert record["skipped"] == 1 and record["fitted"] + record["held_out"] == len(good)
+    assert record["n_train"] == content["n_train"] == before["n_train"] + record["fitted"]
+    assert content["fingerprint"] != before["fingerprint"]
+    assert "1 unreadable" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO):
+        _anomalous(tmp_path / "updated", good[:1], tmp_path / "predicted")
+    assert f"update 1: {record['time']}" in caplog.text and f"{content['n_train']} fitted images in all" in caplog.text
+
+
+def test_an_update_that_cannot_be_made_writes_nothing(trained, texture_root, tmp_path, capsys, monkeypatch):
+    """The input model's own folder as output, no image, a model whose input size gives another feature grid
+    than its statistics', a non-finite statistic: one line each, exit 1, no model written."""
+    image = str(texture_root / "brick" / "test" / "good" / "000.png")
+    assert _update(trained.model_dir, [image], trained.model_dir) == 1
+    assert "holds the model to update" in _one_error_line(capsys)
+    assert _update(trained.model_dir, [str(tmp_path / "none*.png")], tmp_path / "a") == 1
+    assert "no image found in --add" in _one_error_line(capsys)
+    content = {k: v for k, v in load_model(trained.model_dir / "padim_model.pt").items() if k != "checksum"}
+    save_model(tmp_path / "cropped" / "padim_model.pt", {**content, "cropsize": 48})
+    assert _update(tmp_path / "cropped", [image], tmp_path / "b") == 1
+    assert "feature grid" in _one_error_line(capsys)
+    fitted_update = Padim.update
+
+    def poisoned(self, image_batches):
+        stats = fitted_update(self, image_batches)
+        stats.mean[0, 0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(Padim, "update", poisoned)
+    assert _update(trained.model_dir, [image], tmp_path / "c") == 1
+    assert "non-finite" in _one_error_line(capsys)
+    assert not any((tmp_path / name / "padim_model.pt").exists() for name in "abc")
