@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import logging
 import sys
 from collections import Counter
@@ -21,13 +20,12 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.images import (
-    IMAGE_EXTENSIONS,
     Geometry,
     ImageDataset,
     ImageReadError,
     Sample,
+    collect_images,
     image_loader,
-    list_images,
     read_rgb,
     readable_batches,
 )
@@ -49,7 +47,7 @@ from utils.padim.backbones import (
 )
 from utils.padim.engines import EngineError
 from utils.padim.loading import LoadedModel, LoadError, build, build_graph, read_model
-from utils.padim.model_file import MODEL_FILENAME, ModelFileError
+from utils.padim.model_file import MODEL_FILENAME, ModelFileError, update_history
 from utils.padim.onnx_graph import GRAPH_SUFFIXES, OnnxModelError, read_description
 from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
@@ -133,42 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging() -> None:
     """INFO and above on stderr, next to the progress bar."""
     install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
-
-
-def _expand(text: str) -> list[Path]:
-    """One --input: a glob (image files it matches), a folder (its images) or a file (taken as given)."""
-    if any(char in text for char in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not found:
-            log.warning("--input %s matches no image file", text)
-        return found
-    path = Path(text)
-    if path.is_dir():
-        found = list_images(path)
-        if not found:
-            hint = (
-                f" (sub-folders are not searched: use a quoted glob such as '{path}/*/*.png')"
-                if any(p.is_dir() for p in path.iterdir())
-                else ""
-            )
-            log.warning("--input %s: no image files in this folder%s", text, hint)
-        return found
-    return [path]
-
-
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Every image named by the --input flags, in the order given, each file once."""
-    seen, paths = set(), []
-    for text in inputs:
-        for path in _expand(text):
-            key = path.resolve()
-            if key not in seen:
-                seen.add(key)
-                paths.append(path)
-    if not paths:
-        raise PredictError("no image found in --input " + " ".join(inputs))
-    return paths
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -346,7 +308,9 @@ def run(args: argparse.Namespace) -> int:
         description = read_description(args.model)
     else:
         content, model_path, weights = read_model(args.model, args.weights)
-    paths = collect_inputs(args.input)
+    paths = collect_images(args.input, "--input")
+    if not paths:
+        raise PredictError("no image found in --input " + " ".join(args.input))
     prove_writable(args.output, "output folder", PredictError)
     device = pick_device(args.device, "--device cuda")
     if exported:
@@ -355,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
         model = build(
             content, model_path, weights, device, args.batch_size, args.engine, args.precision, args.num_workers
         )
+        for line in update_history(content):
+            log.info("model %s", line)
     with folder_lock(args.output, "output folder", PredictError), float32_precision(args.allow_tf32):
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:

@@ -9,8 +9,11 @@ decides on a cached model and alone evaluates and writes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -30,14 +33,14 @@ from datasets.images import (
     image_loader,
     readable_batches,
 )
-from datasets.split import ClassFiles, ClassSplit, DataError, split_class
+from datasets.split import ClassFiles, ClassSplit, DataError, seeded_split, split_class
 from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
 from utils.padim.backbones import FeatureExtractor, pick_device
 from utils.padim.embedding import channel_index
-from utils.padim.model import GaussianStats, Padim
+from utils.padim.model import GaussianStats, GridMismatchError, Padim
 from utils.padim.model_file import (
     MODEL_FILENAME,
     ModelFileError,
@@ -45,11 +48,12 @@ from utils.padim.model_file import (
     save_model,
     stats_content,
     stats_from_content,
+    sums_from_content,
     training_fingerprint,
 )
 from utils.reporting.plotting import plot_class_results
 from utils.runtime.distributed import World
-from utils.runtime.output_files import atomic_write
+from utils.runtime.output_files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ DEFECT_TYPES_FILENAME = "defect_types.csv"
 MIN_HOLDOUT_IMAGES = 20
 MIN_KEPT_SHARE = 2 / 3
 MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
+HELD_OUT_SOURCE = "held-out normal training images"
+TRAINING_SOURCE = "training images (too few to hold any out; biased low)"
 
 
 class NonFiniteError(ValueError):
@@ -252,17 +258,12 @@ def cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | Non
     return content, stats
 
 
-def threshold_from_holdout(
-    model: Padim, split: ClassSplit, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
-) -> tuple[float, dict, int]:
-    """Operating threshold from held-out good images; from the fit images only when there are none.
-
-    Each rank scores its part; every rank gets every score, so all agree on the threshold (and on a
-    failure). Returns (threshold, provenance, this rank's unreadable images)."""
-    source, samples = "held-out normal training images", split.holdout
-    if not samples:
-        source, samples = "training images (too few to hold any out; biased low)", split.fit
-        log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
+def threshold_of(
+    model: Padim, samples: list[Sample], source: str, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
+) -> tuple[float, dict, list[Sample], int]:
+    """Operating threshold: the quantile of good `samples`' scores. Each rank scores its part; every rank gets
+    every score, so all agree on the threshold (and on a failure). Returns (threshold, provenance, the
+    samples scored, this rank's unreadable images)."""
     scored = score_samples(model, ranks.part(samples), geometry, fit, seed, "threshold")
     scores = np.concatenate(ranks.everyone(scored.scores))
     if scores.size == 0:
@@ -270,7 +271,24 @@ def threshold_from_holdout(
     require_finite_scores(scores, "threshold images")
     value = metrics.threshold_from_normals(scores, fit.threshold_quantile)
     provenance = {"source": source, "quantile": fit.threshold_quantile, "n_images": int(scores.size)}
-    return value, provenance, scored.skipped
+    kept = [sample for part in ranks.everyone(scored.samples) for sample in part]
+    return value, provenance, kept, scored.skipped
+
+
+def threshold_from_holdout(
+    model: Padim, split: ClassSplit, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
+) -> tuple[float, dict, list[Sample], int]:
+    """Operating threshold from held-out good images; from the fit images only when there are none (threshold_of)."""
+    source, samples = HELD_OUT_SOURCE, split.holdout
+    if not samples:
+        source, samples = TRAINING_SOURCE, split.fit
+        log.warning("%s: no held-out normal images; threshold taken from the training images", split.name)
+    return threshold_of(model, samples, source, geometry, fit, seed, ranks)
+
+
+def threshold_record(samples: list[Sample]) -> list[list[str]]:
+    """[path, sha256 of its bytes] of the images a threshold was set on: an update rescores those still there."""
+    return [[str(sample.path.resolve()), file_sha256(sample.path)] for sample in samples]
 
 
 def fit_or_load(
@@ -286,7 +304,9 @@ def fit_or_load(
     """Fit the Gaussian and set the threshold, or take both from a matching cached model file.
 
     Rank 0 decides on the cached model and shares it; each rank fits its part of the images and the
-    sums are added up (Padim.fit's peers). Returns (threshold, provenance, this rank's unreadable images)."""
+    sums are added up (Padim.fit's peers). A saved model keeps the sums and the threshold's images, so
+    that update.py can add images to it exactly. Returns (threshold, provenance, this rank's unreadable
+    images)."""
     cached = ranks.from_root(reusable_model(model_path, identity, fit.save_distribution) if ranks.is_root else None)
     if cached is not None:
         content, stats = cached
@@ -297,10 +317,10 @@ def fit_or_load(
     torch.manual_seed(seed)
     loader = class_loader(ranks.part(split.fit), geometry, fit, seed, model.device, augment)
     batches = readable_batches(loader, "fit", lambda _, reason: skipped.append(reason))
-    stats = model.fit((batch.images for batch in batches), peers=ranks)
+    stats = model.fit((batch.images for batch in batches), peers=ranks, keep_sums=fit.save_distribution)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
-    threshold, provenance, threshold_skipped = threshold_from_holdout(model, split, geometry, fit, seed, ranks)
+    threshold, provenance, scored, threshold_skipped = threshold_from_holdout(model, split, geometry, fit, seed, ranks)
     if fit.save_distribution and ranks.is_root:
         save_model(
             model_path,
@@ -312,11 +332,142 @@ def fit_or_load(
                 **stats_content(stats),
                 "threshold": threshold,
                 "threshold_provenance": provenance,
+                "threshold_images": threshold_record(scored),
+                "updates": [],
                 "class_name": split.name,
             },
         )
         log.info("saved model %s", model_path)
     return threshold, provenance, len(skipped) + threshold_skipped
+
+
+def unchanged(path: Path, digest: str) -> bool:
+    """The file is there with the bytes it had (sha256)."""
+    try:
+        return path.is_file() and file_sha256(path) == digest
+    except OSError:
+        return False
+
+
+def good_samples(paths: list[Path]) -> list[Sample]:
+    return [Sample(path, 0, "good") for path in paths]
+
+
+def images_digest(samples: list[Sample]) -> str:
+    """sha256 over the images' sha256 digests, in order: which images an update added, in one string."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(bytes.fromhex(file_sha256(sample.path)))
+    return digest.hexdigest()
+
+
+def update_model(content: dict, model: Padim, paths: list[Path], geometry: Geometry, loading: FitConfig) -> dict:
+    """The content of a new model file: `content`'s model (which `model` scores with) plus the good images
+    `paths`, with statistics equal to one fit on the old and the new images together.
+
+    Of the new images, the model's hold-out share (seeded) is held out for the threshold, unless its
+    threshold came from the training images (then every new image is fitted and scored). The threshold is
+    set again under the new statistics, on the images it was set on before that are still there unchanged
+    (path and content digest) plus the new ones; missing ones and a smaller count than before are warned
+    about. `loading` gives the batch size and workers. Raises DataError (no readable new image),
+    NonFiniteError (a statistic that is not finite: fails closed), GridMismatchError.
+    """
+    config, updates = content["training_config"], content["updates"]
+    seed = config["seed"]
+    fit = replace(loading, holdout_ratio=config["holdout_ratio"], threshold_quantile=config["threshold_quantile"])
+    model.use(replace(model.stats, sums=sums_from_content(content)))
+    held_out_before = content["threshold_provenance"]["source"] == HELD_OUT_SOURCE
+    fitted, held_out = seeded_split(paths, fit.holdout_ratio if held_out_before else 0.0, seed + 1 + len(updates))
+    if not fitted:
+        fitted, held_out = held_out, []
+    augment = build_flips(*config["augmentations"]) if config["augmentations"] else None
+    skipped: list[str] = []
+    read: list[Sample] = []
+    samples = good_samples(fitted)
+    torch.manual_seed(seed)
+    batches = readable_batches(
+        class_loader(samples, geometry, fit, seed, model.device, augment),
+        "update",
+        lambda _, reason: skipped.append(reason),
+    )
+
+    def new_images():
+        for batch in batches:
+            read.extend(samples[index] for index in batch.indices)
+            yield batch.images
+
+    before = model.stats.count
+    try:
+        stats = model.update(new_images())
+    except GridMismatchError:
+        raise
+    except ValueError as err:  # a covariance that is not positive definite
+        raise NonFiniteError(f"after the update {err}: no model written") from err
+    if not read:
+        raise DataError(f"none of the {len(fitted)} images to add could be read")
+    if not (stats.is_finite() and stats.sums.is_finite()):
+        raise NonFiniteError("after the update the statistics hold a non-finite number: no model written")
+
+    recorded = content["threshold_images"]
+    available = [Path(path) for path, digest in recorded if unchanged(Path(path), digest)]
+    missing = len(recorded) - len(available)
+    if missing:
+        log.warning(
+            "%d of the %d images the threshold was set on are missing or changed since: the threshold is set "
+            "without them",
+            missing,
+            len(recorded),
+        )
+    source = HELD_OUT_SOURCE if held_out_before else TRAINING_SOURCE
+    threshold_images = good_samples(available + held_out) if held_out_before else good_samples(available) + read
+    if not threshold_images:
+        log.warning("no held-out image left to set the threshold on: it is taken from the added training images")
+        source, threshold_images = TRAINING_SOURCE, read
+    threshold, provenance, scored, threshold_skipped = threshold_of(
+        model, threshold_images, source, geometry, fit, seed, World()
+    )
+    old = content["threshold_provenance"]["n_images"]
+    if provenance["n_images"] < old:
+        log.warning(
+            "the new threshold rests on %d images, fewer than the %d the model's rested on", provenance["n_images"], old
+        )
+    new_held_out, originals = {path.resolve() for path in held_out}, {path.resolve() for path in available}
+    added_held_out = [sample for sample in scored if sample.path.resolve() in new_held_out]
+    rescored = sum(sample.path.resolve() in originals for sample in scored)
+    added = images_digest(read + added_held_out)
+    record = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "fitted": len(read),
+        "held_out": len(added_held_out),
+        "skipped": len(skipped) + threshold_skipped,
+        "digest": added,
+        "n_train": stats.count,
+        "threshold": threshold,
+        "threshold_images": provenance["n_images"],
+        "threshold_images_missing": missing,
+    }
+    log.info(
+        "added %d images to the fit (%d -> %d) and %d to the threshold's; threshold %.4f -> %.4f from %d images "
+        "(%d of the model's, rescored)",
+        len(read),
+        before,
+        stats.count,
+        len(added_held_out),
+        content["threshold"],
+        threshold,
+        provenance["n_images"],
+        rescored,
+    )
+    kept = {key: value for key, value in content.items() if key not in ("format", "format_version", "checksum")}
+    return {
+        **kept,
+        **stats_content(stats),
+        "fingerprint": hashlib.sha256((content["fingerprint"] + added).encode()).hexdigest(),
+        "threshold": threshold,
+        "threshold_provenance": {**provenance, "n_missing": missing},
+        "threshold_images": threshold_record(scored),
+        "updates": [*updates, record],
+    }
 
 
 def write_scores(result: ClassEvaluation, path: Path) -> None:

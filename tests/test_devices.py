@@ -130,12 +130,14 @@ def test_every_device_arrangement_fits_saves_loads_and_scores_on_the_cpu(devices
     with fake_cuda:
         model = Padim(ExtractorOn(saved.extractor, backbone), saved.index, size, *devices, images_together=4)
         with CrossingCopies() as fit_copies:
-            stats = model.fit([saved.images[:3], saved.images[3:]])
+            stats = model.fit([saved.images[:3], saved.images[3:]], keep_sums=True)
         content = stats_content(stats)
         model.use(saved.stats)
         with CrossingCopies() as score_copies:
             maps, scores = model.anomaly_maps(saved.images)
     assert content["mean"].device == CPU and all(block.device == CPU for block in content["precision_factor"])
+    sums = [content["sums_shift"], content["sums_first"], *content["sums_second"]]
+    assert all(tensor.device == CPU for tensor in sums)
     assert model.stats.mean.device == distances
     assert all(block.device == distances for block in stats.factor.blocks + model.stats.factor.blocks)
     assert (maps.device, scores.device, tuple(maps.shape), tuple(scores.shape)) == (CPU, CPU, (6, size, size), (6,))

@@ -23,7 +23,14 @@ import run_experiment
 import trainer
 from tests.helpers import CPU_RUN_INTO_R_FLAGS, PREDICT_FLAGS, ROOT, Trained
 from utils.padim.model import Padim
-from utils.padim.model_file import ENTRY_TYPES, ModelFileError, content_checksum, load_model, save_model
+from utils.padim.model_file import (
+    MODEL_FORMAT_VERSION,
+    ModelFileError,
+    content_checksum,
+    entry_types,
+    load_model,
+    save_model,
+)
 from utils.runtime import output_files
 
 METRIC_COLUMNS = ["roc_auc", "precision", "recall", "f1_score", "pr_auc", "pixel_roc_auc", "pixel_aupro", "f1_max"]
@@ -141,7 +148,7 @@ def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(
     assert refused > 0
 
 
-ODD_ENTRIES = [(key, None) for key in ENTRY_TYPES if key != "checksum"] + [
+ODD_ENTRIES = [(key, None) for key in entry_types(MODEL_FORMAT_VERSION) if key != "checksum"] + [
     ("layers", [1, 2, 3]),
     ("normalization_mean", ["a", "b", "c"]),
     ("normalization_std", [0.2]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +52,24 @@ def band_positions(top: int, band: torch.Tensor) -> slice:
     return slice(top * width, (top + band.shape[1]) * width)
 
 
+@dataclass
+class GaussianSums:
+    """What adds up over images, kept in the model file so that images can be added exactly later:
+    the image count, the shift (P, D) the sums are taken around, the first moments (P, D, float64) and
+    the upper blocks of the second moments (float32), both of x - shift."""
+
+    count: int
+    shift: torch.Tensor
+    first: torch.Tensor
+    second: TriangularBlocks
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.shift, self.first, *self.second.blocks))
+
+    def to(self, device: torch.device | str) -> GaussianSums:
+        return GaussianSums(self.count, self.shift.to(device), self.first.to(device), self.second.to(device))
+
+
 class GaussianAccumulator:
     """One streaming pass of sums over the training embeddings; memory independent of N.
 
@@ -83,6 +102,24 @@ class GaussianAccumulator:
         if covered != self.sum.shape[0]:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")
         self.count += images
+
+    @classmethod
+    def resumed(cls, sums: GaussianSums, device: torch.device) -> GaussianAccumulator:
+        """An accumulator that goes on from saved sums: folding images in afterwards gives the sums
+        one pass over the old and the new images would (up to float summation order)."""
+        positions, dims = sums.first.shape
+        accumulator = cls(dims, positions, device)
+        accumulator.count = sums.count
+        accumulator.shift.copy_(sums.shift.unsqueeze(1))
+        accumulator.sum.copy_(sums.first)
+        accumulator.outer = sums.second.to(device=device, dtype=torch.float32, copy=True)
+        return accumulator
+
+    def sums(self) -> GaussianSums:
+        """A copy of the sums (finalize consumes them), for the model file."""
+        return GaussianSums(
+            self.count, self.shift[:, 0, :].clone(), self.sum.clone(), self.outer.to(dtype=torch.float32, copy=True)
+        )
 
     def moments(self) -> list[torch.Tensor]:
         """The sums that add up over disjoint sets of images (first moments, upper blocks of the second)."""

@@ -14,7 +14,14 @@ import torch
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import FeatureExtractor
 from utils.padim.embedding import chosen_channels, embedding_bands, split_channel_index
-from utils.padim.gaussian import GaussianAccumulator, Peers, band_positions, mahalanobis, precision_factor_
+from utils.padim.gaussian import (
+    GaussianAccumulator,
+    GaussianSums,
+    Peers,
+    band_positions,
+    mahalanobis,
+    precision_factor_,
+)
 from utils.padim.triangular import TriangularBlocks
 
 GROUP_IMAGES = 128  # images fitted or scored in one pass: each (D, D) matrix is read once per group (tuning)
@@ -39,14 +46,20 @@ def image_groups(batches: Iterable[tuple[Item, int]], images_together: int) -> I
         yield group
 
 
+class GridMismatchError(ValueError):
+    """Images whose embedding grid is not the one the statistics were fitted on."""
+
+
 @dataclass
 class GaussianStats:
-    """The fitted distribution: mean (P, D), precision factor (lower blocks of P (D, D)), grid (h, w), N images."""
+    """The fitted distribution: mean (P, D), precision factor (lower blocks of P (D, D)), grid (h, w), N images;
+    and, when kept for the model file, the sums it was formed from (what an exact update needs)."""
 
     mean: torch.Tensor
     factor: TriangularBlocks
     grid: tuple[int, int]
     count: int
+    sums: GaussianSums | None = None
 
     def is_finite(self) -> bool:
         """False when the mean or the factor holds a NaN or an infinity: such a model must never score."""
@@ -115,30 +128,58 @@ class Padim:
     def new_accumulator(self, grid: Grid) -> GaussianAccumulator:
         return GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
 
-    def fit(self, image_batches: Iterable[torch.Tensor], peers: Peers | None = None) -> GaussianStats:
+    def fit(
+        self, image_batches: Iterable[torch.Tensor], peers: Peers | None = None, keep_sums: bool = False
+    ) -> GaussianStats:
         """One pass: each group's embedding is folded into running sums band by band and dropped.
 
         With `peers` (the other processes of a run, each fitting a share of the images) the sums of
-        all of them are added up (GaussianAccumulator.merged) before the Gaussian is formed.
+        all of them are added up (GaussianAccumulator.merged) before the Gaussian is formed. With
+        `keep_sums` the statistics carry a copy of the sums (for the model file; one more covariance
+        in memory).
         """
-        accumulator, grid = None, None
+        return self._accumulate(None, None, image_batches, peers, keep_sums)
+
+    def update(self, image_batches: Iterable[torch.Tensor]) -> GaussianStats:
+        """Add images to the current statistics, exactly: the sums they were formed from go on with the
+        new images' embeddings, then the Gaussian is formed again (the new statistics keep the sums)."""
+        if self.stats is None or self.stats.sums is None:
+            raise ValueError("the model holds no sums to add images to")
+        accumulator = GaussianAccumulator.resumed(self.stats.sums, self.stats_device)
+        return self._accumulate(accumulator, self.stats.grid, image_batches, None, True)
+
+    def _accumulate(
+        self,
+        accumulator: GaussianAccumulator | None,
+        grid: Grid | None,
+        image_batches: Iterable[torch.Tensor],
+        peers: Peers | None,
+        keep_sums: bool,
+    ) -> GaussianStats:
+        """Fold the images into `accumulator` (a new one when None), then form the Gaussian (Padim.fit)."""
         for group in self.groups(((None, images) for images in image_batches), self.stats_device):
+            group_grid = tuple(group[0][1][0].shape[1:3])
             if accumulator is None:
-                grid = tuple(group[0][1][0].shape[1:3])
-                accumulator = self.new_accumulator(grid)
+                grid, accumulator = group_grid, self.new_accumulator(group_grid)
+            elif group_grid != grid:
+                raise GridMismatchError(
+                    f"the images give a {group_grid[0]}x{group_grid[1]} feature grid, "
+                    f"the statistics are for {grid[0]}x{grid[1]}"
+                )
             accumulator.update(self.bands(group))
         if peers is not None:
             accumulator, grid = GaussianAccumulator.merged(accumulator, grid, peers, self.new_accumulator)
         if accumulator is None:
             raise ValueError("no readable training images")
+        sums = accumulator.sums() if keep_sums else None
         mean, covariance = accumulator.finalize()
-        self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count))
+        self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count, sums))
         return self.stats
 
     def use(self, stats: GaussianStats) -> None:
         """Adopt fitted (or loaded) statistics, placed where the Mahalanobis distances are computed."""
         device = self.mahalanobis_device
-        self.stats = GaussianStats(stats.mean.to(device), stats.factor.to(device), stats.grid, stats.count)
+        self.stats = GaussianStats(stats.mean.to(device), stats.factor.to(device), stats.grid, stats.count, stats.sums)
         self.map_operator = MapOperator.build(stats.grid, self.input_size, device)
 
     def anomaly_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,9 @@
 and sealed with a sha256 of its content so that a damaged copy is refused, never scored.
 
 Everything predict.py needs to score an image lives here, so it never needs the training data.
+Since version 6 it also holds what update.py needs to add images exactly (the sums the Gaussian
+was formed from, the images the threshold was set on) and the history of such updates; files of
+version 5 load and score as before, but cannot be updated.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import torch
 
 from datasets.images import Sample
 from utils.cli import first_line
+from utils.padim.gaussian import GaussianSums
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 5  # files of earlier versions hold no checksum, cannot be verified and are refused
+MODEL_FORMAT_VERSION = 6
+UPDATABLE_SINCE = 6  # version 5 files hold no sums: they score, but cannot be updated
+READABLE_VERSIONS = (5, 6)  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
     "backbone": str,
@@ -46,12 +52,27 @@ ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or dama
     "class_name": str,
     "checksum": str,
 }
-REQUIRED_KEYS = {"format", "format_version", *ENTRY_TYPES}
+UPDATE_ENTRY_TYPES = {  # since version 6: what an exact update needs, and the updates made
+    "sums_shift": torch.Tensor,
+    "sums_first": torch.Tensor,
+    "sums_second": list,
+    "threshold_images": list,
+    "updates": list,
+}
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
 class ModelFileError(Exception):
     """A model file that is missing, damaged, of another format, or unsafe to load."""
+
+
+def entry_types(version: int) -> dict:
+    """The entries (and their types) a file of `version` holds."""
+    return ENTRY_TYPES | (UPDATE_ENTRY_TYPES if version >= UPDATABLE_SINCE else {})
+
+
+def required_keys(version: int) -> set[str]:
+    return {"format", "format_version", *entry_types(version)}
 
 
 def training_fingerprint(samples: list[Sample], root: Path) -> str:
@@ -64,12 +85,18 @@ def training_fingerprint(samples: list[Sample], root: Path) -> str:
 
 
 def stats_content(stats: GaussianStats) -> dict:
-    """The model file's entries for the fitted Gaussian, on the CPU."""
+    """The model file's entries for the fitted Gaussian and the sums it was formed from, on the CPU."""
+    if stats.sums is None:
+        raise ValueError("the statistics carry no sums (fit with keep_sums) and could never be updated")
+    sums = stats.sums.to("cpu")
     return {
         "mean": stats.mean.cpu(),
         "precision_factor": stats.factor.to("cpu").blocks,
         "grid": list(stats.grid),
         "n_train": stats.count,
+        "sums_shift": sums.shift,
+        "sums_first": sums.first,
+        "sums_second": sums.second.blocks,
     }
 
 
@@ -106,6 +133,57 @@ def stats_from_content(content: dict) -> GaussianStats:
     return stats
 
 
+def require_updatable(content: dict, path: Path) -> None:
+    """ModelFileError (one line) for a model that holds no sums to add images to."""
+    version = content.get("format_version")
+    if not isinstance(version, int) or version < UPDATABLE_SINCE:
+        raise ModelFileError(
+            f"{path}: cannot be updated: it was saved in model format version {version!r}, before models kept "
+            f"the sums an exact update needs (version {UPDATABLE_SINCE}); refit it with run_experiment.py "
+            "--save_distribution, then update the new model"
+        )
+
+
+def sums_from_content(content: dict) -> GaussianSums:
+    """The sums the model's Gaussian was formed from (stats_content's), checked against its statistics.
+
+    ModelFileError when their shapes, types or count do not fit the mean, or when they hold a non-finite
+    number: an update from them would be wrong, not merely inexact.
+    """
+    mean, count = content["mean"], content["n_train"]
+    shift, first, second = content["sums_shift"], content["sums_first"], content["sums_second"]
+    positions, dims = mean.shape
+    if not (
+        isinstance(shift, torch.Tensor)
+        and shift.dtype == torch.float32
+        and tuple(shift.shape) == (positions, dims)
+        and isinstance(first, torch.Tensor)
+        and first.dtype == torch.float64
+        and tuple(first.shape) == (positions, dims)
+        and all(isinstance(block, torch.Tensor) and block.dtype == torch.float32 for block in second)
+        and [tuple(block.shape) for block in second] == TriangularBlocks.shapes(positions, dims, lower=False)
+        and count > 0
+    ):
+        raise ModelFileError(f"the stored sums do not match the statistics ({positions} positions, {dims} channels)")
+    sums = GaussianSums(count, shift, first, TriangularBlocks(list(second), lower=False))
+    if not sums.is_finite():
+        raise ModelFileError("the stored sums hold a non-finite number")
+    return sums
+
+
+def update_history(content: dict) -> list[str]:
+    """One line per update the model went through (update.py), oldest first: for the logs."""
+    lines = []
+    for number, update in enumerate(content.get("updates", []), start=1):
+        entry = update if isinstance(update, dict) else {}
+        lines.append(
+            f"update {number}: {entry.get('time', '?')}, {entry.get('fitted', '?')} good images added to the fit, "
+            f"{entry.get('held_out', '?')} to the threshold's ({entry.get('skipped', '?')} unreadable skipped), "
+            f"images digest {str(entry.get('digest', '?'))[:16]}, {entry.get('n_train', '?')} fitted images in all"
+        )
+    return lines
+
+
 def _digest_value(digest, value) -> None:
     """Feed `value` to `digest` in an encoding that tells every type, length and number apart."""
     if isinstance(value, torch.Tensor):
@@ -137,7 +215,7 @@ def content_checksum(content: dict) -> str:
 def save_model(path: Path, content: dict) -> None:
     """Write the model file with its format, version and checksum."""
     content = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **content}
-    missing = REQUIRED_KEYS - content.keys() - {"checksum"}
+    missing = required_keys(MODEL_FORMAT_VERSION) - content.keys() - {"checksum"}
     if missing:
         raise ValueError(f"model content lacks {sorted(missing)}")
     content["checksum"] = content_checksum(content)
@@ -217,10 +295,11 @@ def load_model(path: Path) -> dict:
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PaDiM suite model file")
     version = content.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ModelFileError(
-            f"{path}: model format version {version!r}, this tool reads version {MODEL_FORMAT_VERSION} "
-            "(earlier files carry no checksum); retrain it with run_experiment.py --save_distribution"
+            f"{path}: model format version {version!r}, this tool reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))} (earlier files carry no checksum); retrain it with "
+            "run_experiment.py --save_distribution"
         )
     try:
         intact = content.get("checksum") == content_checksum(content) and _archive_intact(path)
@@ -228,11 +307,13 @@ def load_model(path: Path) -> dict:
         raise ModelFileError(f"{path}: damaged ({err})") from err
     if not intact:
         raise ModelFileError(f"{path}: damaged (checksum mismatch)")
-    missing = REQUIRED_KEYS - content.keys()
+    missing = required_keys(version) - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
     mistyped = sorted(
-        key for key, kind in ENTRY_TYPES.items() if not isinstance(content[key], kind) or isinstance(content[key], bool)
+        key
+        for key, kind in entry_types(version).items()
+        if not isinstance(content[key], kind) or isinstance(content[key], bool)
     )
     if mistyped:
         raise ModelFileError(f"{path}: malformed model file, unexpected types of {', '.join(mistyped)}")
