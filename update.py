@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, run_main
+from utils.config import ENGINES, DeviceConfig
 
 log = logging.getLogger("padim.update")
 
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_allow_tf32(parser)
     parser.add_argument(
+        "--engine",
+        default=DeviceConfig.engine,
+        choices=ENGINES,
+        help="runtime of the backbone on the CPU, as run_experiment.py's (the model's precision is kept)",
+    )
+    parser.add_argument(
         "--weights",
         type=Path,
         help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     prove_writable(args.output, "output folder", UpdateError)
     device = pick_device(args.device, "--device cuda")
     with folder_lock(args.output, "output folder", UpdateError), float32_precision(args.allow_tf32):
-        model = build(content, model_path, weights, device, args.batch_size)
+        precision = content["training_config"].get("precision", DeviceConfig.precision)
+        model = build(content, model_path, weights, device, args.batch_size, args.engine, precision, args.num_workers)
         loading = FitConfig(batch_size=args.batch_size, num_workers=args.num_workers)
         updated = update_model(content, model.scorer, paths, model.geometry, loading)
         save_model(target, updated)
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from datasets.split import DataError
     from trainer import NonFiniteError
     from utils.padim.backbones import WeightsError
+    from utils.padim.engines import EngineError
     from utils.padim.loading import LoadError
     from utils.padim.model import GridMismatchError
     from utils.padim.model_file import ModelFileError
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             LoadError,
             ModelFileError,
             WeightsError,
+            EngineError,
             OutputWriteError,
             DataError,
             NonFiniteError,
