@@ -22,6 +22,7 @@ from utils.config import (
     FolderLayout,
     ModelConfig,
     RunConfig,
+    default_workers,
     model_configs,
 )
 from utils.padim.backbone_specs import BACKBONES, OFFLINE_BACKBONE
@@ -147,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the model file (needed by predict.py) and reuse it on reruns when it matches",
     )
     parser.add_argument("--batch_size", type=at_least(1), default=FitConfig.batch_size, help="images per forward pass")
-    parser.add_argument("--num_workers", type=at_least(0), default=FitConfig.num_workers, help="data loading processes")
+    parser.add_argument(
+        "--num_workers",
+        type=at_least(0),
+        help="data loading processes (default: none on up to 3 cores, then one per 4 cores, at most 2)",
+    )
     parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
     parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
     parser.add_argument("--vertical_flip", action="store_true", help="with augmentations: vertical flips")
@@ -238,7 +243,7 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         threshold_quantile=args.threshold_quantile,
         flips=flips if args.augmentations_enabled else None,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=default_workers() if args.num_workers is None else args.num_workers,
         save_distribution=args.save_distribution,
         max_visualizations=args.max_visualizations,
         max_image_pixels=args.max_image_pixels,

@@ -35,7 +35,7 @@ import trainer
 from datasets.images import Geometry, readable_batches
 from datasets.split import ClassSplit, DataError, split_class
 from utils.cli import add_engine_flags, at_least
-from utils.config import DeviceConfig, FitConfig, RunConfig, model_configs
+from utils.config import DeviceConfig, FitConfig, RunConfig, default_workers, model_configs
 from utils.evaluation.results import evaluate
 from utils.evaluation.summary import MapSummary
 from utils.padim.backbone_specs import BACKBONES
@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "others run with random weights, which cost the same",
     )
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
-    parser.add_argument("--num_workers", type=at_least(0), default=2, help="DataLoader processes")
+    parser.add_argument(
+        "--num_workers", type=at_least(0), help="DataLoader processes (default: run_experiment.py's, from the cores)"
+    )
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=int, default=224, help="centre crop; 0 = no crop (resize x resize)")
     parser.add_argument(
@@ -133,7 +135,11 @@ def pipeline_config(args: argparse.Namespace, backbone: str) -> RunConfig:
     return RunConfig(
         data_path=args.data_path,
         models=model_configs([backbone], [None], [args.resize], [args.cropsize], [None], weights),
-        fit=FitConfig(layout="mvtec", batch_size=args.batch_size, num_workers=args.num_workers),
+        fit=FitConfig(
+            layout="mvtec",
+            batch_size=args.batch_size,
+            num_workers=default_workers() if args.num_workers is None else args.num_workers,
+        ),
         devices=DeviceConfig(
             args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32, args.engine, args.precision
         ),
@@ -420,14 +426,15 @@ def target_report(table: pd.DataFrame) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Measure every backbone, print the table and the target verdicts, write the CSV if asked."""
-    splits = class_splits(args, pipeline_config(args, args.backbones[0]))
+    first = pipeline_config(args, args.backbones[0])
+    splits = class_splits(args, first)
     rows = []
     for backbone in args.backbones:
         rows.extend(benchmark_backbone(args, backbone, splits))
     table = pd.DataFrame(rows)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-        f"{args.num_workers} workers, resize {args.resize} / crop {args.cropsize}, median of {args.repeat}"
+        f"{first.fit.num_workers} workers, resize {args.resize} / crop {args.cropsize}, median of {args.repeat}"
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\n".join(target_report(table)))

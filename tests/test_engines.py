@@ -19,6 +19,8 @@ import torch
 import predict
 import run_experiment
 from tests.helpers import CPU_RUN_FLAGS, PREDICT_FLAGS, ROOT, TRAIN_FLAGS
+from utils import config
+from utils.config import FitConfig
 from utils.padim import engines
 from utils.padim.backbones import build_extractor
 from utils.padim.engines import EngineError, EngineExtractor, cached_trunk, engine_extractor, engine_threads
@@ -223,13 +225,25 @@ def test_bf16_runs_through_openvino_where_the_cpu_has_it():
 
 
 def test_engines_use_their_share_of_the_allowed_cores(monkeypatch):
-    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert engine_threads(0) == 8 and engine_threads(2) == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two ranks on this machine
     assert engine_threads(1) == 3
-    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1})
     assert engine_threads(4) == 1  # never below one thread
+
+
+def test_loader_workers_by_default_only_where_cores_are_to_spare(monkeypatch):
+    """On up to 3 cores the backbone gets them all (workers there cost more than they give), then one worker
+    per 4 cores, at most 2; an explicit --num_workers wins."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, workers in ((1, 0), (2, 0), (3, 0), (4, 1), (8, 2), (64, 2)):
+        monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        assert config.default_workers() == workers and FitConfig().num_workers == workers
+        flags = ["--data_path", "x"]
+        assert run_experiment.parse_args(flags).fit.num_workers == workers
+        assert run_experiment.parse_args([*flags, "--num_workers", "3"]).fit.num_workers == 3
 
 
 def test_auto_is_the_measured_engine_on_a_cpu_and_torch_on_a_gpu(caplog):

@@ -15,7 +15,8 @@ model file's identity is built from the same `settings()` (trainer.model_identit
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
@@ -67,6 +68,19 @@ class ModelConfig:
         }
 
 
+def cores_here() -> int:
+    """This process's share of the cores it may run on (os.sched_getaffinity), divided among torchrun's ranks on
+    this machine (LOCAL_WORLD_SIZE)."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_here))
+
+
+def default_workers() -> int:
+    """DataLoader worker processes when --num_workers is not given: none on up to 3 cores, where they compete
+    with the backbone for the cores (benchmarks/README.md), then one per 4 cores, at most 2."""
+    return min(2, cores_here() // 4)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """How a class is split (layout, moved test normals, hold-out), fitted (flips), thresholded
@@ -79,7 +93,7 @@ class FitConfig:
     threshold_quantile: float = 0.99
     flips: Flips | None = None
     batch_size: int = 32
-    num_workers: int = 2
+    num_workers: int = field(default_factory=lambda: default_workers())
     save_distribution: bool = False
     max_visualizations: int = 20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from utils.cli import first_line
+from utils.config import cores_here
 from utils.padim.backbones import FeatureExtractor, float32_precision
 from utils.padim.onnx_graph import quiet_exporter
 from utils.runtime.output_files import file_sha256
@@ -48,11 +49,9 @@ def cache_folder() -> Path:
 
 
 def engine_threads(workers: int = 0) -> int:
-    """Threads an engine may use: this process's share of the cores it may run on (os.sched_getaffinity,
-    divided among torchrun's ranks on this machine) less the DataLoader workers that decode beside it."""
-    cores = len(os.sched_getaffinity(0))
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // max(1, ranks_here) - workers)
+    """Threads an engine may use: this process's share of the cores (utils.config.cores_here) less the
+    DataLoader workers that decode beside it, at least one."""
+    return max(1, cores_here() - workers)
 
 
 def bf16_supported() -> bool:
