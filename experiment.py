@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 
 from data.demo_data import make_demo_dataset
+from datasets import BOWTIE_MARKER
 from datasets.images import Geometry
 from datasets.manifest import manifest_files
 from datasets.split import (
+    LAYOUT_FLAGS,
     ClassFiles,
     DataError,
-    choose_layout,
     class_folder_files,
     find_classes,
     folder_layout_files,
@@ -67,6 +68,37 @@ def ensure_demo_data(root: Path) -> None:
         staging.rename(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def choose_layout(config: RunConfig) -> tuple[str, str]:
+    """The layout of the run's data and why: --dataset when it names one; for `auto`, folder or csv when
+    their flags are given, else bowtie for class folders that data/process_data.py marked (BOWTIE_MARKER),
+    mvtec for class folders without the mark; DataError naming the layouts and their flags otherwise."""
+    layout = config.fit.layout
+    if layout != "auto":
+        return layout, "--dataset"
+    if config.manifest is not None:
+        return "csv", "--manifest given"
+    if config.folder is not None:
+        return "folder", "--normal_dir given"
+    root = config.data_path
+    if root is None or not root.is_dir():
+        raise DataError(f"--data_path {root} is not a folder")
+    classes = find_classes(root)
+    if not classes:
+        raise DataError(f"no class folder (with train/ and test/) in {root}, so no layout found: use {LAYOUT_FLAGS}")
+    marked = [class_dir.name for class_dir in classes if (class_dir / BOWTIE_MARKER).is_file()]
+    if len(marked) == len(classes):
+        return "bowtie", f"found: {BOWTIE_MARKER} of data/process_data.py in the class folders"
+    if marked:
+        raise DataError(
+            f"{len(marked)} of {len(classes)} class folders in {root} were prepared by data/process_data.py "
+            f"({', '.join(marked)}) and the others not: choose --dataset bowtie or --dataset mvtec"
+        )
+    return "mvtec", (
+        f"found: class folders with train/ and test/, no {BOWTIE_MARKER}; for BowTie folders prepared before "
+        "data/process_data.py left that mark, give --dataset bowtie"
+    )
 
 
 def with_layout(config: RunConfig) -> tuple[RunConfig, str]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets import DEFAULT_MAX_IMAGE_PIXELS
 from datasets.images import (
     Geometry,
     ImageDataset,
@@ -38,7 +39,6 @@ from utils.cli import (
     positive_float,
     run_main,
 )
-from utils.config import DEFAULT_MAX_IMAGE_PIXELS
 from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbones import (
     WeightsError,

@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from datasets import IMAGE_EXTENSIONS
-from utils.config import DEFAULT_MAX_IMAGE_PIXELS
+from datasets import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,7 @@
 
 Every layout lists its images as ClassFiles (the training normals, the test samples with labels,
 defect types and masks); split_class splits them the same way whatever the layout, so the same
-images give the same results as MVTec folders, a folder layout or a manifest. choose_layout
-resolves `--dataset auto`.
+images give the same results as MVTec folders, a folder layout or a manifest.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import BOWTIE_MARKER, MOVES_TRAIN_SHARE
+from datasets import MOVES_TRAIN_SHARE, FolderLayout
 from datasets.images import Sample, list_images, non_image_files
-from utils.config import FolderLayout, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,35 +226,4 @@ def load_class(
         holdout_ratio=holdout_ratio,
         seed=seed,
         test_sample_ratio=test_sample_ratio,
-    )
-
-
-def choose_layout(config: RunConfig) -> tuple[str, str]:
-    """The layout of the run's data and why: --dataset when it names one; for `auto`, folder or csv when
-    their flags are given, else bowtie for class folders that data/process_data.py marked (BOWTIE_MARKER),
-    mvtec for class folders without the mark; DataError naming the layouts and their flags otherwise."""
-    layout = config.fit.layout
-    if layout != "auto":
-        return layout, "--dataset"
-    if config.manifest is not None:
-        return "csv", "--manifest given"
-    if config.folder is not None:
-        return "folder", "--normal_dir given"
-    root = config.data_path
-    if root is None or not root.is_dir():
-        raise DataError(f"--data_path {root} is not a folder")
-    classes = find_classes(root)
-    if not classes:
-        raise DataError(f"no class folder (with train/ and test/) in {root}, so no layout found: use {LAYOUT_FLAGS}")
-    marked = [class_dir.name for class_dir in classes if (class_dir / BOWTIE_MARKER).is_file()]
-    if len(marked) == len(classes):
-        return "bowtie", f"found: {BOWTIE_MARKER} of data/process_data.py in the class folders"
-    if marked:
-        raise DataError(
-            f"{len(marked)} of {len(classes)} class folders in {root} were prepared by data/process_data.py "
-            f"({', '.join(marked)}) and the others not: choose --dataset bowtie or --dataset mvtec"
-        )
-    return "mvtec", (
-        f"found: class folders with train/ and test/, no {BOWTIE_MARKER}; for BowTie folders prepared before "
-        "data/process_data.py left that mark, give --dataset bowtie"
     )

@@ -23,7 +23,7 @@ from PIL import Image
 
 from data import convert_excel, process_data
 from datasets import BOWTIE_MARKER
-from datasets.split import choose_layout
+from experiment import choose_layout
 from utils.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

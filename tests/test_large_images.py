@@ -15,6 +15,7 @@ from PIL import Image
 
 import predict
 from benchmarks.large_image import make_image
+from datasets import DEFAULT_MAX_IMAGE_PIXELS
 from datasets.images import (
     LARGE_IMAGE_PIXELS,
     Geometry,
@@ -25,7 +26,6 @@ from datasets.images import (
     read_rgb,
 )
 from tests.helpers import PREDICT_FLAGS, ROOT
-from utils.config import DEFAULT_MAX_IMAGE_PIXELS
 
 GEOMETRY = Geometry(256, 224)
 

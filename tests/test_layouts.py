@@ -16,7 +16,8 @@ import run_experiment
 from data.demo_data import DEFECTS, make_demo_dataset
 from datasets import BOWTIE_MARKER
 from datasets.manifest import manifest_files
-from datasets.split import DataError, choose_layout, folder_layout_files
+from datasets.split import DataError, folder_layout_files
+from experiment import choose_layout
 from tests.helpers import SMALL_MODEL_FLAGS
 from utils.config import FolderLayout, RunConfig
 

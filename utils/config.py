@@ -19,11 +19,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import DEFAULT_MAX_IMAGE_PIXELS, FolderLayout
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 
 COMPARISON_SUFFIX = "comparison"
 DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -122,35 +122,6 @@ class DeviceConfig:
     allow_tf32: bool = False
     engine: str = "auto"
     precision: str = "fp32"
-
-
-@dataclass(frozen=True)
-class FolderLayout:
-    """`--dataset folder`: good images to train on, one folder per defect type, and optionally the good
-    images to test on (None: a seeded share of `normal_dir`) and the masks (by image stem); one class."""
-
-    normal_dir: Path
-    abnormal_dirs: tuple[Path, ...]
-    normal_test_dir: Path | None = None
-    mask_dir: Path | None = None
-    class_name: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The class: `class_name`, else the name of the folder that holds the good images' folder."""
-        return self.class_name or self.normal_dir.resolve().parent.name or "class"
-
-    def settings(self) -> dict:
-        def where(path: Path | None) -> str | None:
-            return str(path.resolve()) if path else None
-
-        return {
-            "normal_dir": where(self.normal_dir),
-            "abnormal_dirs": [where(path) for path in self.abnormal_dirs],
-            "normal_test_dir": where(self.normal_test_dir),
-            "mask_dir": where(self.mask_dir),
-            "class_name": self.name,
-        }
 
 
 @dataclass(frozen=True)
