@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4  # largest relative difference of any hooked map from eager torch's
 CACHE_FORMAT_VERSION = 1
 TRUNK_OPSET = 18
-# The fastest full-float32 engine per backbone on a CPU (benchmarks/README.md, bench.py --engines).
-AUTO_ENGINE = {"efficientnet_lite0": "openvino", "resnet18": "openvino", "wide_resnet50_2": "openvino"}
+# The fastest full-float32 engine per backbone on a CPU (bench.py's forward-only columns, benchmarks/README.md).
+AUTO_ENGINE = {
+    "efficientnet_lite0": "openvino",
+    "efficientnet_b5": "openvino",
+    "resnet18": "onnxruntime",
+    "wide_resnet50_2": "onnxruntime",
+}
 
 
 class EngineError(Exception):
