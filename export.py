@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import StrictParser, at_least, install_log_handler, run_main
+from utils.cli import StrictParser, add_model_flags, at_least, log_to_console, run_main
 from utils.config import DEFAULT_OPSET
 
 log = logging.getLogger("padim.export")
@@ -22,8 +22,9 @@ log = logging.getLogger("padim.export")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(__doc__)
-    parser.add_argument(
-        "--model", type=Path, required=True, help="a class results folder (holding padim_model.pt) or the model file"
+    add_model_flags(
+        parser,
+        "a class results folder (holding padim_model.pt) or the model file",
     )
     parser.add_argument(
         "--output", type=Path, required=True, help="the graph to write: a .onnx file, or with --format openvino a .xml"
@@ -35,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx (ONNX Runtime, OpenVINO, ...) or openvino (its IR: <name>.xml + <name>.bin)",
     )
     parser.add_argument("--opset", type=at_least(DEFAULT_OPSET), default=DEFAULT_OPSET, help="ONNX opset of the graph")
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
-    )
     return parser
 
 
@@ -71,15 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
-    from utils.padim.loading import LoadError
-    from utils.padim.model_file import ModelFileError
+    log_to_console()
+    from utils.padim.loading import LOAD_ERRORS
     from utils.padim.onnx_graph import OnnxModelError
     from utils.runtime.output_files import OutputWriteError
 
-    return run_main(
-        run, args, (LoadError, ModelFileError, OnnxModelError, OutputWriteError), "the model was not exported"
-    )
+    return run_main(run, args, (*LOAD_ERRORS, OnnxModelError, OutputWriteError), "the model was not exported")
 
 
 if __name__ == "__main__":

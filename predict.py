@@ -34,20 +34,19 @@ from utils.cli import (
     StrictParser,
     add_allow_tf32,
     add_engine_flags,
+    add_model_flags,
     at_least,
-    install_log_handler,
+    log_to_console,
     positive_float,
     run_main,
 )
 from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
 from utils.padim.backbones import (
-    WeightsError,
     float32_precision,
     pick_device,
 )
-from utils.padim.engines import EngineError
-from utils.padim.loading import LoadedModel, LoadError, build, build_graph, read_model
-from utils.padim.model_file import MODEL_FILENAME, ModelFileError, update_history
+from utils.padim.loading import LOAD_ERRORS, LoadedModel, build, build_graph, read_model
+from utils.padim.model_file import MODEL_FILENAME, update_history
 from utils.padim.onnx_graph import GRAPH_SUFFIXES, OnnxModelError, read_description
 from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
 from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
@@ -69,11 +68,9 @@ class PredictError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its help; defaults shown by --help."""
     parser = StrictParser(__doc__)
-    parser.add_argument(
-        "--model",
-        type=Path,
-        required=True,
-        help=f"a class results folder (holding {MODEL_FILENAME}), the model file itself, or a graph "
+    add_model_flags(
+        parser,
+        f"a class results folder (holding {MODEL_FILENAME}), the model file itself, or a graph "
         "written by export.py (.onnx: ONNX Runtime by default; .xml: OpenVINO)",
     )
     parser.add_argument(
@@ -120,17 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="larger images are refused as possible decompression bombs; raise it for your own large images "
         "(0: no limit)",
     )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
-    )
     return parser
-
-
-def setup_logging() -> None:
-    """INFO and above on stderr, next to the progress bar."""
-    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -353,11 +340,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    log_to_console()
     return run_main(
         run,
         args,
-        (PredictError, LoadError, ModelFileError, OnnxModelError, WeightsError, EngineError, OutputWriteError),
+        (PredictError, *LOAD_ERRORS, OnnxModelError, OutputWriteError),
         "predictions.csv was not written",
     )
 

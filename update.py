@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import StrictParser, add_allow_tf32, at_least, install_log_handler, run_main
+from utils.cli import StrictParser, add_allow_tf32, add_model_flags, at_least, log_to_console, run_main
 from utils.config import ENGINES, DeviceConfig
 
 log = logging.getLogger("padim.update")
@@ -27,11 +27,9 @@ class UpdateError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictParser(__doc__)
-    parser.add_argument(
-        "--model",
-        type=Path,
-        required=True,
-        help="a class results folder (holding padim_model.pt) or the model file; saved by run_experiment.py "
+    add_model_flags(
+        parser,
+        "a class results folder (holding padim_model.pt) or the model file; saved by run_experiment.py "
         "--save_distribution or by an earlier update",
     )
     parser.add_argument(
@@ -59,11 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=DeviceConfig.engine,
         choices=ENGINES,
         help="runtime of the backbone on the CPU, as run_experiment.py's (the model's precision is kept)",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
     )
     return parser
 
@@ -108,30 +101,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), logging.INFO, "%(levelname)s: %(message)s")
+    log_to_console()
     from datasets.split import DataError
     from trainer import NonFiniteError
-    from utils.padim.backbones import WeightsError
-    from utils.padim.engines import EngineError
-    from utils.padim.loading import LoadError
+    from utils.padim.loading import LOAD_ERRORS
     from utils.padim.model import GridMismatchError
-    from utils.padim.model_file import ModelFileError
     from utils.runtime.output_files import OutputWriteError
 
     return run_main(
         run,
         args,
-        (
-            UpdateError,
-            LoadError,
-            ModelFileError,
-            WeightsError,
-            EngineError,
-            OutputWriteError,
-            DataError,
-            NonFiniteError,
-            GridMismatchError,
-        ),
+        (UpdateError, *LOAD_ERRORS, OutputWriteError, DataError, NonFiniteError, GridMismatchError),
         "no updated model was written",
     )
 

@@ -74,17 +74,24 @@ def timed_run(command: list[str], threads: int) -> float:
     return seconds
 
 
+def statistics_shape(name: str, resize: int, cropsize: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, channels kept, bytes of the upper blocks of one float32 (D, D) matrix per position) of a
+    backbone at its default dims and this geometry, measured by one forward pass of random weights."""
+    size = Geometry(resize, cropsize).input_size
+    extractor, _ = build_extractor(name, "none", torch.device("cpu"))
+    grid = extractor(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
+    positions, dims = grid[0] * grid[1], extractor.reduced_dim(None)
+    triangle = sum(p * r * c for p, r, c in TriangularBlocks.shapes(positions, dims, lower=False)) * 4
+    return (grid[0], grid[1]), dims, triangle
+
+
 def all_reduce_volume(resize: int = 256, cropsize: int = 256) -> pd.DataFrame:
     """Bytes each rank all-reduces per class under --distribute images, at the default dims and geometry:
     the first moments (P x D float64) and the upper blocks of the second moments (float32)."""
-    size = Geometry(resize, cropsize).input_size
     rows = []
     for name in BACKBONES:
-        extractor, _ = build_extractor(name, "none", torch.device("cpu"))
-        grid = extractor(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
-        positions, dims = grid[0] * grid[1], extractor.reduced_dim(None)
-        second = sum(p * r * c for p, r, c in TriangularBlocks.shapes(positions, dims, lower=False)) * 4
-        first = positions * dims * 8
+        grid, dims, second = statistics_shape(name, resize, cropsize)
+        first = grid[0] * grid[1] * dims * 8
         rows.append(
             {"backbone": name, "grid": f"{grid[0]}x{grid[1]}", "dims": dims, "all_reduce_MiB": (first + second) / 2**20}
         )

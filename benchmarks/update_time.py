@@ -18,15 +18,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 import run_experiment
 import update
-from benchmarks.distributed import DEFAULT_DATA, link_class
-from datasets.images import Geometry, list_images
+from benchmarks.distributed import DEFAULT_DATA, link_class, statistics_shape
+from datasets.images import list_images
 from utils.padim.backbone_specs import BACKBONES
-from utils.padim.backbones import build_extractor
-from utils.padim.triangular import TriangularBlocks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def file_sizes(resize: int, cropsize: int) -> pd.DataFrame:
     """MiB of the statistics every model file holds (mean, precision factor) and of the sums it keeps for
     updates (shift float32, first moments float64, upper blocks of the second moments float32)."""
-    size = Geometry(resize, cropsize).input_size
     rows = []
     for name in BACKBONES:
-        extractor, _ = build_extractor(name, "none", torch.device("cpu"))
-        grid = extractor(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
-        positions, dims = grid[0] * grid[1], extractor.reduced_dim(None)
-        triangle = sum(p * r * c for p, r, c in TriangularBlocks.shapes(positions, dims, lower=False)) * 4
+        grid, dims, triangle = statistics_shape(name, resize, cropsize)
+        positions = grid[0] * grid[1]
         statistics = positions * dims * 4 + triangle
         sums = positions * dims * (4 + 8) + triangle
         rows.append(

@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from utils.config import ENGINES, PRECISIONS, DeviceConfig
@@ -139,6 +140,21 @@ def run_main(
             sys.stderr.write("\n")  # off the progress bar's line
         log.warning("interrupted: %s", interrupted)  # on the console and in the run's log
         return 130
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """`level` and above on stderr as 'LEVEL: message': the console of predict.py, export.py and update.py."""
+    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), level, "%(levelname)s: %(message)s")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model (required) and --weights, as predict.py, export.py and update.py take a saved model."""
+    parser.add_argument("--model", type=Path, required=True, help=model_help)
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="the backbone state dict the model was trained with (only for models trained with --weights PATH)",
+    )
 
 
 def install_log_handler(name: str, handler: logging.Handler, level: int, message_format: str) -> None:

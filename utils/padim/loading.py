@@ -13,8 +13,8 @@ import torch
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Geometry
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
-from utils.padim.backbones import build_extractor, weights_digest
-from utils.padim.engines import engine_extractor, engine_threads
+from utils.padim.backbones import WeightsError, build_extractor, weights_digest
+from utils.padim.engines import EngineError, engine_extractor, engine_threads
 from utils.padim.model import Padim
 from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
 from utils.padim.onnx_graph import GraphScorer, graph_engine
@@ -24,6 +24,10 @@ log = logging.getLogger("padim.predict")
 
 class LoadError(Exception):
     """A model this code cannot score with: its file or folder, its backbone weights, or odd contents."""
+
+
+# what reading and rebuilding a saved model can refuse with one line: every model CLI's user errors
+LOAD_ERRORS = (LoadError, ModelFileError, WeightsError, EngineError)
 
 
 @dataclass(frozen=True)
