@@ -36,7 +36,7 @@ from datasets.split import (
     is_class_dir,
 )
 from trainer import resolve_devices, run_class
-from utils.cli import install_log_handler
+from utils.cli import install_log_handler, remove_log_handler
 from utils.config import ModelConfig, RunConfig
 from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision
@@ -52,6 +52,7 @@ log = logging.getLogger("padim")
 
 USER_ERRORS = (DataError, WeightsError, EngineError, ModelFileError, OutputWriteError)
 EXPERIMENT_FILENAME = "experiment.json"
+LOG_FILE_HANDLER = "padim-log-file"
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_PNG = "comparison.png"
 
@@ -181,7 +182,7 @@ def log_file_handler(folder: Path, world: World) -> None:
     name = f"experiment_log.rank{world.rank}.log" if world.distributed else "experiment_log.log"
     folder.mkdir(parents=True, exist_ok=True)
     install_log_handler(
-        "padim-log-file",
+        LOG_FILE_HANDLER,
         logging.FileHandler(folder / name, encoding="utf-8"),
         logging.INFO,
         "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -346,6 +347,7 @@ def run(config: RunConfig) -> int:
     world = World.join(book.record, config.dist_timeout_s, cuda)
     devices = on_rank(devices, world)
     console_handler(world)
+    remove_log_handler(LOG_FILE_HANDLER)  # an earlier run's in this process (tests): this one's gets no line of it
     try:
         with contextlib.ExitStack() as held:
             held.enter_context(float32_precision(config.devices.allow_tf32))

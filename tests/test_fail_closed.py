@@ -307,8 +307,8 @@ def _poison_scores_of(stage: str, monkeypatch) -> None:
 def _poison_fit(monkeypatch) -> None:
     original = Padim.fit
 
-    def poisoned(self, batches, peers=None):
-        stats = original(self, batches, peers)
+    def poisoned(self, batches, peers=None, **options):
+        stats = original(self, batches, peers, **options)
         stats.mean[0, 0] = float("nan")
         return stats
 

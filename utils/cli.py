@@ -157,14 +157,20 @@ def add_model_flags(parser: argparse.ArgumentParser, model_help: str) -> None:
     )
 
 
+def remove_log_handler(name: str) -> None:
+    """Take the root logger's handlers of that name off and close them (a run's log file, once the run ends)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == name]:
+        root.removeHandler(old)
+        old.close()
+
+
 def install_log_handler(name: str, handler: logging.Handler, level: int, message_format: str) -> None:
     """Put `handler` on the root logger under `name`, replacing an earlier one of that name (a second
     run in one process, as in tests), and leaving handlers of other names (pytest's) alone."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if h.get_name() == name]:
-        root.removeHandler(old)
-        old.close()
+    remove_log_handler(name)
     handler.set_name(name)
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter(message_format))
