@@ -434,7 +434,9 @@ def report(config: RunConfig, configurations: list[Configuration], book: ResultB
     best = None
     if parent is None:
         [table], [configuration] = tables, configurations
-        summary = table[[*SUMMARY_COLUMNS, "status"]]
+        summary = table[[*SUMMARY_COLUMNS, "status"]].copy()
+        for count in ("n_holdout", "n_skipped"):  # whole numbers, also beside a failed class's empty cells
+            summary[count] = summary[count].map(lambda value: "-" if pd.isna(value) else str(int(value)))
         summary.insert(5, "recall (95% CI)", interval_column(table, "recall"))
         summary.insert(6, "FPR (95% CI)", interval_column(table, "false_positive_rate"))
         print(summary.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))

@@ -1,8 +1,8 @@
 """PaDiM anomaly detection and localization: train on good images, score and evaluate every class.
 
 Writes <base_results_dir>/<results_subdir>/master_results.csv (one row per class),
-experiment_log.log and a folder per class with its model file and plots. This file is the
-command line: it checks every flag before the heavy libraries load (experiment.py runs).
+experiment_log.log, report.html and a folder per class with its model file and figures.
+Every flag is checked before any work starts.
 """
 
 from __future__ import annotations

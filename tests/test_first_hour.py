@@ -4,6 +4,7 @@ images said nowhere, slow or silent flag typos, messages that name the wrong cau
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,15 @@ def test_the_summary_shows_a_dash_where_the_csv_is_empty(texture_root: Path, tmp
     assert _main("--dataset", "mvtec", "--data_path", str(data), "--base_results_dir", str(tmp_path / "res")) == 0
     out = capsys.readouterr().out
     assert "NaN" not in out and out.splitlines()[1].split()[:2] == ["brick", "-"]
+
+
+def test_the_summary_counts_stay_whole_numbers_beside_a_failed_class(texture_root: Path, tmp_path: Path, capsys):
+    """A failed class leaves its counts empty: the others' n_holdout still prints as 2, not 2.000."""
+    data = tmp_path / "data"
+    shutil.copytree(texture_root, data)
+    for image in (data / "gravel" / "train" / "good").iterdir():
+        image.unlink()
+    capsys.readouterr()
+    assert _main("--dataset", "mvtec", "--data_path", str(data), "--base_results_dir", str(tmp_path / "res")) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert re.search(r" 2 +0 +ok$", rows["brick"]) and re.search(r" - +- +failed: no training images", rows["gravel"])

@@ -217,3 +217,13 @@ def test_readme_snippet_scores_one_image_without_torch(exported, texture_root: P
     loaded = loading.build_graph(graph, read_description(graph), torch.device("cpu"), "auto")
     reference = float(loaded.scorer(_batch([image], True, loaded).numpy())[1][0])
     assert abs(score - reference) <= 0.02 * reference  # Pillow's resize rounds a little differently from torchvision's
+
+
+def test_export_prints_a_few_lines_not_the_exporters_passes(exported, tmp_path, capfd):
+    """The ONNX exporter logs one INFO line per pass; export.py shows what it wrote, and little else."""
+    model_dir, _ = exported["resnet18_crop0"]
+    capfd.readouterr()
+    assert export.main(["--model", str(model_dir), "--output", str(tmp_path / "model.onnx")]) == 0
+    printed = capfd.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    assert len(lines) <= 5 and any(line.startswith("graph: ") for line in lines), lines

@@ -70,13 +70,20 @@ class StrictParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
         if unknown:
+            words = unknown.group(1).split()
             notes = []
-            for word in unknown.group(1).split():
+            for word in words:
                 flag = word.split("=", 1)[0]
                 if flag.startswith("-"):
                     meant = self.closest_flag(flag)
                     notes.append(f"{flag}" + (f" (did you mean {meant}?)" if meant else ""))
-            message = f"unknown flag {', '.join(notes)}" if notes else message
+            if notes:
+                message = f"unknown flag {', '.join(notes)}"
+            elif len(words) > 1:  # most likely an unquoted glob the shell expanded: never list every path
+                message = (
+                    f"{len(words)} unexpected arguments ({words[0]} ...): a glob the shell expanded? "
+                    "quote it ('folder/*.png') so that this program expands it"
+                )
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
