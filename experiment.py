@@ -46,7 +46,7 @@ from utils.reporting.plotting import save_comparison_figure
 from utils.reporting.report import write_comparison_report, write_report
 from utils.reporting.text import with_interval
 from utils.runtime.distributed import PeerLost, World
-from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
+from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable, remove_output
 
 log = logging.getLogger("padim")
 
@@ -169,12 +169,8 @@ def clear_class_folder(folder: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name == MODEL_FILENAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        if entry.name != MODEL_FILENAME:
+            remove_output(entry)
 
 
 def log_file_handler(folder: Path, world: World) -> None:

@@ -49,7 +49,7 @@ from utils.padim.loading import LOAD_ERRORS, LoadedModel, build, build_graph, re
 from utils.padim.model_file import MODEL_FILENAME, update_history
 from utils.padim.onnx_graph import GRAPH_SUFFIXES, OnnxModelError, read_description
 from utils.reporting.images import blend_overlay, draw_regions, heat_colour_table, heat_colours, write_png
-from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable
+from utils.runtime.output_files import OutputWriteError, atomic_write, folder_lock, prove_writable, remove_output
 
 log = logging.getLogger("padim.predict")
 
@@ -284,6 +284,19 @@ def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
     atomic_write(path, write)
 
 
+PREDICTION_OUTPUTS = ("predictions.csv", "regions.csv", "heatmaps", "overlays", "masks")
+
+
+def clear_earlier_prediction(folder: Path) -> None:
+    """A folder holds one prediction run: what an earlier run wrote there (those names only) is removed, and
+    the log says which, so no earlier model's maps lie beside this run's predictions.csv."""
+    earlier = [folder / name for name in PREDICTION_OUTPUTS if (folder / name).exists()]
+    if earlier:
+        log.warning("%s held an earlier prediction: removed its %s", folder, ", ".join(p.name for p in earlier))
+    for path in earlier:
+        remove_output(path)
+
+
 def run(args: argparse.Namespace) -> int:
     """Refuse a bad model or input before the heavy work, then score, write, and summarise on stdout.
 
@@ -309,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         for line in update_history(content):
             log.info("model %s", line)
     with folder_lock(args.output, "output folder", PredictError), float32_precision(args.allow_tf32):
+        clear_earlier_prediction(args.output)
         threshold = args.threshold if args.threshold is not None else model.threshold
         if args.threshold is not None:
             log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)

@@ -325,6 +325,9 @@ def parse_args(argv: list[str] | None) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    if config.data_path is not None and not config.demo and not config.data_path.is_dir():
+        print(f"error: --data_path {config.data_path} is not a folder", file=sys.stderr)  # before the imports
+        return 1
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, progress bars on rank 0 only (read at tqdm's import)
         os.environ["TQDM_DISABLE"] = "1"
     import experiment  # torch, pandas, matplotlib: only once the flags are known to be good

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ import run_experiment
 import trainer
 from datasets.images import Geometry
 from datasets.split import DataError, load_class
-from tests.helpers import RUN_FLAGS, SMALL_MODEL_FLAGS
+from tests.helpers import ROOT, RUN_FLAGS, SMALL_MODEL_FLAGS
 from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import (
     BACKBONES,
@@ -263,3 +265,15 @@ def test_display_images_undo_the_model_input_normalisation():
     inputs = torch.stack([transform(image.permute(2, 0, 1)) for image in pixels])
     shown = np.stack([trainer.display_pixels(inputs, i) for i in range(3)])
     assert shown.dtype == np.uint8 and np.array_equal(shown, pixels.numpy())
+
+
+def test_a_missing_data_path_is_reported_before_torch_loads(tmp_path):
+    """The folder is checked right after the flags: no wait for the heavy imports to hear of a typo."""
+    script = (
+        "import sys, run_experiment\n"
+        f"code = run_experiment.main(['--data_path', {str(tmp_path / 'nope')!r}])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.split() == ["1", "False"]
+    assert done.stderr == f"error: --data_path {tmp_path / 'nope'} is not a folder\n"

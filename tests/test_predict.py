@@ -436,3 +436,38 @@ def test_output_names_say_which_image_they_are():
         Path("c/y/wide.jpg"),
     ]
     assert predict.output_names(paths) == ["good_000", "crack_000", "good_000_1", "017", "x_Wide", "y_wide"]
+
+
+def test_a_second_prediction_into_one_folder_leaves_nothing_of_the_first(
+    trained: Trained, texture_root, tmp_path, capsys
+):
+    """A folder holds one prediction run: the earlier run's maps, overlays and masks are removed, and said."""
+    output = tmp_path / "predictions"
+    test = texture_root / "brick" / "test"
+    first = ["--model", str(trained.model_dir), "--input", str(test / "*" / "*.png"), "--save_masks"]
+    assert predict.main([*first, "--output", str(output), *PREDICT_FLAGS]) == 0
+    assert len(list((output / "heatmaps").iterdir())) == len(list(test.glob("*/*.png")))
+    capsys.readouterr()
+    second = ["--model", str(trained.model_dir), "--input", str(test / "good")]
+    assert predict.main([*second, "--output", str(output), *PREDICT_FLAGS]) == 0
+    goods = sorted(p.stem for p in (test / "good").iterdir())
+    for folder in ("heatmaps", "overlays"):
+        assert sorted(p.stem for p in (output / folder).iterdir()) == goods
+    assert not (output / "masks").exists()
+    assert "held an earlier prediction: removed its predictions.csv, regions.csv, heatmaps, overlays, masks" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_graph_description_given_as_the_model_points_to_its_graph(tmp_path, capsys):
+    graph = tmp_path / "deploy" / "model.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph")
+    graph.with_suffix(".json").write_text('{"format": "padim-suite-onnx"}\n')
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    args = ["--model", str(graph.with_suffix(".json")), "--input", str(image), "--output", str(tmp_path / "p")]
+    capsys.readouterr()
+    assert predict.main([*args, *PREDICT_FLAGS]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"pass --model {graph}" in err

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -93,6 +94,14 @@ def folder_lock(folder: Path, what: str, error: type[Exception]) -> Iterator[Non
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_output(path: Path) -> None:
+    """Remove one output: a file, a link, or a folder with everything in it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def file_sha256(path: Path) -> str:
