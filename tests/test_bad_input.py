@@ -307,8 +307,10 @@ def test_sigterm_mid_run_leaves_nothing_half_written_and_a_rerun_completes(tmp_p
         seen += process.stderr.read(1)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted: finished classes are in master_results.csv" in err
-    assert "interrupted: finished classes" in (results / "r" / "experiment_log.log").read_text()
+    table = results / "r" / "master_results.csv"
+    kept = f"finished classes are in {table}" if table.is_file() else "no class finished"
+    assert process.returncode == 130 and f"interrupted: {kept}" in err
+    assert f"interrupted: {kept}" in (results / "r" / "experiment_log.log").read_text()
     leftovers = [p for p in results.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     for model_path in results.rglob("padim_model.pt"):
@@ -341,3 +343,32 @@ def test_fit_memory_stays_flat_from_500_to_5000_images(tmp_path):
         int(subprocess.check_output([sys.executable, str(probe), str(n)], env=env, text=True)) for n in (500, 5000)
     ]
     assert peaks[1] < peaks[0] * 1.05, peaks
+
+
+def test_an_interrupt_says_what_was_kept(texture_root: Path, tmp_path: Path, monkeypatch, capsys):
+    """Interrupted before any class finished, the note says so (there is no master_results.csv to point to);
+    after one finished, it names the table that holds it."""
+    import experiment
+
+    real_run_job, calls = experiment.run_job, []
+
+    def interrupted_at(job_number: int):
+        def run_job(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == job_number:
+                raise KeyboardInterrupt
+            return real_run_job(*args, **kwargs)
+
+        return run_job
+
+    flags = [*RUN_FLAGS, "--device", "cpu", "--data_path", str(texture_root), "--results_subdir", "r"]
+    for job_number, kept in ((1, "no class finished; rerun to start again"), (2, "finished classes are in")):
+        calls.clear()
+        monkeypatch.setattr(experiment, "run_job", interrupted_at(job_number))
+        results = tmp_path / f"res{job_number}"
+        capsys.readouterr()
+        assert run_experiment.main([*flags, "--base_results_dir", str(results)]) == 130
+        err = capsys.readouterr().err
+        assert f"interrupted: {kept}" in err
+        if job_number == 2:
+            assert f"{results / 'r' / 'master_results.csv'}; rerun to complete" in err

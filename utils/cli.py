@@ -133,9 +133,10 @@ def run_main(
     run: Callable[[Config], int],
     config: Config,
     user_errors: tuple[type[Exception], ...],
-    interrupted: str,
+    interrupted: str | Callable[[], str],
 ) -> int:
-    """Call `run(config)`; user errors become one line on stderr, an interrupt a note of what was kept."""
+    """Call `run(config)`; user errors become one line on stderr, an interrupt a note of what was kept
+    (`interrupted`, or what it returns when called then)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(config)
@@ -145,7 +146,8 @@ def run_main(
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             sys.stderr.write("\n")  # off the progress bar's line
-        log.warning("interrupted: %s", interrupted)  # on the console and in the run's log
+        kept = interrupted() if callable(interrupted) else interrupted
+        log.warning("interrupted: %s", kept)  # on the console and in the run's log
         return 130
 
 
