@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num_workers",
         type=at_least(0),
-        help="data loading processes (default: none on up to 3 cores, then one per 4 cores, at most 2)",
+        default=default_workers(),
+        help="data loading processes (by default from the cores: none on up to 3, then one per 4, at most 2)",
     )
     parser.add_argument("--augmentations_enabled", action="store_true", help="random flips of training images")
     parser.add_argument("--horizontal_flip", action="store_true", help="with augmentations: horizontal flips")
@@ -243,7 +244,7 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
         threshold_quantile=args.threshold_quantile,
         flips=flips if args.augmentations_enabled else None,
         batch_size=args.batch_size,
-        num_workers=default_workers() if args.num_workers is None else args.num_workers,
+        num_workers=args.num_workers,
         save_distribution=args.save_distribution,
         max_visualizations=args.max_visualizations,
         max_image_pixels=args.max_image_pixels,

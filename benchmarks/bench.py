@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per forward pass")
     parser.add_argument(
-        "--num_workers", type=at_least(0), help="DataLoader processes (default: run_experiment.py's, from the cores)"
+        "--num_workers",
+        type=at_least(0),
+        default=default_workers(),
+        help="DataLoader processes (by default run_experiment.py's, from the cores)",
     )
     parser.add_argument("--resize", type=at_least(1), default=256, help="short side of the image is resized to this")
     parser.add_argument("--cropsize", type=int, default=224, help="centre crop; 0 = no crop (resize x resize)")
@@ -138,7 +141,7 @@ def pipeline_config(args: argparse.Namespace, backbone: str) -> RunConfig:
         fit=FitConfig(
             layout="mvtec",
             batch_size=args.batch_size,
-            num_workers=default_workers() if args.num_workers is None else args.num_workers,
+            num_workers=args.num_workers,
         ),
         devices=DeviceConfig(
             args.device, args.stats_on_gpu, args.mahalanobis_on_gpu, args.allow_tf32, args.engine, args.precision

@@ -93,7 +93,7 @@ class FitConfig:
     threshold_quantile: float = 0.99
     flips: Flips | None = None
     batch_size: int = 32
-    num_workers: int = field(default_factory=lambda: default_workers())
+    num_workers: int = field(default_factory=default_workers)
     save_distribution: bool = False
     max_visualizations: int = 20
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS

@@ -279,9 +279,10 @@ def engine_extractor(
         return extractor
     if precision == "bf16" and not bf16_supported():
         raise EngineError("this CPU has no native bfloat16 (AVX512-BF16 or AMX): use --precision fp32")
+    threads = engine_threads(workers)
     try:
         graph = cached_trunk(extractor, weights_id, seed, size)
-        runtime = RUNTIMES[engine](graph, engine_threads(workers), precision)
+        runtime = RUNTIMES[engine](graph, threads, precision)
         candidate = EngineExtractor(extractor, runtime, engine, precision, size)
         gap = parity_gap(candidate, size)
     except EngineError as err:
@@ -311,7 +312,7 @@ def engine_extractor(
         extractor.spec.name,
         engine,
         precision,
-        engine_threads(workers),
+        threads,
         gap,
     )
     return candidate

@@ -286,8 +286,9 @@ def load_model(path: Path) -> dict:
         raise ModelFileError(f"{path}: no model file (train with run_experiment.py --save_distribution)")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file, not a model (an interrupted copy?)")
-    graphs = [path.with_suffix(suffix) for suffix in (".onnx", ".xml") if path.with_suffix(suffix).is_file()]
-    if path.suffix == ".json" and graphs:
+    graphs = [path.with_suffix(suffix) for suffix in (".onnx", ".xml")] if path.suffix == ".json" else []
+    graphs = [graph for graph in graphs if graph.is_file()]
+    if graphs:
         raise ModelFileError(
             f"{path}: the description of an exported graph, not a model file; pass --model {graphs[0]}"
         )

@@ -280,10 +280,13 @@ def _openvino_graph(graph_path: Path, threads: int):
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     inputs = [
-        (i.get_any_name(), str(i.get_element_type().to_dtype()), [str(d) for d in i.get_partial_shape()])
+        (
+            i.get_any_name(),
+            str(i.get_element_type().to_dtype()),
+            [d.get_length() if d.is_static else None for d in i.get_partial_shape()],
+        )
         for i in compiled.inputs
     ]
-    inputs = [(name, dtype, [int(d) if d.isdigit() else d for d in shape]) for name, dtype, shape in inputs]
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         results = request.infer({INPUT_NAME: images})
