@@ -469,6 +469,9 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
             "resize": model.resize,
             "cropsize": model.cropsize,
             "reduced_dim": configuration.reduced_dim,
+            "projection": model.projection,
+            "neighbourhood": model.neighbourhood,
+            "image_score": model.image_score,
         }
         parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])
     return pd.concat(parts, ignore_index=True)

@@ -16,6 +16,9 @@ from datasets import DATASET_LAYOUTS
 from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, run_main, unit_interval
 from utils.config import (
     COMPARISON_SUFFIX,
+    IMAGE_SCORES,
+    NEIGHBOURHOODS,
+    PROJECTIONS,
     DeviceConfig,
     FitConfig,
     Flips,
@@ -128,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
         "capped at the hooked stages' channels)",
     )
     parser.add_argument(
+        "--projection",
+        choices=PROJECTIONS,
+        nargs="+",
+        default=[ModelConfig.projection],
+        help="how the --reduced_dim channels are had: random, a seeded subset of the hooked channels (PaDiM); "
+        "semi_orthogonal, all of them projected by a seeded D x k matrix W with W^T W = I (Kim et al. 2021)",
+    )
+    parser.add_argument(
+        "--neighbourhood",
+        type=int,
+        choices=NEIGHBOURHOODS,
+        nargs="+",
+        default=[ModelConfig.neighbourhood],
+        help="3: each grid cell's embedding is the mean over its 3 x 3 neighbours inside the grid, before the "
+        "Gaussian (as PatchCore); 1: the cell's own",
+    )
+    parser.add_argument(
+        "--image_score",
+        choices=IMAGE_SCORES,
+        nargs="+",
+        default=[ModelConfig.image_score],
+        help="an image's score (and threshold): map_max, the maximum of its up-sampled, blurred map; grid_max, "
+        "of the raw Mahalanobis grid; grid_top_k_mean, the mean of the grid's 9 highest cells",
+    )
+    parser.add_argument(
         "--distribute",
         choices=["jobs", "images"],
         default=RunConfig.distribute,
@@ -233,6 +261,9 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
             args.reduced_dim or [None],
             args.weights,
             args.seed,
+            tuple(args.projection),
+            tuple(args.neighbourhood),
+            tuple(args.image_score),
         )
     except ValueError as err:
         parser.error(str(err))

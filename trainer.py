@@ -39,12 +39,14 @@ from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
 from utils.padim.backbones import FeatureExtractor, pick_device
-from utils.padim.embedding import channel_index
+from utils.padim.embedding import channel_index, semi_orthogonal_matrix
 from utils.padim.model import GaussianStats, GridMismatchError, Padim
 from utils.padim.model_file import (
     MODEL_FILENAME,
+    PROJECTION_ENTRY,
     ModelFileError,
     load_model,
+    projection_from_content,
     save_model,
     stats_content,
     stats_from_content,
@@ -87,11 +89,26 @@ def resolve_devices(config: DeviceConfig) -> dict[str, torch.device]:
 
 
 def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[str, torch.device]) -> Padim:
-    """The untrained model of a configuration: the seeded channel subset of the extractor's dims, the input
-    size, the devices."""
-    index = channel_index(extractor.dims, extractor.reduced_dim(model.reduced_dim), model.seed)
+    """The untrained model of a configuration: the seeded channel subset of the extractor's dims (or all of them
+    and the seeded semi-orthogonal projection), the neighbourhood, the image score, the input size, the devices."""
+    reduced_dim = extractor.reduced_dim(model.reduced_dim)
+    if model.projection == "semi_orthogonal":
+        index = torch.arange(extractor.dims)
+        projection = semi_orthogonal_matrix(extractor.dims, reduced_dim, model.seed)
+    else:
+        index, projection = channel_index(extractor.dims, reduced_dim, model.seed), None
     input_size = Geometry(model.resize, model.cropsize).input_size
-    return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
+    return Padim(
+        extractor,
+        index,
+        input_size,
+        devices["backbone"],
+        devices["stats"],
+        devices["mahalanobis"],
+        projection=projection,
+        neighbourhood=model.neighbourhood,
+        image_score=model.image_score,
+    )
 
 
 def class_loader(
@@ -115,11 +132,13 @@ def model_identity(
     index: torch.Tensor,
     fingerprint: str,
     precision: str = "fp32",
+    dims: int | None = None,
 ) -> dict:
     """What makes a saved model this run's model (MODEL_IDENTITY_KEYS): the backbone, its weights and
     stages, the geometry, the training images, and the settings that change the fitted statistics or the
     threshold (the same `settings()` experiment.json records). The engine is not among them (its maps equal
-    torch's), a reduced precision is."""
+    torch's), a reduced precision is. `dims`: the embedding's channels when a projection makes them fewer
+    than the index's."""
     return {
         "backbone": model.architecture,
         "weights_id": weights_id,
@@ -128,9 +147,10 @@ def model_identity(
         "cropsize": model.cropsize,
         "fingerprint": fingerprint,
         "training_config": {
-            "reduced_dim": int(index.numel()),
+            "reduced_dim": int(index.numel()) if dims is None else dims,
             "channel_index": index.tolist(),
             "seed": model.seed,
+            **model.variant_settings(),
             **fit.settings(),
             **({"precision": precision} if precision != "fp32" else {}),
         },
@@ -224,10 +244,12 @@ def warn_on_crop_losses(samples: list[Sample], geometry: Geometry, name: str) ->
         )
 
 
-def reusable_model(path: Path, identity: dict, save_distribution: bool) -> tuple[dict, GaussianStats] | None:
+def reusable_model(
+    path: Path, identity: dict, projection: torch.Tensor | None, save_distribution: bool
+) -> tuple[dict, GaussianStats] | None:
     """The matching cached model when reuse is asked for (--save_distribution); an earlier run's model that
     does not match is removed when this run will not replace it, so it never sits beside other results."""
-    cached = cached_model(path, identity)
+    cached = cached_model(path, identity, projection)
     if save_distribution:
         return cached
     if cached is None and path.is_file():
@@ -240,17 +262,24 @@ def reusable_model(path: Path, identity: dict, save_distribution: bool) -> tuple
     return None
 
 
-def cached_model(path: Path, identity: dict) -> tuple[dict, GaussianStats] | None:
-    """The saved model and its statistics when it was made from the same backbone, settings and training images."""
+def cached_model(path: Path, identity: dict, projection: torch.Tensor | None) -> tuple[dict, GaussianStats] | None:
+    """The saved model and its statistics when it was made from the same backbone, settings, training images
+    and projection matrix (bit for bit: a regenerated one that drifted would not score like the saved one)."""
     if not path.is_file():
         return None
     try:
         content = load_model(path)
         stats = stats_from_content(content)
+        saved_projection = projection_from_content(content)
     except ModelFileError as err:
         log.warning("cached model not used, refitting: %s", err)
         return None
     changed = [key for key in MODEL_IDENTITY_KEYS if content[key] != identity[key]]
+    same_projection = (saved_projection is None) == (projection is None) and (
+        projection is None or torch.equal(saved_projection, projection)
+    )
+    if not same_projection:
+        changed.append("projection matrix")
     if changed:
         log.warning("cached model %s differs in %s: refitting", path, ", ".join(changed))
         return None
@@ -307,7 +336,9 @@ def fit_or_load(
     sums are added up (Padim.fit's peers). A saved model keeps the sums and the threshold's images, so
     that update.py can add images to it exactly. Returns (threshold, provenance, this rank's unreadable
     images)."""
-    cached = ranks.from_root(reusable_model(model_path, identity, fit.save_distribution) if ranks.is_root else None)
+    cached = ranks.from_root(
+        reusable_model(model_path, identity, model.projection, fit.save_distribution) if ranks.is_root else None
+    )
     if cached is not None:
         content, stats = cached
         model.use(stats)
@@ -327,6 +358,7 @@ def fit_or_load(
             {
                 **identity,
                 "channel_index": model.index,
+                **({PROJECTION_ENTRY: model.projection} if model.projection is not None else {}),
                 "normalization_mean": list(IMAGENET_MEAN),
                 "normalization_std": list(IMAGENET_STD),
                 **stats_content(stats),
@@ -508,13 +540,13 @@ def run_class(
         split.test, has_ground_truth = other.test, other.has_ground_truth
     geometry = Geometry(model_config.resize, model_config.cropsize)
     model = build_model(extractor, model_config, devices)
-    log_split(split, model.index.numel())
+    log_split(split, model.dims)
     if ranks.is_root:
         warn_on_crop_losses(split.test, geometry, split.name)
         out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = training_fingerprint(split.fit + split.holdout, files.root)
     identity = model_identity(
-        model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint, extractor.precision
+        model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint, extractor.precision, model.dims
     )
     start = time.perf_counter()
     threshold, provenance, fit_skipped = fit_or_load(

@@ -23,6 +23,10 @@ from datasets import DEFAULT_MAX_IMAGE_PIXELS, FolderLayout
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 
 COMPARISON_SUFFIX = "comparison"
+PROJECTIONS = ("random", "semi_orthogonal")  # how the embedding's channels are chosen (docs/algorithm.md)
+NEIGHBOURHOODS = (1, 3)  # side of the square of grid cells each embedding is averaged over
+IMAGE_SCORES = ("map_max", "grid_max", "grid_top_k_mean")  # what an image's score is (utils.padim.anomaly_map)
+VARIANT_FOLDER_TAGS = {"projection": "proj", "neighbourhood": "nbhd", "image_score": "score"}
 DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
 
 
@@ -41,7 +45,9 @@ class Flips:
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
-    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice."""
+    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice; how
+    they are kept (a random subset or a semi-orthogonal projection), the neighbourhood each embedding is
+    averaged over, and the image score (docs/algorithm.md)."""
 
     architecture: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()
@@ -50,6 +56,9 @@ class ModelConfig:
     cropsize: int = 256
     reduced_dim: int | None = None
     seed: int = 1024
+    projection: str = PROJECTIONS[0]
+    neighbourhood: int = NEIGHBOURHOODS[0]
+    image_score: str = IMAGE_SCORES[0]
 
     @property
     def default_layers(self) -> bool:
@@ -65,7 +74,18 @@ class ModelConfig:
             "cropsize": self.cropsize,
             "reduced_dim": self.reduced_dim,
             "seed": self.seed,
+            **self.variant_settings(),
         }
+
+    def variant_settings(self) -> dict:
+        """The embedding and score settings that differ from today's defaults: only those join the identity,
+        so that results folders and model files of the defaults keep theirs."""
+        defaults = ModelConfig()
+        return {key: getattr(self, key) for key in VARIANT_FOLDER_TAGS if getattr(self, key) != getattr(defaults, key)}
+
+    def folder_suffix(self) -> str:
+        """`_<tag>-<value>` for every non-default variant setting, so that no two configurations share a folder."""
+        return "".join(f"_{VARIANT_FOLDER_TAGS[key]}-{value}" for key, value in self.variant_settings().items())
 
 
 def cores_here() -> int:
@@ -169,11 +189,12 @@ class RunConfig:
 
     def results_folder(self, model: ModelConfig) -> Path:
         """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
-        backbone, resize and crop (and the stages when they are not the backbone's default); with several
+        backbone, resize and crop (and the stages and variant settings when they are not the defaults); with several
         configurations, that default name (plus _dim-<N> for a given reduced_dim) inside the comparison folder."""
         default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize}_crop-{model.cropsize}"
         if not model.default_layers:
             default += f"_layers-{'-'.join(model.layers)}"
+        default += model.folder_suffix()
         parent = self.comparison_folder()
         if parent is None:
             return self.base_results_dir / (self.results_subdir or default)
@@ -194,21 +215,27 @@ def model_configs(
     reduced_dims: list[int | None],
     weights: str = ModelConfig.weights,
     seed: int = ModelConfig.seed,
+    projections: tuple[str, ...] = (ModelConfig.projection,),
+    neighbourhoods: tuple[int, ...] = (ModelConfig.neighbourhood,),
+    image_scores: tuple[str, ...] = (ModelConfig.image_score,),
 ) -> tuple[ModelConfig, ...]:
     """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
     backbone's order; ValueError names a combination that cannot run (a crop larger than its resize, a
     stage its backbone lacks); a repeated combination is not a second configuration."""
     chosen: list[ModelConfig] = []
-    for architecture, layers, resize, cropsize, reduced_dim in itertools.product(
-        architectures, layer_choices, resizes, cropsizes, reduced_dims
-    ):
+    combinations = itertools.product(
+        architectures, layer_choices, resizes, cropsizes, reduced_dims, projections, neighbourhoods, image_scores
+    )
+    for architecture, layers, resize, cropsize, reduced_dim, projection, neighbourhood, image_score in combinations:
         if cropsize > resize:
             raise ValueError(f"--cropsize {cropsize} is larger than --resize {resize}")
         try:
             stages = tuple(hooked_layers(BACKBONES[architecture], layers))
         except ValueError as err:
             raise ValueError(f"--layers: {err}") from err
-        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed)
+        config = ModelConfig(
+            architecture, stages, weights, resize, cropsize, reduced_dim, seed, projection, neighbourhood, image_score
+        )
         if config not in chosen:
             chosen.append(config)
     return tuple(chosen)

@@ -14,6 +14,7 @@ from datasets.images import Geometry
 from utils.padim.grid import centred_weights, linear_weights, stride_ratio
 
 BLUR_SIGMA = 4.0  # the paper's
+TOP_K_CELLS = 9  # grid_top_k_mean: as many cells as a 3 x 3 neighbourhood, so a defect of a few cells still counts
 
 
 def blur_radius(sigma: float) -> int:
@@ -64,9 +65,19 @@ class MapOperator:
         return self.rows @ distances @ self.cols.T
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = maximum of its map, in raw Mahalanobis units."""
-    return maps.flatten(1).amax(dim=1)
+def image_scores(maps: torch.Tensor, distances: torch.Tensor, kind: str = "map_max") -> torch.Tensor:
+    """(B,) image scores, in Mahalanobis units, from the (B, S, S) maps and the (B, h, w) distances they
+    were made of: map_max, the maximum of the up-sampled, blurred map (PaDiM's); grid_max, the maximum of
+    the raw grid (no blur flattens a peak one cell wide); grid_top_k_mean, the mean of its TOP_K_CELLS
+    highest cells (all of them on a smaller grid)."""
+    if kind == "map_max":
+        return maps.flatten(1).amax(dim=1)
+    cells = distances.flatten(1)
+    if kind == "grid_max":
+        return cells.amax(dim=1)
+    if kind == "grid_top_k_mean":
+        return cells.topk(min(TOP_K_CELLS, cells.shape[1]), dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown image score {kind!r}")
 
 
 def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> torch.Tensor:

@@ -16,7 +16,14 @@ from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import WeightsError, build_extractor, weights_digest
 from utils.padim.engines import EngineError, engine_extractor, engine_threads
 from utils.padim.model import Padim
-from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.padim.model_file import (
+    MODEL_FILENAME,
+    ModelFileError,
+    load_model,
+    model_variant,
+    projection_from_content,
+    stats_from_content,
+)
 from utils.padim.onnx_graph import GraphScorer, graph_engine
 
 log = logging.getLogger("padim.predict")
@@ -137,7 +144,8 @@ def build(
     precision: str = "fp32",
     workers: int = 0,
 ) -> LoadedModel:
-    """Rebuild the training pipeline (backbone, weights, channel index, Gaussian, geometry) from the model file,
+    """Rebuild the training pipeline (backbone, weights, channel index or projection, Gaussian, neighbourhood, image
+    score, geometry) from the model file,
     the backbone on `engine` (utils.padim.engines.engine_extractor).
 
     Distances are computed batch by batch (`batch_size` images together), not over run_experiment's
@@ -158,6 +166,13 @@ def build(
             f"{path}: channel index does not fit the {extractor.dims} channels of {content['backbone']} "
             f"at stages {' '.join(content['layers'])}"
         )
+    projection = projection_from_content(content)
+    if projection is not None and projection.shape[0] != extractor.dims:
+        raise LoadError(
+            f"{path}: the projection's {projection.shape[0]} rows do not fit the {extractor.dims} channels of "
+            f"{content['backbone']} at stages {' '.join(content['layers'])}"
+        )
+    variant = model_variant(content)
     trained_precision = content["training_config"].get("precision", "fp32")
     if trained_precision != precision:
         log.warning(
@@ -166,7 +181,18 @@ def build(
             precision,
         )
     backbone = engine_extractor(extractor, engine, precision, device, geometry.input_size, weights_id, seed, workers)
-    padim = Padim(backbone, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
+    padim = Padim(
+        backbone,
+        index,
+        geometry.input_size,
+        device,
+        torch.device("cpu"),
+        device,
+        images_together=batch_size,
+        projection=projection,
+        neighbourhood=variant["neighbourhood"],
+        image_score=variant["image_score"],
+    )
     padim.use(stats_from_content(content))
     log.info(
         "model %s: class %s, backbone %s (%s) on %s (%s), resize %d, crop %d, threshold %.4f from %s",

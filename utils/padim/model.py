@@ -1,4 +1,4 @@
-"""The PaDiM model: extractor + channel index + per-position Gaussian, with fit and score.
+"""The PaDiM model: extractor + channel index (or projection) + per-position Gaussian, with fit and score.
 
 Holds tensors only; data loading, files and metrics stay with the caller.
 """
@@ -13,7 +13,7 @@ import torch
 
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import FeatureExtractor
-from utils.padim.embedding import chosen_channels, embedding_bands, split_channel_index
+from utils.padim.embedding import chosen_channels, embedding_bands, projected_channels, split_channel_index
 from utils.padim.gaussian import (
     GaussianAccumulator,
     GaussianSums,
@@ -69,7 +69,12 @@ class GaussianStats:
 
 
 class Padim:
-    """Fit a Gaussian per patch position on good images; score images by Mahalanobis distance."""
+    """Fit a Gaussian per patch position on good images; score images by Mahalanobis distance.
+
+    The embedding keeps the channels of `index`, or, with a `projection` W (D, k) of all D hooked
+    channels (`index` then numbers them all), their projection; each cell is averaged over its
+    `neighbourhood` (utils.padim.embedding); `image_score` names utils.padim.anomaly_map.image_scores'.
+    """
 
     def __init__(
         self,
@@ -81,10 +86,19 @@ class Padim:
         mahalanobis_device: torch.device,
         band_elements: int | None = BAND_ELEMENTS,
         images_together: int = GROUP_IMAGES,
+        projection: torch.Tensor | None = None,
+        neighbourhood: int = 1,
+        image_score: str = "map_max",
     ):
         self.extractor = extractor
         self.index = index
         self.local_index = [local.to(device) for local in split_channel_index(index, extractor.channels)]
+        self.projection = projection
+        self.level_rows = (
+            None if projection is None else [rows.to(device) for rows in projection.split(extractor.channels)]
+        )
+        self.neighbourhood = neighbourhood
+        self.image_score = image_score
         self.input_size = input_size
         self.device = device
         self.stats_device = stats_device
@@ -94,8 +108,19 @@ class Padim:
         self.stats: GaussianStats | None = None
         self.map_operator: MapOperator | None = None
 
+    @property
+    def dims(self) -> int:
+        """D, the channels of the embedding."""
+        return self.index.numel() if self.projection is None else self.projection.shape[1]
+
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+
+    def reduced(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The hooked maps cut down to the chosen channels, or projected: channels last, only what is kept."""
+        if self.level_rows is None:
+            return chosen_channels(feature_maps, self.local_index)
+        return projected_channels(feature_maps, self.level_rows)
 
     def chosen_features(
         self, batches: Iterable[tuple[Key, torch.Tensor]], device: torch.device
@@ -103,12 +128,12 @@ class Padim:
         """((key, the batch's maps cut down to the chosen channels, on `device`), images) for every
         (key, images) batch.
 
-        Only the chosen maps cross from the backbone's device to the Gaussian's, and the
-        embedding is built there: the deeper maps cross before they are resampled onto the
+        Only the chosen (or projected) maps cross from the backbone's device to the Gaussian's, and
+        the embedding is built there: the deeper maps cross before they are resampled onto the
         first map's grid, so a fraction of the embedding's bytes travel.
         """
         for key, images in batches:
-            chosen = [level.to(device) for level in chosen_channels(self.features(images), self.local_index)]
+            chosen = [level.to(device) for level in self.reduced(self.features(images))]
             yield (key, chosen), len(chosen[0])
 
     def groups(
@@ -123,10 +148,11 @@ class Padim:
 
     def bands(self, group: list[tuple[Key, list[torch.Tensor]]]) -> Iterator[tuple[int, torch.Tensor]]:
         """The group's embedding in bands of grid rows (embedding_bands)."""
-        return embedding_bands([chosen for _, chosen in group], self.band_elements)
+        chosen = [chosen for _, chosen in group]
+        return embedding_bands(chosen, self.band_elements, self.level_rows is not None, self.neighbourhood)
 
     def new_accumulator(self, grid: Grid) -> GaussianAccumulator:
-        return GaussianAccumulator(self.index.numel(), grid[0] * grid[1], self.stats_device)
+        return GaussianAccumulator(self.dims, grid[0] * grid[1], self.stats_device)
 
     def fit(
         self, image_batches: Iterable[torch.Tensor], peers: Peers | None = None, keep_sums: bool = False
@@ -199,7 +225,8 @@ class Padim:
                 distances[:, top : top + band.shape[1]] = mahalanobis(
                     band, self.stats.mean[positions], self.stats.factor[positions]
                 )
-            maps = self.map_operator(distances).cpu()
-            scores = image_scores(maps)
+            maps = self.map_operator(distances)
+            scores = image_scores(maps, distances, self.image_score).cpu()
+            maps = maps.cpu()
             for (key, _), batch_maps, batch_scores in zip(group, maps.split(sizes), scores.split(sizes)):
                 yield key, batch_maps, batch_scores

@@ -4,7 +4,10 @@ and sealed with a sha256 of its content so that a damaged copy is refused, never
 Everything predict.py needs to score an image lives here, so it never needs the training data.
 Since version 6 it also holds what update.py needs to add images exactly (the sums the Gaussian
 was formed from, the images the threshold was set on) and the history of such updates; files of
-version 5 load and score as before, but cannot be updated.
+version 5 load and score as before, but cannot be updated. Since version 7 the training config may
+name a variant embedding or score (projection, neighbourhood, image_score; absent: the defaults, as
+in every earlier file), and a semi-orthogonal projection's matrix is stored (`projection_matrix`),
+so that scoring never depends on regenerating it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import torch
 
 from datasets.images import Sample
 from utils.cli import first_line
+from utils.config import IMAGE_SCORES, NEIGHBOURHOODS, PROJECTIONS, ModelConfig
 from utils.padim.gaussian import GaussianSums
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 6
+MODEL_FORMAT_VERSION = 7
 UPDATABLE_SINCE = 6  # version 5 files hold no sums: they score, but cannot be updated
-READABLE_VERSIONS = (5, 6)  # files of earlier versions hold no checksum, cannot be verified and are refused
+READABLE_VERSIONS = (5, 6, 7)  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
     "backbone": str,
@@ -59,6 +63,8 @@ UPDATE_ENTRY_TYPES = {  # since version 6: what an exact update needs, and the u
     "threshold_images": list,
     "updates": list,
 }
+PROJECTION_ENTRY = "projection_matrix"  # since version 7, with a semi-orthogonal projection only: W (D, k) float32
+VARIANT_KEYS = ("projection", "neighbourhood", "image_score")  # in training_config when not the defaults
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
@@ -100,6 +106,42 @@ def stats_content(stats: GaussianStats) -> dict:
     }
 
 
+def model_variant(content: dict) -> dict:
+    """The model's projection, neighbourhood and image score: its training config's, the defaults where
+    absent (every file before version 7, and the defaults since)."""
+    defaults = ModelConfig()
+    return {key: content["training_config"].get(key, getattr(defaults, key)) for key in VARIANT_KEYS}
+
+
+def projection_from_content(content: dict) -> torch.Tensor | None:
+    """The stored projection W (D, k) of a semi-orthogonal model, None for a channel subset.
+
+    ModelFileError for a variant this code does not know, a projection without its matrix (or a matrix
+    without the projection), or a matrix that does not fit the channel index (all D channels, in order)
+    or is not finite.
+    """
+    variant = model_variant(content)
+    known = {"projection": PROJECTIONS, "neighbourhood": NEIGHBOURHOODS, "image_score": IMAGE_SCORES}
+    for key, values in known.items():
+        if variant[key] not in values:
+            raise ModelFileError(f"{key} {variant[key]!r} is unknown to this version (known: {list(values)})")
+    matrix = content.get(PROJECTION_ENTRY)
+    if (variant["projection"] == "semi_orthogonal") != (matrix is not None):
+        raise ModelFileError(f"projection {variant['projection']!r} with{'' if matrix is not None else 'out'} a matrix")
+    if matrix is None:
+        return None
+    index = content["channel_index"]
+    if not (
+        isinstance(matrix, torch.Tensor)
+        and matrix.dtype == torch.float32
+        and matrix.dim() == 2
+        and torch.equal(torch.as_tensor(index), torch.arange(matrix.shape[0]))
+        and bool(torch.isfinite(matrix).all())
+    ):
+        raise ModelFileError(f"the projection matrix does not fit the {len(index)} channels or is not finite")
+    return matrix
+
+
 def stats_from_content(content: dict) -> GaussianStats:
     """The fitted Gaussian back from a loaded model file's entries (stats_content's inverse).
 
@@ -109,7 +151,8 @@ def stats_from_content(content: dict) -> GaussianStats:
     another BLOCK_WIDTH), as long as they cover the triangle.
     """
     mean, factor, grid = content["mean"], content["precision_factor"], content["grid"]
-    dims = len(content["channel_index"])
+    projection = projection_from_content(content)
+    dims = len(content["channel_index"]) if projection is None else projection.shape[1]
     positions = math.prod(grid) if all(isinstance(side, int) and side > 0 for side in grid) else -1
     blocks_ok = (
         isinstance(factor, list)

@@ -2,10 +2,11 @@
 
 The graph takes uint8 RGB images (N, S, S, 3) already resized and cropped to the model input
 size S, and returns `anomaly_map` (N, S, S) and `score` (N,): normalisation, the backbone up
-to its last hooked stage, the channel choice, the centre-aligned resampling, Mahalanobis
-with the stored factor, the up-sampling and blur, and the max, exactly as utils.padim.model
-computes them. The description (`<graph stem>.json`) holds what a line application needs
-to prepare images and decide: geometry, threshold, class, and the source model's checksum.
+to its last hooked stage, the channel choice (or projection), the centre-aligned resampling,
+the neighbourhood mean, Mahalanobis with the stored factor, the up-sampling and blur, and the
+model's image score, exactly as utils.padim.model computes them. The description
+(`<graph stem>.json`) holds what a line application needs to prepare images and decide:
+geometry, threshold, the image score, class, and the source model's checksum.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from torch import nn
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
 from utils.cli import first_line
 from utils.padim.anomaly_map import MapOperator, image_scores
-from utils.padim.embedding import chosen_channels, patch_embedding
+from utils.padim.embedding import chosen_channels, neighbourhood_mean, patch_embedding, projected_channels
 from utils.padim.gaussian import mahalanobis
 from utils.padim.model import Padim
+from utils.padim.model_file import model_variant
 from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write, file_sha256
 
@@ -50,6 +52,11 @@ class PadimGraph(nn.Module):
         super().__init__()
         self.extractor = padim.extractor
         self.local_index = [local.cpu() for local in padim.local_index]
+        self.projected = padim.level_rows is not None
+        for k, rows in enumerate(padim.level_rows or []):
+            self.register_buffer(f"projection_{k}", rows.cpu())
+        self.neighbourhood = padim.neighbourhood
+        self.image_score = padim.image_score
         self.factor_blocks = len(padim.stats.factor.blocks)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -62,11 +69,17 @@ class PadimGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = images.permute(0, 3, 1, 2).to(torch.float32) / 255  # as the training transform's ToDtype(scale)
         normalised = (pixels - self.pixel_mean) / self.pixel_std
-        chosen = chosen_channels(self.extractor.maps(normalised), self.local_index)
+        feature_maps = self.extractor.maps(normalised)
+        if self.projected:
+            rows = [getattr(self, f"projection_{k}") for k in range(len(feature_maps))]
+            chosen = projected_channels(feature_maps, rows)
+        else:
+            chosen = chosen_channels(feature_maps, self.local_index)
+        embedding = neighbourhood_mean(patch_embedding(chosen, projected=self.projected), self.neighbourhood)
         factor = TriangularBlocks([getattr(self, f"factor_{k}") for k in range(self.factor_blocks)], lower=True)
-        distances = mahalanobis(patch_embedding(chosen), self.mean, factor, max_elements=None)
+        distances = mahalanobis(embedding, self.mean, factor, max_elements=None)
         anomaly_maps = MapOperator(self.map_rows, self.map_cols)(distances)
-        return anomaly_maps, image_scores(anomaly_maps)
+        return anomaly_maps, image_scores(anomaly_maps, distances, self.image_score)
 
 
 def description_path(graph_path: Path) -> Path:
@@ -156,6 +169,7 @@ def write_description(
         "preprocessing": "decode to 8-bit RGB; resize the short side to `resize` (bilinear, antialiased), then "
         "centre-crop `cropsize`; cropsize 0: resize to resize x resize",
         "decision": "anomalous when score > threshold",
+        **model_variant(content),
         "backbone": content["backbone"],
         "layers": content["layers"],
         "weights_id": content["weights_id"],
