@@ -27,16 +27,20 @@ from utils.runtime.output_files import file_sha256
 
 pytestmark = pytest.mark.slow
 ONNX_PREDICT_FLAGS = ["--device", "cpu", "--batch_size", "4"]
-CONFIGURATIONS = {  # backbone, weights, resize, crop
-    "lite0_crop224": ("efficientnet_lite0", "imagenet", 256, 224),
-    "lite0_crop0": ("efficientnet_lite0", "imagenet", 224, 0),
-    "resnet18_crop224": ("resnet18", "none", 256, 224),
-    "resnet18_crop0": ("resnet18", "none", 224, 0),
+VARIANT_FLAGS = ["--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_top_k_mean"]
+CONFIGURATIONS = {  # backbone, weights, resize, crop, other flags
+    "lite0_crop224": ("efficientnet_lite0", "imagenet", 256, 224, []),
+    "lite0_crop0": ("efficientnet_lite0", "imagenet", 224, 0, []),
+    "resnet18_crop224": ("resnet18", "none", 256, 224, []),
+    "resnet18_crop0": ("resnet18", "none", 224, 0, []),
+    "resnet18_variant": ("resnet18", "none", 224, 0, VARIANT_FLAGS),
 }
 
 
-def _train(texture_root: Path, results: Path, backbone: str, weights: str, resize: int, crop: int) -> Path:
-    flags = list(TRAIN_FLAGS)
+def _train(
+    texture_root: Path, results: Path, backbone: str, weights: str, resize: int, crop: int, other: list[str]
+) -> Path:
+    flags = list(TRAIN_FLAGS) + other
     flags += ["--model_architecture", backbone, "--weights", weights, "--resize", str(resize), "--cropsize", str(crop)]
     flags += ["--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
     assert run_experiment.main(flags) == 0
@@ -76,7 +80,7 @@ def _batch(paths: list[Path], dataset_pixels: bool, loaded: loading.LoadedModel)
 
 
 @pytest.mark.parametrize(
-    "name", [*CONFIGURATIONS, "lite0_crop224:openvino", "resnet18_crop0:openvino"]
+    "name", [*CONFIGURATIONS, "lite0_crop224:openvino", "resnet18_crop0:openvino", "resnet18_variant:openvino"]
 )  # an .onnx graph in ONNX Runtime, an .xml one in OpenVINO
 def test_exported_graph_scores_equal_torch(name: str, exported, texture_root: Path):
     """Same images: the graph's scores within 1e-4 relative of the torch model's, maps within 1e-3 of their range."""
@@ -98,10 +102,13 @@ def test_exported_graph_scores_equal_torch(name: str, exported, texture_root: Pa
         content["cropsize"] or content["resize"]
     )
     assert description["source_model_checksum"] == content["checksum"]
+    variant = name.startswith("resnet18_variant")
+    assert description["image_score"] == ("grid_top_k_mean" if variant else "map_max")
+    assert description["projection"] == ("semi_orthogonal" if variant else "random")
     assert description["external_data"] == ("model.bin" if graph.suffix == ".xml" else None)
 
 
-@pytest.mark.parametrize("name", ["lite0_crop224", "resnet18_crop0", "resnet18_crop0:openvino"])
+@pytest.mark.parametrize("name", ["lite0_crop224", "resnet18_crop0", "resnet18_crop0:openvino", "resnet18_variant"])
 def test_predict_with_the_graph_writes_what_the_model_file_writes(name: str, exported, texture_root: Path, tmp_path):
     model_dir, graph = exported[name]
     inputs = ["--input", str(texture_root / "brick" / "test" / "*" / "*.png")]

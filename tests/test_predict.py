@@ -11,17 +11,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 import predict
+import run_experiment
 from datasets.images import Geometry
-from tests.helpers import PREDICT_FLAGS, ROOT, Trained
+from tests.helpers import PREDICT_FLAGS, ROOT, TRAIN_FLAGS, Trained
 from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import load_backbone
-from utils.padim.model_file import save_model
+from utils.padim.model_file import content_checksum, save_model
 from utils.reporting.images import OUTLINE_COLOUR, blend_overlay, heat_colour_table
 
 
@@ -471,3 +473,50 @@ def test_a_graph_description_given_as_the_model_points_to_its_graph(tmp_path, ca
     assert predict.main([*args, *PREDICT_FLAGS]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pass --model {graph}" in err
+
+
+def test_predict_reproduces_a_variant_models_scores(texture_root: Path, tmp_path: Path):
+    """A model with the semi-orthogonal projection, the 3 x 3 neighbourhood and the grid_max score: predict.py
+    gives the scores (and calls) run_experiment wrote in scores.csv within 1e-4, from the stored projection."""
+    flags = [*TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
+    variant = ["--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_max"]
+    assert run_experiment.main([*flags, *variant]) == 0
+    model_dir = tmp_path / "r" / "brick"
+    expected = pd.read_csv(model_dir / "scores.csv")
+    threshold = torch.load(model_dir / "padim_model.pt", weights_only=True)["threshold"]
+    out = tmp_path / "out"
+    inputs = ["--input", str(texture_root / "brick" / "test" / "*" / "*.png")]
+    assert predict.main(["--model", str(model_dir), *inputs, "--output", str(out), *PREDICT_FLAGS]) == 0
+    rows = {Path(row["path"]): row for row in read_rows(out)}
+    assert sorted(rows) == sorted(Path(path) for path in expected.path)
+    for path, score in zip(expected.path, expected.score):
+        row = rows[Path(path)]
+        assert abs(float(row["score"]) - score) < 1e-4
+        assert float(row["threshold"]) == pytest.approx(threshold)
+        assert row["is_anomalous"] == str(float(row["score"]) > threshold)
+
+
+def test_a_version_6_model_scores_with_the_default_variants(trained: Trained, tmp_path: Path, capsys):
+    """A model file of version 6 (no variant settings, no projection matrix) loads with the defaults and
+    scores as run_experiment did; a variant setting this version does not know is one clear line."""
+    content = {key: value for key, value in _real_content(trained).items() if key != "checksum"}
+    old = tmp_path / "v6" / "padim_model.pt"
+    old.parent.mkdir()
+    content["format_version"] = 6
+    content["checksum"] = content_checksum(content)
+    torch.save(content, old)
+    out = tmp_path / "out"
+    image = sorted(trained.scores)[0]
+    assert predict.main(["--model", str(old), "--input", str(image), "--output", str(out), *PREDICT_FLAGS]) == 0
+    [row] = read_rows(out)
+    assert abs(float(row["score"]) - trained.scores[image]) < 1e-4
+    unknown = tmp_path / "unknown" / "padim_model.pt"
+    unknown.parent.mkdir()
+    config = {**content["training_config"], "projection": "learned"}
+    _resealed({**_real_content(trained), "training_config": config}, unknown)
+    capsys.readouterr()
+    flags = ["--model", str(unknown), "--input", str(image), "--output", str(tmp_path / "o2"), *PREDICT_FLAGS]
+    assert predict.main(flags) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ")
+    assert error[0].endswith("projection 'learned' is unknown to this version (known: ['random', 'semi_orthogonal'])")

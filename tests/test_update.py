@@ -40,9 +40,9 @@ def _class_with(train_images: list[Path], source: Path, folder: Path) -> Path:
     return folder
 
 
-def _train(class_dir: Path, results: Path) -> Path:
+def _train(class_dir: Path, results: Path, other: tuple[str, ...] = ()) -> Path:
     flags = ["--data_path", str(class_dir), "--base_results_dir", str(results), "--holdout_ratio", str(HOLDOUT_RATIO)]
-    assert run_experiment.main(TRAIN_FLAGS + flags) == 0
+    assert run_experiment.main(TRAIN_FLAGS + flags + list(other)) == 0
     return results / "r" / class_dir.name
 
 
@@ -67,15 +67,22 @@ def _parts(texture_root: Path, tmp_path: Path, count: int) -> list[list[Path]]:
     return parts
 
 
-@pytest.mark.parametrize("count", [2, pytest.param(5, marks=pytest.mark.slow)])
-def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_images(texture_root, tmp_path, count):
+VARIANT = ("--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_max")
+
+
+@pytest.mark.parametrize(
+    "count, other",
+    [(2, ()), pytest.param(5, (), marks=pytest.mark.slow), pytest.param(2, VARIANT, marks=pytest.mark.slow)],
+)
+def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_images(texture_root, tmp_path, count, other):
     """fit(part 1), then update.py with each further part in turn: the mean and the precision factor equal a
     fit on exactly the images the model trained on (all of them but those it holds out) within 1e-5 relative;
     each update held out its share of the new images, the original held-out images are still among the
-    threshold images, and the threshold is their quantile under the fit's statistics."""
+    threshold images, and the threshold is their quantile under the fit's statistics; for the embedding and
+    score variants too (the stored projection, the neighbourhood, the image score)."""
     parts = _parts(texture_root, tmp_path, count)
     class_dir = _class_with(parts[0], texture_root / "brick", tmp_path / "brick")
-    model = _train(class_dir, tmp_path / "results")
+    model = _train(class_dir, tmp_path / "results", other)
     original = load_model(model / "padim_model.pt")
     for number, part in enumerate(parts[1:], start=1):
         output = tmp_path / f"updated{number}"
@@ -91,7 +98,21 @@ def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_image
 
     loaded = build(content, path, weights, CPU, 8)
     updated = loaded.scorer.stats
-    reference = Padim(loaded.scorer.extractor, loaded.scorer.index, loaded.geometry.input_size, CPU, CPU, CPU)
+    scorer = loaded.scorer
+    assert (scorer.projection is not None, scorer.neighbourhood, scorer.image_score) == (
+        (True, 3, "grid_max") if other else (False, 1, "map_max")
+    )
+    reference = Padim(
+        scorer.extractor,
+        scorer.index,
+        loaded.geometry.input_size,
+        CPU,
+        CPU,
+        CPU,
+        projection=scorer.projection,
+        neighbourhood=scorer.neighbourhood,
+        image_score=scorer.image_score,
+    )
     fit = FitConfig(batch_size=8, num_workers=0, threshold_quantile=original["threshold_provenance"]["quantile"])
     loader = trainer.class_loader(trainer.good_samples(fitted), loaded.geometry, fit, 0, CPU)
     stats = reference.fit(batch.images for batch in loader)
