@@ -340,7 +340,7 @@ def test_anomaly_map_peak_stays_on_its_patch():
     maps = smooth_upsample(distances, 32)
     assert maps.shape == (1, 32, 32)
     assert np.unravel_index(maps[0].argmax().item(), (32, 32)) == (8, 20)
-    assert image_scores(maps).item() == pytest.approx(maps.max().item())
+    assert image_scores(maps, distances).item() == pytest.approx(maps.max().item())
 
 
 def streamed_curves(masks: np.ndarray, maps: np.ndarray, batch: int | None = None) -> metrics.PixelCurves | None:
@@ -477,6 +477,7 @@ def _factor_content(factor: TriangularBlocks, mean: torch.Tensor, grid: tuple[in
         "grid": list(grid),
         "n_train": 9,
         "channel_index": list(range(mean.shape[1])),
+        "training_config": {},
     }
 
 
