@@ -230,6 +230,7 @@ def test_variant_settings_join_the_identity_and_the_folder_name_only_when_not_th
     )
 
 
+@pytest.mark.slow
 def test_a_run_of_several_variants_records_each_in_its_folder_and_the_comparison(texture_root: Path, tmp_path: Path):
     """--projection, --neighbourhood and --image_score with two values each: one configuration per combination
     (here 2 x 1 x 2 and 1 x 2 x 1 in two runs kept small), each with its settings in experiment.json, the model
