@@ -13,6 +13,8 @@ from PIL import Image
 
 import run_experiment
 from tests.helpers import REPORT_TRAIN_FLAGS, Page, assert_links_resolve, assert_table_equals_csv
+from utils.evaluation.summary import CLOSEST_CALLS
+from utils.reporting.plotting import DPI, IMAGE_FIGURE_SIZE
 from utils.reporting.report import Thumbnails, class_section, write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
@@ -77,11 +79,58 @@ def test_no_report_writes_no_page(tmp_path: Path, texture_root: Path):
     assert not (tmp_path / "r" / "report.html").exists() and not (tmp_path / "r" / "report_files").exists()
 
 
+MISSES_SHOWN_SCRIPT = """
+Array.from(document.querySelectorAll('h3')).filter(function (h3) { return /images$/.test(h3.textContent); })
+  .map(function (h3) {
+    var shown = h3.nextElementSibling;
+    var link = function (img) { var a = img.closest('a'); return a ? a.getAttribute('href') : null; };
+    var links = Array.from(shown.querySelectorAll('img')).map(link);
+    return {section: h3.textContent, links: links, captions: shown.querySelectorAll('figure').length};
+  })
+"""
+TABLE_LAYOUT_SCRIPT = """
+(function () {
+  var box = document.getElementById('master-results').parentElement;
+  var cell = document.querySelector('#master-results tbody td');
+  box.scrollLeft = box.scrollWidth;
+  return {
+    overflow: getComputedStyle(box).overflowX,
+    scrolls: box.scrollWidth > box.clientWidth && box.scrollLeft > 0,
+    page_fits: document.documentElement.scrollWidth <= window.innerWidth,
+    position: getComputedStyle(cell).position,
+    class_left: Math.round(cell.getBoundingClientRect().left),
+    box_left: Math.round(box.getBoundingClientRect().left + box.clientLeft),
+  };
+})()
+"""
+CONFIGURATION_TEXT_SCRIPT = """
+Array.from(document.querySelectorAll('h2')).find(function (h2) { return h2.textContent === 'Configuration'; })
+  .nextElementSibling.textContent
+"""
+
+
+def assert_misses_are_figures_with_maps(sections: list[dict], folder: Path) -> None:
+    """Every image of the highest-scored good and lowest-scored defect images links to the per-image figure the
+    run wrote (input, anomaly map, overlay: the figure's size), in the class's visualizations folder."""
+    good = [section for section in sections if section["section"] == "Highest-scored good images"]
+    assert good and sum(len(section["links"]) for section in good) == CLOSEST_CALLS  # of 6 good test images
+    for section in sections:
+        assert len(section["links"]) == section["captions"], f"{section['section']}: a caption without its figure"
+        for link in section["links"]:
+            assert link is not None, f"{section['section']}: an image that links to no figure"
+            figure = folder / unquote(link)
+            assert figure.parent.parent.name == "visualizations" and figure.is_file(), link
+            with Image.open(figure) as image:
+                assert image.size == tuple(round(inches * DPI) for inches in IMAGE_FIGURE_SIZE), link
+
+
 @pytest.mark.slow
 @pytest.mark.figures
 def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hostile_run: Path, tmp_path: Path):
     """Headless Chromium opens the page from disk: no console error, every image decoded, the table sorted
-    by roc_auc on a click (blanks last) and reversed on a second; a screenshot is taken."""
+    by roc_auc on a click (blanks last) and reversed on a second; every image of the misses is its per-image
+    figure; the results table scrolls inside its box with the class column staying in view; the configuration
+    block says no 'null'; a screenshot is taken."""
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the browser test: {INSTALL}")
@@ -114,6 +163,9 @@ def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hosti
         ascending = page.locator(cells).all_inner_texts()
         header.click()
         descending = page.locator(cells).all_inner_texts()
+        shown_misses = page.evaluate(MISSES_SHOWN_SCRIPT)
+        table = page.evaluate(TABLE_LAYOUT_SCRIPT)
+        configuration = page.evaluate(CONFIGURATION_TEXT_SCRIPT)
         screenshot = Path(os.environ.get("REPORT_SCREENSHOT", tmp_path / "report.png"))
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
@@ -122,6 +174,11 @@ def test_in_a_real_browser_the_page_has_no_error_no_broken_image_and_sorts(hosti
     assert numbers == sorted(numbers) and ascending[-1] == ""  # the failed class has no AUROC: last
     assert [float(text) for text in descending if text] == sorted(numbers, reverse=True)
     assert screenshot.stat().st_size > 10_000
+    assert_misses_are_figures_with_maps(shown_misses, hostile_run)
+    assert table["overflow"] in ("auto", "scroll") and table["scrolls"], "the results table does not scroll inside"
+    assert table["page_fits"], "the page is wider than the window"
+    assert table["position"] == "sticky" and table["class_left"] == table["box_left"], "the class column moved away"
+    assert "model_architecture" in configuration and "null" not in configuration and "None" not in configuration
 
 
 @pytest.mark.figures
@@ -144,7 +201,7 @@ def test_a_new_page_removes_only_the_thumbnails_it_no_longer_shows(hostile_run: 
 def test_class_headline_and_misses_read_from_the_class_files(tmp_path: Path):
     """Headline values to 3 decimals with their 95% intervals to 2, as in the summary table (the value alone
     when an end is missing, '-' for an empty cell); each miss is filed under the run's own call
-    (is_anomalous), where its per-image figure was written."""
+    (is_anomalous), where its per-image figure was written; one without a figure is a caption, not the bare image."""
     class_dir = tmp_path / "c"
     (class_dir / "visualizations" / "FP").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(class_dir / "visualizations" / "FP" / "good_001.png")
@@ -163,9 +220,10 @@ def test_class_headline_and_misses_read_from_the_class_files(tmp_path: Path):
     assert headline["recall"] == "0.500" and headline["PR AUC"] == "-" and headline["AUPRO"] == "-"
     assert [picture.caption for picture in section.good_misses] == [
         "good/001.png: score 5.5000, FP (good, called defect)",
-        "good/002.png: score 1.2500, TN (good, called good)",
+        "good/002.png: score 1.2500, TN (good, called good); no figure drawn",
     ]
     assert section.good_misses[0].full == "c/visualizations/FP/good_001.png"
+    assert section.good_misses[1].thumbnail == "" and section.good_misses[1].full is None  # never the bare image
     assert [picture.caption for picture in section.defect_misses] == [
-        "crack/003.png: score 0.5000, FN (defect, called good)"
+        "crack/003.png: score 0.5000, FN (defect, called good); no figure drawn"
     ]
