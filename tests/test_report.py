@@ -8,14 +8,16 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
+import pandas as pd
 import pytest
 from PIL import Image
 
 import run_experiment
 from tests.helpers import REPORT_TRAIN_FLAGS, Page, assert_links_resolve, assert_table_equals_csv
+from utils.evaluation.comparison import RANKING_RULE, best_per_class
 from utils.evaluation.summary import CLOSEST_CALLS
 from utils.reporting.plotting import DPI, IMAGE_FIGURE_SIZE
-from utils.reporting.report import Thumbnails, class_section, write_report
+from utils.reporting.report import Thumbnails, class_section, write_comparison_report, write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
 HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'
@@ -227,3 +229,54 @@ def test_class_headline_and_misses_read_from_the_class_files(tmp_path: Path):
     assert [picture.caption for picture in section.defect_misses] == [
         "crack/003.png: score 0.5000, FN (defect, called good); no figure drawn"
     ]
+
+
+def comparison_rows() -> pd.DataFrame:
+    """Four classes of two or three configurations: overlapping intervals where the highest AUROC has the
+    lowest lower end (a), one configuration clearly above the others (b), one that ran beside one that failed
+    (c), none that ran (d)."""
+    columns = ["configuration", "class_name", "status", "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]
+    rows = [
+        ("x", "a", "ok", 0.90, 0.84, 0.95),
+        ("y", "a", "ok", 0.93, 0.80, 0.99),
+        ("z", "a", "ok", 0.70, 0.60, 0.79),
+        ("x", "b", "ok", 0.99, 0.97, 1.00),
+        ("y", "b", "ok", 0.80, 0.70, 0.90),
+        ("z", "b", "ok", 0.85, 0.75, 0.96),
+        ("x", "c", "failed: no training images", None, None, None),
+        ("y", "c", "ok", 0.75, 0.60, 0.88),
+        ("x", "d", "failed: no test images", None, None, None),
+    ]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.assign(pixel_roc_auc=0.9, pixel_aupro=0.7)
+
+
+def test_the_best_configuration_is_ranked_by_its_interval_and_says_when_intervals_overlap():
+    """Class a: y has the highest AUROC but x the highest lower end (0.84 > 0.80): x is ranked first, and as
+    its interval overlaps y's, no configuration is clearly better; class b: x lies above every other; class c:
+    the only one that ran; class d: no row."""
+    best = best_per_class(comparison_rows())
+    assert list(best.class_name) == ["a", "b", "c"] and list(best.configuration) == ["x", "x", "y"]
+    assert list(best.roc_auc_ci_low) == [0.84, 0.97, 0.60] and list(best.roc_auc) == [0.90, 0.99, 0.75]
+    assert list(best.verdict) == [
+        "no configuration is clearly better: its 95% interval overlaps 1 of 2 other(s)",
+        "clearly better: its 95% interval lies above the other 2",
+        "the only configuration that ran",
+    ]
+    missing = comparison_rows().assign(roc_auc_ci_low=None, roc_auc_ci_high=None)
+    assert best_per_class(missing).verdict[0] == "no interval to compare: cannot tell"
+
+
+@pytest.mark.figures
+def test_comparison_page_states_the_rule_and_whether_the_best_is_clearly_better(tmp_path: Path):
+    comparison = comparison_rows()
+    comparison.to_csv(tmp_path / "comparison.csv", index=False)
+    page_path = write_comparison_report(
+        tmp_path, tmp_path / "comparison.csv", tmp_path / "comparison.png", best_per_class(comparison)
+    )
+    page = Page(page_path)
+    header, rows = page.tables["best"]["header"], page.tables["best"]["rows"]
+    verdicts = {row[0]: row[header.index("verdict")] for row in rows}
+    assert verdicts["a"].startswith("no configuration is clearly better") and verdicts["b"].startswith("clearly")
+    assert [row[header.index("roc_auc_ci_low")] for row in rows] == ["0.84", "0.97", "0.6"]
+    assert RANKING_RULE in page.texts

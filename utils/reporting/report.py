@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from datasets.images import Sample
+from utils.evaluation.comparison import RANKING_RULE
 from utils.evaluation.summary import CLOSEST_CALLS, outcome
 from utils.reporting.plotting import CATEGORY_MEANING, visualization_name
 from utils.reporting.text import with_interval
@@ -250,8 +251,8 @@ def write_report(folder: Path, title: str) -> Path:
 
 
 def write_comparison_report(parent: Path, comparison_csv: Path, figure: Path, best: pd.DataFrame) -> Path:
-    """comparison.html beside comparison.csv: the table, the figure, the best configuration per class and a
-    link to each configuration's report.html."""
+    """comparison.html beside comparison.csv: the table, the figure, the best configuration per class (with
+    the ranking rule and whether it is clearly better) and a link to each configuration's report.html."""
     table = read_table(comparison_csv)
     configurations = list(dict.fromkeys(table["configuration"]))
     thumbs = Thumbnails(parent)
@@ -260,6 +261,7 @@ def write_comparison_report(parent: Path, comparison_csv: Path, figure: Path, be
         parent / COMPARISON_REPORT_FILENAME,
         title=parent.name,
         results=_sortable(table),
+        rule=RANKING_RULE,
         best=_sortable(best.map(lambda value: f"{value:.6g}" if isinstance(value, float) else str(value))),
         figure=thumbs.picture(figure, "image and pixel AUROC per configuration") if figure.is_file() else None,
         reports=[
