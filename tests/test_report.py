@@ -17,7 +17,7 @@ from tests.helpers import REPORT_TRAIN_FLAGS, Page, assert_links_resolve, assert
 from utils.evaluation.comparison import RANKING_RULE, best_per_class
 from utils.evaluation.summary import CLOSEST_CALLS
 from utils.reporting.plotting import DPI, IMAGE_FIGURE_SIZE
-from utils.reporting.report import Thumbnails, class_section, write_comparison_report, write_report
+from utils.reporting.report import Thumbnails, class_section, setting_rows, write_comparison_report, write_report
 
 HOSTILE_CLASS = "brick<script>window.injected=1"
 HOSTILE_IMAGE = 'it\'s "bad"<img src=x onerror=window.injected=2>'
@@ -270,6 +270,7 @@ def test_the_best_configuration_is_ranked_by_its_interval_and_says_when_interval
 @pytest.mark.figures
 def test_comparison_page_states_the_rule_and_whether_the_best_is_clearly_better(tmp_path: Path):
     comparison = comparison_rows()
+    comparison.loc[comparison.class_name == "c", "pixel_aupro"] = None  # no masks: blank, as in the CSV
     comparison.to_csv(tmp_path / "comparison.csv", index=False)
     page_path = write_comparison_report(
         tmp_path, tmp_path / "comparison.csv", tmp_path / "comparison.png", best_per_class(comparison)
@@ -279,4 +280,27 @@ def test_comparison_page_states_the_rule_and_whether_the_best_is_clearly_better(
     verdicts = {row[0]: row[header.index("verdict")] for row in rows}
     assert verdicts["a"].startswith("no configuration is clearly better") and verdicts["b"].startswith("clearly")
     assert [row[header.index("roc_auc_ci_low")] for row in rows] == ["0.84", "0.97", "0.6"]
+    assert [row[header.index("pixel_aupro")] for row in rows] == ["0.7", "0.7", ""]
     assert RANKING_RULE in page.texts
+
+
+def test_configuration_block_names_or_leaves_out_unset_settings():
+    """A null that means something is named, any other null (a setting that does not apply) left out, also
+    inside a nested setting; nothing says 'null'."""
+    settings = {
+        "dataset": "folder",
+        "test_class_name": None,
+        "folder": {"normal_dir": "/n", "mask_dir": None},
+        "layers": ["layer2", "layer3"],
+        "reduced_dim": None,
+        "augmentations": None,
+        "resize": 64,
+    }
+    assert setting_rows(settings) == [
+        ("dataset", "folder"),
+        ("folder.normal_dir", "/n"),
+        ("layers", '["layer2", "layer3"]'),
+        ("reduced_dim", "the backbone's default"),
+        ("augmentations", "none"),
+        ("resize", "64"),
+    ]

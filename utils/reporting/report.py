@@ -215,6 +215,13 @@ def versions() -> list[tuple[str, str]]:
     return found
 
 
+def _cell(value) -> str:
+    """A computed table's value as the CSV tables show it: floats to 6 significant digits, blank when missing."""
+    if pd.isna(value):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _sortable(table: pd.DataFrame) -> dict:
     return {"columns": list(table.columns), "rows": table.to_dict("records")}
 
@@ -262,7 +269,7 @@ def write_comparison_report(parent: Path, comparison_csv: Path, figure: Path, be
         title=parent.name,
         results=_sortable(table),
         rule=RANKING_RULE,
-        best=_sortable(best.map(lambda value: f"{value:.6g}" if isinstance(value, float) else str(value))),
+        best=_sortable(best.map(_cell)),
         figure=thumbs.picture(figure, "image and pixel AUROC per configuration") if figure.is_file() else None,
         reports=[
             (name, href(parent / name / REPORT_FILENAME, parent))
