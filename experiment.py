@@ -38,6 +38,7 @@ from datasets.split import (
 from trainer import resolve_devices, run_class
 from utils.cli import install_log_handler, remove_log_handler
 from utils.config import ModelConfig, RunConfig
+from utils.evaluation.comparison import RANKING_RULE, best_per_class
 from utils.evaluation.results import RESULT_COLUMNS
 from utils.padim.backbones import FeatureExtractor, WeightsError, build_extractor, float32_precision
 from utils.padim.engines import EngineError, EngineExtractor, engine_extractor
@@ -424,7 +425,7 @@ SUMMARY_COLUMNS = ["class_name", "roc_auc", "pixel_roc_auc", "pixel_aupro", "f1_
 def report(config: RunConfig, configurations: list[Configuration], book: ResultBook, layout_reason: str) -> int:
     """Rank 0, after the last job: the final tables, the summary and the layout (and why it was chosen) on
     stdout, and with several configurations comparison.csv / comparison.png and the best configuration per
-    class; 0 when any class succeeded."""
+    class with whether it is clearly better (utils.evaluation.comparison); 0 when any class succeeded."""
     tables = [write_results(book.rows(c), c.folder / "master_results.csv") for c in configurations]
     parent = config.comparison_folder()
     best = None
@@ -443,9 +444,10 @@ def report(config: RunConfig, configurations: list[Configuration], book: ResultB
         atomic_write(parent / COMPARISON_CSV, lambda tmp: comparison.to_csv(tmp, index=False, float_format="%.6g"))
         save_comparison_figure(comparison, parent / COMPARISON_PNG)
         best = best_per_class(comparison)
+        print(f"best configuration per class. {RANKING_RULE}")
         print(best.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
         print(f"comparison: {parent / COMPARISON_CSV}")
-        log.info("best configuration per class:\n%s", best.to_string(index=False, na_rep="-"))
+        log.info("best configuration per class (%s):\n%s", RANKING_RULE, best.to_string(index=False, na_rep="-"))
     print(f"dataset: {config.fit.layout} ({layout_reason})")
     log.info("dataset: %s (%s)", config.fit.layout, layout_reason)
     if config.write_report:
@@ -475,13 +477,3 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
         }
         parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])
     return pd.concat(parts, ignore_index=True)
-
-
-def best_per_class(comparison: pd.DataFrame) -> pd.DataFrame:
-    """Per class, the configuration with the highest image AUROC (pixel AUROC breaks ties) among those that ran."""
-    ran = comparison[comparison["status"] == "ok"].dropna(subset=["roc_auc"])
-    ranked = ran.sort_values(["roc_auc", "pixel_roc_auc"], ascending=False, kind="stable")
-    best = ranked.drop_duplicates("class_name").set_index("class_name")
-    order = [name for name in dict.fromkeys(comparison["class_name"]) if name in best.index]
-    columns = ["configuration", "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "pixel_roc_auc", "pixel_aupro"]
-    return best.loc[order, columns].reset_index()

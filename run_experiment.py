@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_visualizations",
         type=at_least(-1),
         default=FitConfig.max_visualizations,
-        help="per-image figures per TN/FP/FN/TP category; 0 none, -1 all",
+        help="per-image figures per TN/FP/FN/TP category (the furthest from the threshold), plus the report's "
+        "closest calls; 0 none, -1 all",
     )
     parser.add_argument(
         "--no_report", action="store_true", help="skip report.html (and comparison.html), the run's one-page summary"

@@ -32,6 +32,7 @@ from tests.helpers import (
     symmetric_matrices,
     synthetic_features,
 )
+from utils.evaluation.comparison import RANKING_RULE
 from utils.padim.gaussian import GaussianAccumulator
 from utils.padim.model_file import load_model, stats_from_content
 from utils.runtime import distributed
@@ -183,9 +184,13 @@ def test_several_configurations_equal_their_single_runs_and_are_compared(
     assert_links_resolve(page, parent / "comparison.html")
     assert {link.split("/")[0] for link in page.links if link.endswith("report.html")} == set(comparison.configuration)
     out = capsys.readouterr().out
+    assert f"best configuration per class. {RANKING_RULE}" in out
     for name, rows in comparison.groupby("class_name"):
-        best = rows.sort_values(["roc_auc", "pixel_roc_auc"], ascending=False).iloc[0]
-        assert any(line.split()[:2] == [name, best.configuration] for line in out.splitlines())
+        best = rows.sort_values(["roc_auc_ci_low", "roc_auc", "pixel_roc_auc"], ascending=False).iloc[0]
+        other = rows[rows.configuration != best.configuration].iloc[0]
+        verdict = "interval lies above" if best.roc_auc_ci_low > other.roc_auc_ci_high else "is clearly better: its"
+        line = next(line for line in out.splitlines() if line.split()[:2] == [name, best.configuration])
+        assert verdict in line
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from PIL import Image
 from datasets.images import Sample
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
-from utils.evaluation.summary import CATEGORIES, ClassEvaluation, MapSummary, outcome
+from utils.evaluation.summary import CATEGORIES, CLOSEST_CALLS, ClassEvaluation, MapSummary, outcome
 from utils.reporting import plotting
 
 SIZE = 64
@@ -185,6 +185,34 @@ def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(ba
         assert all(np.array_equal(image.map, maps[image.index]) for image in kept)
 
 
+@pytest.mark.parametrize("batches", [[11], [4, 7], [1] * 11])
+def test_closest_calls_get_figures_beside_the_furthest_whatever_the_batches(batches):
+    """report.html shows the CLOSEST_CALLS highest-scored good and lowest-scored defect images: MapSummary keeps
+    them (ties: the earlier image), each filed under its outcome after that outcome's furthest, whether folded in
+    one batch, several, or as summaries of parts; with limit 0 nothing is kept."""
+    scores = np.array([5.0, 9.0, 7.0, 9.0, 6.0, 3.0, 8.0, 3.0, 2.5, 10.0, 12.0], np.float32)
+    labels = [0] * 5 + [1] * 6
+    samples = [Sample(Path(f"{i}.png"), label, "good" if label == 0 else "crack") for i, label in enumerate(labels)]
+    maps = np.ones((11, 4, 4), np.float32) * scores[:, None, None]
+    for limit, expected in (
+        (1, {"TN": [], "FP": [1, 3, 2, 4], "FN": [8, 5, 7], "TP": [10, 6]}),
+        (0, dict.fromkeys(CATEGORIES, [])),
+    ):
+        summaries, start = [], 0
+        for size in batches:
+            summary = MapSummary(4.0, 4, limit)
+            rows = slice(start, start + size)
+            summary.add(samples[rows], scores[rows], maps[rows], np.zeros((size, 4, 4), bool), lambda i: maps[0])
+            summaries.append(summary)
+            start += size
+        for part in summaries[1:]:
+            summaries[0].absorb(part)
+        kept = {name: summaries[0].figure_images(name) for name in CATEGORIES}
+        assert {name: [image.index for image in images] for name, images in kept.items()} == expected
+        assert all(np.array_equal(image.map, maps[image.index]) for images in kept.values() for image in images)
+        assert [image.index for image in summaries[0].closest_calls(0)] == ([1, 3, 2, 4] if limit else [])
+
+
 def test_file_names_keep_the_stem_and_drop_unsafe_characters():
     assert plotting.visualization_name(Sample(Path("/x/bild größe 1.png"), 1, "crack")) == "crack_bild größe 1.png"
     assert plotting.visualization_name(Sample(Path("/x/a:b?.png"), 1, 'c*"d')) == "c__d_a_b_.png"
@@ -208,14 +236,34 @@ def test_every_class_file_is_a_readable_png(plotted):
     assert _png_size(plotted / "roc_curve.png") == (1000, 460)
 
 
+def _figure_indices(result: ClassEvaluation, limit: int) -> dict[str, set[int]]:
+    """Per category, the images that get a figure, by their definition: the `limit` furthest from the threshold
+    (-1 all, 0 none; ties: the earlier image), and unless `limit` is 0 the CLOSEST_CALLS highest-scored good
+    and lowest-scored defect images (ties: the earlier)."""
+    labels, scores = result.labels, result.scores.astype(float)
+    order = np.arange(labels.size)
+    calls = set()
+    if limit != 0:
+        for label, key in ((0, -scores), (1, scores)):
+            ranked = np.lexsort((order, key))
+            calls |= set(ranked[labels[ranked] == label][:CLOSEST_CALLS].tolist())
+    chosen = {}
+    for category, indices in plotting.confusion_categories(labels, scores, result.threshold).items():
+        ranked = indices[np.lexsort((indices, -np.abs(scores[indices] - result.threshold)))]
+        furthest = ranked if limit < 0 else ranked[:limit]
+        chosen[category] = set(furthest.tolist()) | (calls & set(indices.tolist()))
+    return chosen
+
+
 @pytest.mark.parametrize("limit", [0, 2, -1])
 def test_visualizations_per_category_respect_the_limit(result, plotted_with, limit):
+    """Up to `limit` figures per category plus the report's closest calls; 0 none, -1 all."""
     out = plotted_with(limit)
     categories = plotting.confusion_categories(result.labels, result.scores, result.threshold)
     files = _category_files(out)
+    expected = _figure_indices(result, limit)
     for category, indices in categories.items():
-        expected = len(indices) if limit < 0 else min(limit, len(indices))
-        assert len(files[category]) == expected, category
+        assert len(files[category]) == len(expected[category]) <= len(indices), category
         if limit < 0:
             names = set(plotting._unique_names(result.samples, indices))
             assert files[category] == names
@@ -245,8 +293,9 @@ def test_rerun_with_a_lower_limit_removes_stale_figures(result, tmp_path):
     scale = plotting.class_colour_scale(np.array([result.maps.low, result.maps.high]))
     plotting.write_visualizations(make_result(limit=3), scale, tmp_path / "visualizations")
     plotting.write_visualizations(make_result(limit=1), scale, tmp_path / "visualizations")
+    expected = _figure_indices(result, 1)
     assert {c: len(names) for c, names in _category_files(tmp_path).items()} == {
-        c: min(1, len(i)) for c, i in categories.items()
+        c: len(expected[c]) for c in categories
     }
 
 

@@ -20,6 +20,7 @@ from datasets.images import Sample
 from utils.evaluation import metrics
 
 CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
+CLOSEST_CALLS = 4  # per kind: the highest-scored good images and the lowest-scored defect images report.html shows
 
 
 def outcome(label: int, called_defect: bool) -> str:
@@ -40,14 +41,37 @@ def confusion_categories(labels: np.ndarray, scores: np.ndarray, threshold: floa
 
 @dataclass
 class ShownImage:
-    """A test image kept for its per-image figure: its place in the test set, its distance from the
-    threshold, and its map, mask (None: no mask file) and display pixels (H, W, 3 uint8)."""
+    """A test image kept for its per-image figure: its place in the test set, its outcome (TN/FP/FN/TP),
+    and its map, mask (None: no mask file) and display pixels (H, W, 3 uint8)."""
 
     index: int
-    distance: float
+    outcome: str
     map: np.ndarray
     mask: np.ndarray | None
     image: np.ndarray
+
+
+class KeptImages:
+    """The `limit` images of highest key seen so far (ties: the earlier image; -1 all, 0 none): a min-heap
+    whose root is the one to drop first."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.heap: list[tuple[float, int, ShownImage]] = []
+
+    def would_keep(self, key: float, index: int) -> bool:
+        if self.limit < 0 or len(self.heap) < self.limit:
+            return True
+        return self.limit > 0 and (key, -index) > self.heap[0][:2]
+
+    def offer(self, key: float, shown: ShownImage) -> None:
+        heapq.heappush(self.heap, (key, -shown.index, shown))
+        if 0 <= self.limit < len(self.heap):
+            heapq.heappop(self.heap)
+
+    def images(self) -> list[ShownImage]:
+        """Highest key first, ties in test order."""
+        return [shown for _, _, shown in sorted(self.heap, key=lambda entry: (-entry[0], -entry[1]))]
 
 
 class MapSummary:
@@ -57,13 +81,14 @@ class MapSummary:
       images, of each defect type's images that have masks, and of defect images without one;
     - the sum of the maps per TN/FP/FN/TP, for the mean maps; the lowest and highest map value;
     - per category, the `limit` images furthest from the threshold (ties: the earlier image;
-      -1 all, 0 none), the ones the per-image figures show.
+      -1 all, 0 none), and, unless `limit` is 0, the closest calls report.html shows (the
+      CLOSEST_CALLS highest-scored good and lowest-scored defect images): the per-image figures' images.
 
     Summaries of consecutive parts of a test set (ranks of a distributed run) `absorb` each other.
     """
 
     def __init__(self, threshold: float, size: int, limit: int):
-        self.threshold, self.limit = threshold, limit
+        self.threshold = threshold
         self.bins = metrics.ScoreBins.around(threshold)
         self.images = 0
         self.good_pixels = metrics.PixelHistogram(self.bins)
@@ -72,7 +97,9 @@ class MapSummary:
         self.map_sums = {name: np.zeros((size, size)) for name in CATEGORIES}
         self.map_counts = dict.fromkeys(CATEGORIES, 0)
         self.low, self.high = np.inf, -np.inf
-        self.shown: dict[str, list[tuple[float, int, ShownImage]]] = {name: [] for name in CATEGORIES}
+        self.furthest = {name: KeptImages(limit) for name in CATEGORIES}  # key: distance from the threshold
+        closest = CLOSEST_CALLS if limit else 0
+        self.closest = {label: KeptImages(closest) for label in (0, 1)}  # key: score (good), -score (defect)
 
     def add(
         self,
@@ -98,26 +125,19 @@ class MapSummary:
                 histogram = self.defect_pixels.setdefault(sample.defect, metrics.PixelHistogram(self.bins))
             rows_of.setdefault(id(histogram), (histogram, []))[1].append(i)
             distance, index = abs(float(score) - self.threshold), self.images + i
-            if self._would_keep(name, distance, index):  # copies only of images that enter the heap
+            closeness = float(score) if sample.label == 0 else -float(score)
+            furthest = self.furthest[name].would_keep(distance, index)
+            close = self.closest[sample.label].would_keep(closeness, index)
+            if furthest or close:  # copies only of images that enter a heap
                 mask = masks[i].copy() if sample.mask_path is not None else None
-                self._offer(name, ShownImage(index, distance, maps[i].copy(), mask, display(i)))
+                shown = ShownImage(index, name, maps[i].copy(), mask, display(i))
+                if furthest:
+                    self.furthest[name].offer(distance, shown)
+                if close:
+                    self.closest[sample.label].offer(closeness, shown)
         for histogram, rows in rows_of.values():
             histogram.add(maps[rows], masks[rows])
         self.images += len(samples)
-
-    def _would_keep(self, name: str, distance: float, index: int) -> bool:
-        heap = self.shown[name]
-        if self.limit < 0 or len(heap) < self.limit:
-            return True
-        return self.limit > 0 and (distance, -index) > heap[0][:2]
-
-    def _offer(self, name: str, shown: ShownImage) -> None:
-        """Keep `shown` if it is among the `limit` furthest from the threshold of its category (a min-heap
-        whose root is the least distant, of those the latest)."""
-        heap = self.shown[name]
-        heapq.heappush(heap, (shown.distance, -shown.index, shown))
-        if 0 <= self.limit < len(heap):
-            heapq.heappop(heap)
 
     def absorb(self, other: MapSummary) -> None:
         """Add the summary of the test images that follow this summary's."""
@@ -130,14 +150,33 @@ class MapSummary:
         for name in CATEGORIES:
             self.map_sums[name] += other.map_sums[name]
             self.map_counts[name] += other.map_counts[name]
-            for _, _, shown in other.shown[name]:
-                shown.index += self.images
-                self._offer(name, shown)
+        pairs = [
+            *zip(self.furthest.values(), other.furthest.values()),
+            *zip(self.closest.values(), other.closest.values()),
+        ]
+        moved = {id(shown): shown for _, kept in pairs for _, _, shown in kept.heap}  # an image may be in two heaps
+        for shown in moved.values():
+            shown.index += self.images
+        for mine, kept in pairs:
+            for key, _, shown in kept.heap:
+                mine.offer(key, shown)
         self.images += other.images
 
     def shown_images(self, name: str) -> list[ShownImage]:
         """The category's kept images, furthest from the threshold first (ties in test order)."""
-        return [shown for _, _, shown in sorted(self.shown[name], key=lambda entry: (-entry[0], -entry[1]))]
+        return self.furthest[name].images()
+
+    def closest_calls(self, label: int) -> list[ShownImage]:
+        """The highest-scored good images (label 0) or lowest-scored defect images (label 1), in that order."""
+        return self.closest[label].images()
+
+    def figure_images(self, name: str) -> list[ShownImage]:
+        """The category's images that get a per-image figure: the furthest from the threshold, then the closest
+        calls of this outcome that are not among them."""
+        furthest = self.shown_images(name)
+        drawn = {shown.index for shown in furthest}
+        calls = [shown for label in (0, 1) for shown in self.closest_calls(label) if shown.outcome == name]
+        return furthest + [shown for shown in calls if shown.index not in drawn]
 
     def mean_maps(self) -> dict[str, np.ndarray]:
         """The mean map of every category that has images."""

@@ -451,11 +451,12 @@ def _clear_stale_visualizations(folder: Path) -> None:
 
 def write_visualizations(result: ClassEvaluation, scale: ColourScale, folder: Path) -> None:
     """visualizations/<category>/<defect>_<stem>.png for the images the evaluation kept to show
-    (MapSummary: up to --max_visualizations per category, the furthest from the threshold)."""
+    (MapSummary: up to --max_visualizations per category, the furthest from the threshold, and the closest
+    calls report.html shows)."""
     _clear_stale_visualizations(folder)
     jobs = []
     for category in CATEGORIES:
-        shown = result.maps.shown_images(category)
+        shown = result.maps.figure_images(category)
         names = _unique_names(result.samples, [image.index for image in shown])
         jobs += [(category, image, name) for image, name in zip(shown, names)]
     if not jobs:

@@ -26,7 +26,8 @@ import pandas as pd
 from PIL import Image
 
 from datasets.images import Sample
-from utils.evaluation.summary import outcome
+from utils.evaluation.comparison import RANKING_RULE
+from utils.evaluation.summary import CLOSEST_CALLS, outcome
 from utils.reporting.plotting import CATEGORY_MEANING, visualization_name
 from utils.reporting.text import with_interval
 from utils.runtime.output_files import atomic_write
@@ -35,7 +36,6 @@ REPORT_FILENAME = "report.html"
 COMPARISON_REPORT_FILENAME = "comparison.html"
 THUMBNAILS = "report_files"
 THUMBNAIL_SIZE = (360, 270)  # pixels, at most: thumbnails keep a 15-class page light
-MISSES_SHOWN = 4  # per kind: the highest-scored good images and the lowest-scored defect images
 CLASS_FIGURES = (  # (file, caption) of each class folder's figures, in page order
     ("roc_curve.png", "ROC"),
     ("pr_curve.png", "precision-recall"),
@@ -56,6 +56,10 @@ HEADLINE = (  # (label, column, interval columns or None)
     ("threshold", "optimal_threshold", None),
 )
 CONFUSION_COLUMNS = ("true_negatives", "false_positives", "false_negatives", "true_positives")
+UNSET_MEANING = {  # experiment.json settings whose null means something; any other null does not apply, left out
+    "reduced_dim": "the backbone's default",
+    "augmentations": "none",
+}
 VERSIONED = ("torch", "torchvision", "numpy", "scikit-learn", "pandas", "jinja2")
 TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
@@ -129,7 +133,7 @@ class Thumbnails:
         self.folder = page_folder / THUMBNAILS
         self.kept: set[Path] = set()
 
-    def picture(self, source: Path, caption: str, link: bool = True) -> Picture | None:
+    def picture(self, source: Path, caption: str) -> Picture | None:
         data = thumbnail(source)
         if data is None:
             return None
@@ -137,8 +141,7 @@ class Thumbnails:
         if not target.is_file():
             atomic_write(target, lambda tmp: tmp.write_bytes(data))
         self.kept.add(target)
-        full = href(source, self.page_folder) if link else None
-        return Picture(href(target, self.page_folder), full, caption)
+        return Picture(href(target, self.page_folder), href(source, self.page_folder), caption)
 
     def remove_unused(self) -> None:
         """Delete the thumbnails of earlier pages that the page just written does not show."""
@@ -147,19 +150,18 @@ class Thumbnails:
 
 
 def _misses(scores: pd.DataFrame, class_dir: Path, thumbs: Thumbnails, label: int) -> list[Picture]:
-    """The MISSES_SHOWN good images (label 0) with the highest scores, or defect images (label 1) with the
-    lowest: each its per-image figure when the run drew one, else a thumbnail of the image itself."""
+    """The CLOSEST_CALLS good images (label 0) with the highest scores, or defect images (label 1) with the
+    lowest (MapSummary's rule, so the run drew their figures): each shown as its per-image figure, with its
+    map; only a caption where there is none (--max_visualizations 0), never the bare image."""
     chosen = scores[scores["label"] == label].sort_values("score", ascending=label == 1, kind="stable")
     misses = []
-    for row in chosen.head(MISSES_SHOWN).itertuples():
+    for row in chosen.head(CLOSEST_CALLS).itertuples():
         name = outcome(label, row.is_anomalous)  # the run's own call, as its figures were filed
         sample = Sample(Path(row.path), label, row.defect)
         caption = f"{row.defect}/{sample.path.name}: score {row.score:.4f}, {name} ({CATEGORY_MEANING[name]})"
         figure = class_dir / "visualizations" / name / visualization_name(sample)
-        picture = (
-            thumbs.picture(figure, caption) if figure.is_file() else thumbs.picture(sample.path, caption, link=False)
-        )
-        misses.append(picture or Picture("", None, caption))
+        picture = thumbs.picture(figure, caption) if figure.is_file() else None
+        misses.append(picture or Picture("", None, f"{caption}; no figure drawn"))
     return misses
 
 
@@ -187,6 +189,21 @@ def class_section(row: dict, index: int, folder: Path, thumbs: Thumbnails) -> Cl
     return section
 
 
+def setting_rows(settings: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """experiment.json as the configuration block: a nested setting as `outer.inner`; a null named when it
+    means something (UNSET_MEANING), else left out, as a setting that does not apply to this run."""
+    rows = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += setting_rows(value, f"{name}.")
+        elif value is None:
+            rows += [(name, UNSET_MEANING[name])] if name in UNSET_MEANING else []
+        else:
+            rows.append((name, value if isinstance(value, str) else json.dumps(value)))
+    return rows
+
+
 def versions() -> list[tuple[str, str]]:
     """Python, the platform and the libraries whose versions change the numbers."""
     found = [("python", platform.python_version()), ("platform", platform.platform())]
@@ -196,6 +213,13 @@ def versions() -> list[tuple[str, str]]:
         except metadata.PackageNotFoundError:
             found.append((package, "not installed"))
     return found
+
+
+def _cell(value) -> str:
+    """A computed table's value as the CSV tables show it: floats to 6 significant digits, blank when missing."""
+    if pd.isna(value):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _sortable(table: pd.DataFrame) -> dict:
@@ -224,7 +248,7 @@ def write_report(folder: Path, title: str) -> Path:
         "report.html",
         folder / REPORT_FILENAME,
         title=title,
-        settings=[(key, value if isinstance(value, str) else json.dumps(value)) for key, value in settings.items()],
+        settings=setting_rows(settings),
         results=_sortable(table),
         sections=sections,
         links=[(path.name, href(path, folder)) for path in [folder / "master_results.csv", *logs]],
@@ -234,8 +258,8 @@ def write_report(folder: Path, title: str) -> Path:
 
 
 def write_comparison_report(parent: Path, comparison_csv: Path, figure: Path, best: pd.DataFrame) -> Path:
-    """comparison.html beside comparison.csv: the table, the figure, the best configuration per class and a
-    link to each configuration's report.html."""
+    """comparison.html beside comparison.csv: the table, the figure, the best configuration per class (with
+    the ranking rule and whether it is clearly better) and a link to each configuration's report.html."""
     table = read_table(comparison_csv)
     configurations = list(dict.fromkeys(table["configuration"]))
     thumbs = Thumbnails(parent)
@@ -244,7 +268,8 @@ def write_comparison_report(parent: Path, comparison_csv: Path, figure: Path, be
         parent / COMPARISON_REPORT_FILENAME,
         title=parent.name,
         results=_sortable(table),
-        best=_sortable(best.map(lambda value: f"{value:.6g}" if isinstance(value, float) else str(value))),
+        rule=RANKING_RULE,
+        best=_sortable(best.map(_cell)),
         figure=thumbs.picture(figure, "image and pixel AUROC per configuration") if figure.is_file() else None,
         reports=[
             (name, href(parent / name / REPORT_FILENAME, parent))
