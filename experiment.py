@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from datasets.split import (
     is_class_dir,
 )
 from trainer import resolve_devices, run_class
-from utils.cli import install_log_handler, remove_log_handler
+from utils.cli import ConsoleHandler, install_log_handler, remove_log_handler
 from utils.config import ModelConfig, RunConfig
 from utils.evaluation.comparison import RANKING_RULE, best_per_class
 from utils.evaluation.results import RESULT_COLUMNS
@@ -189,9 +188,7 @@ def log_file_handler(folder: Path, world: World) -> None:
 def console_handler(world: World) -> None:
     """Warnings and errors to the console, prefixed with the rank when there are several."""
     prefix = f"[rank {world.rank}] " if world.distributed else ""
-    install_log_handler(
-        "padim-console", logging.StreamHandler(sys.stderr), logging.WARNING, f"{prefix}%(levelname)s: %(message)s"
-    )
+    install_log_handler("padim-console", ConsoleHandler(), logging.WARNING, f"{prefix}%(levelname)s: %(message)s")
 
 
 def interval_column(table: pd.DataFrame, rate: str) -> pd.Series:

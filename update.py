@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from datasets.files import InputError, collect_images
 from utils.cli import StrictParser, add_allow_tf32, add_model_flags, at_least, log_to_console, run_main
 from utils.config import ENGINES, DeviceConfig
 
@@ -63,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Refuse a model that cannot be updated, or bad inputs, before the heavy work; then update and write."""
-    from datasets.images import collect_images
     from trainer import update_model
     from utils.config import FitConfig
     from utils.padim.backbones import float32_precision, pick_device
@@ -79,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
             f"--output {args.output} holds the model to update: write the updated model to another folder"
         )
     paths = collect_images(args.add, "--add")
-    if not paths:
-        raise UpdateError("no image found in --add " + " ".join(args.add))
     prove_writable(args.output, "output folder", UpdateError)
     device = pick_device(args.device, "--device cuda")
     with folder_lock(args.output, "output folder", UpdateError), float32_precision(args.allow_tf32):
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(
         run,
         args,
-        (UpdateError, *LOAD_ERRORS, OutputWriteError, DataError, NonFiniteError, GridMismatchError),
+        (UpdateError, InputError, *LOAD_ERRORS, OutputWriteError, DataError, NonFiniteError, GridMismatchError),
         "no updated model was written",
     )
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from datasets.images import Geometry, list_images
+from datasets.files import list_images
+from datasets.images import Geometry
 from utils.cli import at_least
 from utils.padim.backbone_specs import BACKBONES
 from utils.padim.backbones import build_extractor

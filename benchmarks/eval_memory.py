@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from datasets.images import list_images
+from datasets.files import list_images
 from utils.cli import at_least
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datasets.images import Geometry, ImageDataset, Sample, list_images
+from datasets.files import list_images
+from datasets.images import Geometry, ImageDataset, Sample
 from utils.cli import at_least
 from utils.config import DEFAULT_OPSET
 from utils.padim.backbones import build_extractor

@@ -22,7 +22,7 @@ import pandas as pd
 import run_experiment
 import update
 from benchmarks.distributed import DEFAULT_DATA, link_class, statistics_shape
-from datasets.images import list_images
+from datasets.files import list_images
 from utils.padim.backbone_specs import BACKBONES
 
 

@@ -6,7 +6,6 @@ identical pixels for the same file.
 
 from __future__ import annotations
 
-import glob
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from datasets import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS
+from datasets import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -38,55 +37,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 class ImageReadError(Exception):
     """An image file that cannot be decoded; the caller skips it and counts it."""
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted, any extension case; others are ignored."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def non_image_files(folder: Path) -> list[Path]:
-    """Files in `folder` that list_images passes over: reported to the user, never read."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
-
-
-def _expand(text: str, flag: str) -> list[Path]:
-    """One image argument: a glob (image files it matches), a folder (its images) or a file (taken as given)."""
-    if any(char in text for char in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not found:
-            log.warning("%s %s matches no image file", flag, text)
-        return found
-    path = Path(text)
-    if path.is_dir():
-        found = list_images(path)
-        if not found:
-            hint = (
-                f" (sub-folders are not searched: use a quoted glob such as '{path}/*/*.png')"
-                if any(p.is_dir() for p in path.iterdir())
-                else ""
-            )
-            log.warning("%s %s: no image files in this folder%s", flag, text, hint)
-        return found
-    return [path]
-
-
-def collect_images(arguments: list[str], flag: str) -> list[Path]:
-    """Every image the arguments of `flag` (predict.py's --input, update.py's --add) name, in the order
-    given, each file once: an image file, a folder (its images, not sub-folders) or a glob."""
-    seen, paths = set(), []
-    for text in arguments:
-        for path in _expand(text, flag):
-            key = path.resolve()
-            if key not in seen:
-                seen.add(key)
-                paths.append(path)
-    return paths
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets import MOVES_TRAIN_SHARE, FolderLayout
-from datasets.images import Sample, list_images, non_image_files
+from datasets.files import list_images, non_image_files
+from datasets.images import Sample
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import predict
+import prediction
 import run_experiment
 import trainer
 from tests.helpers import CPU_RUN_INTO_R_FLAGS, PREDICT_FLAGS, ROOT, Trained
@@ -284,7 +285,7 @@ def test_non_finite_scores_are_reported_anomalous_never_good(
     assert "4 of 6 images scored" in captured.out and "2 non-finite (reported anomalous)" in captured.out
     rows = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False)
     poisoned, clean = rows.iloc[:2], rows.iloc[2:]
-    assert (poisoned.is_anomalous == "True").all() and (poisoned.error == predict.NON_FINITE_ERROR).all()
+    assert (poisoned.is_anomalous == "True").all() and (poisoned.error == prediction.NON_FINITE_ERROR).all()
     assert (poisoned.output_name == "").all() and len(list((out / "heatmaps").iterdir())) == 4
     assert (clean.error == "").all()
     for row in clean.itertuples():

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import predict
+import prediction
 import run_experiment
 from datasets.images import Geometry
 from tests.helpers import PREDICT_FLAGS, ROOT, TRAIN_FLAGS, Trained
@@ -437,7 +438,7 @@ def test_output_names_say_which_image_they_are():
         Path("c/x/Wide.png"),
         Path("c/y/wide.jpg"),
     ]
-    assert predict.output_names(paths) == ["good_000", "crack_000", "good_000_1", "017", "x_Wide", "y_wide"]
+    assert prediction.output_names(paths) == ["good_000", "crack_000", "good_000_1", "017", "x_Wide", "y_wide"]
 
 
 def test_a_second_prediction_into_one_folder_leaves_nothing_of_the_first(

@@ -151,9 +151,27 @@ def run_main(
         return 130
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Log lines on stderr through tqdm.write: a line logged while a progress bar is shown goes above the bar,
+    never onto its line. tqdm is imported at the first line, not here: it reads TQDM_* from the environment
+    when imported, and run_experiment.py sets TQDM_DISABLE on ranks above 0 after parsing."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def log_to_console(level: int = logging.INFO) -> None:
     """`level` and above on stderr as 'LEVEL: message': the console of predict.py, export.py and update.py."""
-    install_log_handler("padim-console", logging.StreamHandler(sys.stderr), level, "%(levelname)s: %(message)s")
+    install_log_handler("padim-console", ConsoleHandler(), level, "%(levelname)s: %(message)s")
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model_help: str) -> None:

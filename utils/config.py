@@ -6,7 +6,8 @@ field defaults are the flags' defaults. Torch-free, so that a bad flag fails bef
 - FitConfig: how a class is split, fitted, thresholded and evaluated, and how images are loaded;
 - DeviceConfig: where the backbone, the statistics and the distances run;
 - FolderLayout: the folders of `--dataset folder` (good images, defect images, masks);
-- RunConfig: the data, the configurations to run, the folders, the distribution over ranks.
+- RunConfig: the data, the configurations to run, the folders, the distribution over ranks;
+- PredictConfig: one predict.py run (model, images, output folder, decision, devices).
 
 `RunConfig.identity(model)` is what makes two runs one experiment (experiment.json); the
 model file's identity is built from the same `settings()` (trainer.model_identity).
@@ -205,6 +206,41 @@ class RunConfig:
         if len(self.models) == 1:
             return None
         return self.base_results_dir / (self.results_subdir or f"{self.fit.layout}_{COMPARISON_SUFFIX}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """One run of predict.py: the model (a class results folder, a model file or an exported graph) and its
+    backbone weights file, the images, the output folder; how an image is decided (threshold None: the
+    model's) and drawn (regions smaller than `min_region_area` pixels are specks; masks or not); how images
+    are loaded; the devices (`devices.device`, `allow_tf32`, `engine`, `precision`)."""
+
+    model: Path
+    images: tuple[Path, ...]
+    output: Path = Path("./predictions")
+    weights: Path | None = None
+    threshold: float | None = None
+    min_region_area: int = 25
+    save_masks: bool = False
+    batch_size: int = 32
+    num_workers: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    devices: DeviceConfig = DeviceConfig()
+
+    def settings(self) -> dict:
+        """Beside the model, what changes an image's row or files: a rerun into the same output folder goes on
+        from an earlier run's rows only when these (and the model) are the same."""
+        devices = self.devices
+        return {
+            "threshold": self.threshold,
+            "min_region_area": self.min_region_area,
+            "save_masks": self.save_masks,
+            "max_image_pixels": self.max_image_pixels,
+            "device": devices.device,
+            "allow_tf32": devices.allow_tf32,
+            "engine": devices.engine,
+            "precision": devices.precision,
+        }
 
 
 def model_configs(

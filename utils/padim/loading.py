@@ -43,11 +43,14 @@ class LoadedModel:
 
     `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime or OpenVINO (`pixels`: it
     takes uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
+    `identity` names what scores (the model file's checksum or the graph's sha256, and the engine
+    that runs it): predict.py goes on from an earlier run's rows only for the same identity.
     """
 
     scorer: Padim | GraphScorer
     geometry: Geometry
     threshold: float
+    identity: dict
 
     @property
     def pixels(self) -> bool:
@@ -207,7 +210,8 @@ def build(
         content["threshold"],
         content["threshold_provenance"].get("source", "?"),
     )
-    return LoadedModel(padim, geometry, float(content["threshold"]))
+    identity = {"model_checksum": content["checksum"], "engine": backbone.engine, "precision": backbone.precision}
+    return LoadedModel(padim, geometry, float(content["threshold"]), identity)
 
 
 def build_graph(path: Path, description: dict, device: torch.device, engine: str, workers: int = 0) -> LoadedModel:
@@ -226,4 +230,5 @@ def build_graph(path: Path, description: dict, device: torch.device, engine: str
         ", ".join(scorer.providers),
     )
     geometry = Geometry(description["resize"], description["cropsize"])
-    return LoadedModel(scorer, geometry, float(description["threshold"]))
+    identity = {"graph_sha256": description["graph_sha256"], "engine": scorer.engine}
+    return LoadedModel(scorer, geometry, float(description["threshold"]), identity)

@@ -1,24 +1,28 @@
 """Writing results safely: whole files or none, the permissions a plain write gives, one run per folder.
 
 Every file a run writes goes through atomic_write, so an interrupt, a full disk or a file
-size limit leaves the previous file (or none), never half of one. A run holds its results
-folder with folder_lock, so two runs can never interleave their files there. file_sha256 is
-the one checksum of a file on disk (weights files, exported graphs).
+size limit leaves the previous file (or none), never half of one. A CSV that grows as a run
+goes (predict.py's) takes whole batches of rows with append_csv_rows and is read back by
+read_csv_rows. A run holds its results folder with folder_lock, so two runs can never
+interleave their files there. file_sha256 is the one checksum of a file on disk (weights
+files, exported graphs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 LOCK_FILENAME = ".padim.lock"
@@ -50,6 +54,57 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
     except RuntimeError as err:  # torch.save's writer does not say why a write fell short
         raise OutputWriteError(f"cannot write {path}: the write fell short (disk full or a file size limit?)") from err
+
+
+def write_csv(rows: Iterable[dict], path: Path, columns: Sequence[str]) -> None:
+    """The whole CSV at once, atomically: an interrupted run leaves the previous file, never half of one."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def append_csv_rows(rows: Iterable[dict], path: Path, columns: Sequence[str]) -> None:
+    """Append whole rows to a CSV (the header first when the file is new or empty) in one write, then fsync:
+    an interrupt or a crash keeps every batch appended before it; a power loss or a full disk mid-write
+    leaves at most a torn last line, which read_csv_rows leaves out."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if os.fstat(handle).st_size == 0:
+                writer.writeheader()
+            writer.writerows(rows)
+            data = memoryview(text.getvalue().encode("utf-8"))
+            while data:
+                data = data[os.write(handle, data) :]
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def read_csv_rows(path: Path, columns: Sequence[str]) -> list[dict] | None:
+    """The whole rows of a CSV with exactly `columns` (a torn last line, one no newline ends, left out);
+    None when the file is missing, unreadable, or not such a CSV."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1], newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error:
+        return None
+    whole = all(None not in row and None not in row.values() for row in rows)
+    return rows if reader.fieldnames == list(columns) and whole else None
 
 
 def prove_writable(folder: Path, what: str, error: type[Exception]) -> None:
