@@ -61,7 +61,16 @@ SCORES_FILENAME = "scores.csv"
 DEFECT_TYPES_FILENAME = "defect_types.csv"
 MIN_HOLDOUT_IMAGES = 20
 MIN_KEPT_SHARE = 2 / 3
-MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
+MODEL_IDENTITY_KEYS = (
+    "backbone",
+    "weights_id",
+    "layers",
+    "resize",
+    "cropsize",
+    "resize_width",
+    "fingerprint",
+    "training_config",
+)
 HELD_OUT_SOURCE = "held-out normal training images"
 TRAINING_SOURCE = "training images (too few to hold any out; biased low)"
 
@@ -86,11 +95,16 @@ def resolve_devices(config: DeviceConfig) -> dict[str, torch.device]:
     }
 
 
+def geometry_of(model: ModelConfig) -> Geometry:
+    """The model-input geometry of a configuration."""
+    return Geometry(model.resize, model.cropsize, model.resize_width)
+
+
 def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[str, torch.device]) -> Padim:
     """The untrained model of a configuration: the seeded channel subset of the extractor's dims, the input
     size, the devices."""
     index = channel_index(extractor.dims, extractor.reduced_dim(model.reduced_dim), model.seed)
-    input_size = Geometry(model.resize, model.cropsize).input_size
+    input_size = geometry_of(model).input_size
     return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
 
 
@@ -126,6 +140,7 @@ def model_identity(
         "layers": layers,
         "resize": model.resize,
         "cropsize": model.cropsize,
+        "resize_width": model.resize_width,
         "fingerprint": fingerprint,
         "training_config": {
             "reduced_dim": int(index.numel()),
@@ -506,7 +521,7 @@ def run_class(
     if test_files is not None:
         other = split_class(test_files, holdout_ratio=0.0, seed=seed, test_sample_ratio=fit.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
-    geometry = Geometry(model_config.resize, model_config.cropsize)
+    geometry = geometry_of(model_config)
     model = build_model(extractor, model_config, devices)
     log_split(split, model.index.numel())
     if ranks.is_root:

@@ -200,20 +200,31 @@ def read_mask(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_I
 
 @dataclass(frozen=True)
 class Geometry:
-    """Model input geometry: short side resized to `resize`, centre crop `cropsize` (0 = no crop, square resize)."""
+    """Model input geometry: short side resized to `resize`, centre crop `cropsize` (0 = no crop, square resize);
+    with `resize_width` (only without a crop) the image is resized to resize x resize_width (height x width)."""
 
     resize: int
     cropsize: int
+    resize_width: int | None = None
 
     @property
-    def input_size(self) -> int:
-        return self.cropsize or self.resize
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        if self.cropsize:
+            return self.cropsize, self.cropsize
+        return self.resize, self.resize_width or self.resize
+
+    @property
+    def decode_side(self) -> int:
+        """The side a reduced decode keeps REDUCING_GAP times on its short side: the resize, or the longer
+        side of a height x width resize."""
+        return max(self.resize, self.resize_width or 0)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of a width x height image after `spatial`'s resize: the short side to `resize` and
-        the long one in proportion, rounded down as torchvision's Resize does; resize x resize without a crop."""
+        the long one in proportion, rounded down as torchvision's Resize does; the input size without a crop."""
         if self.cropsize == 0:
-            return self.resize, self.resize
+            return self.input_size[::-1]
         long = int(self.resize * max(width, height) / min(width, height))
         return (self.resize, long) if width <= height else (long, self.resize)
 
@@ -236,7 +247,7 @@ class Geometry:
         """Resize and centre crop. `size`, the (width, height) of the full image when the one given was reduced
         on decoding, makes the resize land on the very size the full image's would (resized_size)."""
         if self.cropsize == 0:
-            return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])
+            return v2.Compose([v2.Resize(self.input_size, interpolation=interpolation, antialias=True)])
         target = self.resize if size is None else self.resized_size(*size)[::-1]
         return v2.Compose(
             [
@@ -246,11 +257,11 @@ class Geometry:
         )
 
     def pixel_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
-        """PIL image -> uint8 (3, S, S) model-input pixels: what an exported graph takes (as (S, S, 3))."""
+        """PIL image -> uint8 (3, H, W) model-input pixels: what an exported graph takes (as (H, W, 3))."""
         return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.BILINEAR, size)])
 
     def image_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
-        """PIL image -> the normalised float32 (3, S, S) model input, from the same pixels."""
+        """PIL image -> the normalised float32 (3, H, W) model input, from the same pixels."""
         return v2.Compose(
             [
                 self.pixel_transform(size),
@@ -301,7 +312,7 @@ class ImageDataset(Dataset):
     ):
         self.samples = samples
         self.geometry = geometry
-        self.pixels = pixels  # uint8 (S, S, 3) model-input pixels, for an exported graph, instead of tensors
+        self.pixels = pixels  # uint8 (H, W, 3) model-input pixels, for an exported graph, instead of tensors
         self.max_pixels = max_pixels
         self.image_transform = self.transform()
         self.mask_transform = geometry.mask_transform()
@@ -325,7 +336,7 @@ class ImageDataset(Dataset):
         """The sample's RGB image (reduced when large) and binary mask at the full image's size (None without a
         mask file); raises ImageReadError."""
         sample = self.samples[index]
-        decoded = decode_rgb(sample.path, self.max_pixels, self.geometry.resize)
+        decoded = decode_rgb(sample.path, self.max_pixels, self.geometry.decode_side)
         mask = read_mask(sample.mask_path, decoded.size, self.max_pixels) if sample.mask_path else None
         return decoded, mask
 
@@ -337,9 +348,8 @@ class ImageDataset(Dataset):
             tensor = tensor.permute(1, 2, 0).contiguous()
         if self.augment is not None:
             tensor = self.augment(tensor)
-        size = self.geometry.input_size
         if mask is None:
-            mask_tensor = torch.zeros((size, size), dtype=torch.bool)
+            mask_tensor = torch.zeros(self.geometry.input_size, dtype=torch.bool)
         else:
             mask_tensor = self.mask_transform(mask)[0] > 0
         return tensor, mask_tensor, index

@@ -97,7 +97,7 @@ def saved(trained) -> SavedModel:
     seed = content["training_config"]["seed"]
     extractor, _ = build_extractor(content["backbone"], "none", CPU, seed, content["layers"])
     size = Geometry(content["resize"], content["cropsize"]).input_size
-    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(6, 3, *size, generator=torch.Generator().manual_seed(0))
     return SavedModel(extractor, torch.as_tensor(content["channel_index"]), stats_from_content(content), images)
 
 
@@ -126,7 +126,7 @@ def test_every_device_arrangement_fits_saves_loads_and_scores_on_the_cpu(devices
     the file's tensors, the maps and the scores on the CPU; the Gaussian where the distances are computed;
     only the chosen maps cross from the backbone's device to the Gaussian's."""
     backbone, statistics, distances = devices
-    size = saved.images.shape[-1]
+    size = tuple(saved.images.shape[-2:])
     with fake_cuda:
         model = Padim(ExtractorOn(saved.extractor, backbone), saved.index, size, *devices, images_together=4)
         with CrossingCopies() as fit_copies:
@@ -140,7 +140,7 @@ def test_every_device_arrangement_fits_saves_loads_and_scores_on_the_cpu(devices
     assert all(tensor.device == CPU for tensor in sums)
     assert model.stats.mean.device == distances
     assert all(block.device == distances for block in stats.factor.blocks + model.stats.factor.blocks)
-    assert (maps.device, scores.device, tuple(maps.shape), tuple(scores.shape)) == (CPU, CPU, (6, size, size), (6,))
+    assert (maps.device, scores.device, tuple(maps.shape), tuple(scores.shape)) == (CPU, CPU, (6, *size), (6,))
     if backbone != statistics:
         assert fit_copies.elements[(backbone.type, statistics.type)] == saved.chosen_elements()
     if backbone != distances:

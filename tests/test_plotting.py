@@ -79,7 +79,7 @@ def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
 def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
     """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `results.evaluate`."""
     data = synthetic(with_masks, good_only)
-    summary = MapSummary(data.threshold, SIZE, limit)
+    summary = MapSummary(data.threshold, (SIZE, SIZE), limit)
     for start in range(0, len(data.samples), 5):
         rows = slice(start, start + 5)
         display = partial(lambda offset, i: data.images[offset + i], start)
@@ -173,7 +173,7 @@ def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(ba
     for limit, expected in ((3, [1, 3, 2]), (0, []), (-1, [1, 3, 2, 4, 0])):
         summaries, start = [], 0
         for size in batches:
-            summary = MapSummary(4.0, 4, limit)
+            summary = MapSummary(4.0, (4, 4), limit)
             rows = slice(start, start + size)
             summary.add(samples[rows], scores[rows], maps[rows], np.zeros((size, 4, 4), bool), lambda i: maps[0])
             summaries.append(summary)

@@ -41,7 +41,8 @@ class Flips:
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
-    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice."""
+    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice;
+    `resize_width` (crop 0 only) makes the input resize x resize_width (height x width) instead of square."""
 
     architecture: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()
@@ -50,6 +51,12 @@ class ModelConfig:
     cropsize: int = 256
     reduced_dim: int | None = None
     seed: int = 1024
+    resize_width: int | None = None
+
+    @property
+    def resize_label(self) -> str:
+        """The resize as --resize takes it: `S` or `HxW`."""
+        return f"{self.resize}x{self.resize_width}" if self.resize_width else str(self.resize)
 
     @property
     def default_layers(self) -> bool:
@@ -65,6 +72,7 @@ class ModelConfig:
             "cropsize": self.cropsize,
             "reduced_dim": self.reduced_dim,
             "seed": self.seed,
+            **({"resize_width": self.resize_width} if self.resize_width else {}),
         }
 
 
@@ -171,7 +179,7 @@ class RunConfig:
         """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
         backbone, resize and crop (and the stages when they are not the backbone's default); with several
         configurations, that default name (plus _dim-<N> for a given reduced_dim) inside the comparison folder."""
-        default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize}_crop-{model.cropsize}"
+        default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize_label}_crop-{model.cropsize}"
         if not model.default_layers:
             default += f"_layers-{'-'.join(model.layers)}"
         parent = self.comparison_folder()
@@ -189,26 +197,32 @@ class RunConfig:
 def model_configs(
     architectures: list[str],
     layer_choices: list[list[str] | None],
-    resizes: list[int],
+    resizes: list[int | tuple[int, int]],
     cropsizes: list[int],
     reduced_dims: list[int | None],
     weights: str = ModelConfig.weights,
     seed: int = ModelConfig.seed,
 ) -> tuple[ModelConfig, ...]:
     """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
-    backbone's order; ValueError names a combination that cannot run (a crop larger than its resize, a
-    stage its backbone lacks); a repeated combination is not a second configuration."""
+    backbone's order; a resize is the short side or (height, width), as utils.cli.resize_value reads it.
+    ValueError names a combination that cannot run (a crop larger than its resize, a height x width resize
+    with a crop, a stage its backbone lacks); a repeated combination is not a second configuration."""
     chosen: list[ModelConfig] = []
-    for architecture, layers, resize, cropsize, reduced_dim in itertools.product(
+    for architecture, layers, size, cropsize, reduced_dim in itertools.product(
         architectures, layer_choices, resizes, cropsizes, reduced_dims
     ):
+        resize, width = size if isinstance(size, tuple) else (size, None)
+        if width is not None and cropsize:
+            raise ValueError(
+                f"--resize {resize}x{width} needs --cropsize 0 (a centre crop is square), got --cropsize {cropsize}"
+            )
         if cropsize > resize:
             raise ValueError(f"--cropsize {cropsize} is larger than --resize {resize}")
         try:
             stages = tuple(hooked_layers(BACKBONES[architecture], layers))
         except ValueError as err:
             raise ValueError(f"--layers: {err}") from err
-        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed)
+        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed, width)
         if config not in chosen:
             chosen.append(config)
     return tuple(chosen)

@@ -62,14 +62,14 @@ class MapSummary:
     Summaries of consecutive parts of a test set (ranks of a distributed run) `absorb` each other.
     """
 
-    def __init__(self, threshold: float, size: int, limit: int):
+    def __init__(self, threshold: float, size: tuple[int, int], limit: int):
         self.threshold, self.limit = threshold, limit
         self.bins = metrics.ScoreBins.around(threshold)
         self.images = 0
         self.good_pixels = metrics.PixelHistogram(self.bins)
         self.defect_pixels: dict[str, metrics.PixelHistogram] = {}
         self.unmasked_pixels = metrics.PixelHistogram(self.bins)
-        self.map_sums = {name: np.zeros((size, size)) for name in CATEGORIES}
+        self.map_sums = {name: np.zeros(size) for name in CATEGORIES}
         self.map_counts = dict.fromkeys(CATEGORIES, 0)
         self.low, self.high = np.inf, -np.inf
         self.shown: dict[str, list[tuple[float, int, ShownImage]]] = {name: [] for name in CATEGORIES}
