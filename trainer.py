@@ -26,10 +26,12 @@ from torch.utils.data import DataLoader
 from datasets.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Batch,
     Geometry,
     ImageDataset,
     Sample,
     build_flips,
+    evaluation_frame,
     image_loader,
     readable_batches,
 )
@@ -38,6 +40,7 @@ from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
+from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import FeatureExtractor, pick_device
 from utils.padim.embedding import channel_index
 from utils.padim.model import GaussianStats, GridMismatchError, Padim
@@ -159,6 +162,17 @@ def display_pixels(images: torch.Tensor, i: int) -> np.ndarray:
     return pixels.mul_(255).clamp_(0, 255).round_().to(torch.uint8).numpy()
 
 
+def frame_maps(maps: torch.Tensor, batch: Batch, geometry: Geometry) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each map of a batch with the mask, in its image's evaluation frame (datasets.images.evaluation_frame):
+    a pixel the model never saw (outside the centre crop) scores that map's minimum; no mask file, no defect."""
+    frames = []
+    for amap, (width, height), mask in zip(maps, batch.sizes, batch.frame_masks):
+        frame = evaluation_frame(width, height)
+        projected = to_original_resolution(amap, height, width, geometry, float(amap.min()), frame)
+        frames.append((projected.numpy(), mask if mask is not None else np.zeros(frame, dtype=bool)))
+    return frames
+
+
 def score_samples(
     model: Padim,
     samples: list[Sample],
@@ -178,7 +192,8 @@ def score_samples(
         batch_samples = [samples[i] for i in batch.indices]
         if maps is not None and torch.isfinite(batch_scores).all():  # a non-finite score fails the class below
             display = partial(display_pixels, batch.images)
-            maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display)
+            frames = frame_maps(batch_maps, batch, geometry)
+            maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display, frames)
         kept.extend(batch_samples)
         scores.append(batch_scores.numpy())
     return ScoredSet(

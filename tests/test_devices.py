@@ -196,7 +196,14 @@ def test_batches_are_pinned_only_for_a_backbone_on_cuda(texture_root):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA: no CUDA device here")
 def test_batch_pin_memory_pins_every_tensor():
-    batch = Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool), [0, 1], [(2, "unreadable")])
+    batch = Batch(
+        torch.zeros(2, 3, 8, 8),
+        torch.zeros(2, 8, 8, dtype=torch.bool),
+        [0, 1],
+        [(2, "unreadable")],
+        [(8, 8)] * 2,
+        [None, None],
+    )
     pinned = batch.pin_memory()
     assert pinned.images.is_pinned() and pinned.masks.is_pinned()
     assert (pinned.indices, pinned.failures) == (batch.indices, batch.failures)

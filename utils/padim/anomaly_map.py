@@ -82,17 +82,29 @@ def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> t
     return linear_weights(position - 0.5, size) * inside.unsqueeze(1)
 
 
-def to_original_resolution(amap: torch.Tensor, height: int, width: int, geometry: Geometry) -> torch.Tensor:
-    """(H, W) map at the model input -> (height, width) map of the original image.
+def to_original_resolution(
+    amap: torch.Tensor,
+    height: int,
+    width: int,
+    geometry: Geometry,
+    outside: float = 0.0,
+    frame: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """(H, W) map at the model input -> (height, width) map of the original image, or the map in `frame`,
+    a (rows, columns) grid laid evenly over the whole image (a reduced evaluation frame).
 
     Bilinear between pixel centres inside the box the model saw (Geometry's resize and crop);
-    0 outside it (the centre crop cut those pixels away, so they were never scored).
+    `outside` elsewhere (the centre crop cut those pixels away, so they were never scored).
     """
     new_width, new_height = geometry.resized_size(width, height)
     top, left = geometry.crop_origin(width, height)
-    rows = interpolation_matrix(height, new_height / height, top, amap.shape[-2]).to(amap.dtype)
-    columns = interpolation_matrix(width, new_width / width, left, amap.shape[-1]).to(amap.dtype)
-    return rows @ amap @ columns.T
+    frame_height, frame_width = frame or (height, width)
+    rows = interpolation_matrix(frame_height, new_height / frame_height, top, amap.shape[-2]).to(amap.dtype)
+    columns = interpolation_matrix(frame_width, new_width / frame_width, left, amap.shape[-1]).to(amap.dtype)
+    projected = rows @ amap @ columns.T
+    if outside:
+        projected += outside * (1 - rows.sum(1, keepdim=True) * columns.sum(1))
+    return projected
 
 
 @dataclass(frozen=True)
