@@ -71,7 +71,7 @@ def test_odd_but_valid_images_become_rgb_model_inputs(tmp_path, case):
     path = _odd_files(tmp_path)[case]
     image = read_rgb(path)
     assert image.mode == "RGB"
-    tensor, mask, _ = ImageDataset([Sample(path, 0, "good")], Geometry(64, 56))[0]
+    tensor, mask, *_ = ImageDataset([Sample(path, 0, "good")], Geometry(64, 56))[0]
     assert tensor.shape == (3, 56, 56) and torch.isfinite(tensor).all() and not mask.any()
 
 

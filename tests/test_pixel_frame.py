@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -63,6 +64,7 @@ def test_large_images_are_evaluated_in_a_frame_that_depends_on_the_image_only():
     assert frame_mask(None, (2, 2)) is None
 
 
+@pytest.mark.slow
 def test_crop_settings_of_the_same_data_count_the_same_pixels(texture_root: Path, tmp_path: Path):
     """One comparison run at crop 0 and crop 56: equal n_defect_pixels / n_good_pixels, and they are the
     pixels of the test images and their mask files."""
