@@ -23,7 +23,6 @@ import torch
 
 from data.demo_data import make_demo_dataset
 from datasets import BOWTIE_MARKER
-from datasets.images import Geometry
 from datasets.manifest import manifest_files
 from datasets.split import (
     LAYOUT_FLAGS,
@@ -34,7 +33,7 @@ from datasets.split import (
     folder_layout_files,
     is_class_dir,
 )
-from trainer import resolve_devices, run_class
+from trainer import geometry_of, resolve_devices, run_class
 from utils.cli import ConsoleHandler, install_log_handler, remove_log_handler
 from utils.config import ModelConfig, RunConfig
 from utils.evaluation.comparison import RANKING_RULE, best_per_class
@@ -302,7 +301,7 @@ def prepare(
                 f"--reduced_dim {model.reduced_dim} exceeds the {extractor.dims} channels of "
                 f"{model.architecture} at stages {' '.join(model.layers)}"
             )
-        input_size = Geometry(model.resize, model.cropsize).input_size
+        input_size = geometry_of(model).input_size
         if (key, input_size) not in engines:
             engines[key, input_size] = engine_extractor(
                 extractor,
@@ -465,7 +464,7 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
             "configuration": configuration.folder.name,
             "model_architecture": model.architecture,
             "layers": ",".join(model.layers),
-            "resize": model.resize,
+            "resize": model.resize_label,
             "cropsize": model.cropsize,
             "reduced_dim": configuration.reduced_dim,
             "projection": model.projection,

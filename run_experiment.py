@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, run_main, unit_interval
+from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, resize_value, run_main, unit_interval
 from utils.config import (
     COMPARISON_SUFFIX,
     IMAGE_SCORES,
@@ -97,16 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_results_dir", type=Path, default=RunConfig.base_results_dir, help="where results go")
     parser.add_argument(
         "--results_subdir",
-        help="sub-folder of the results, holding one experiment (None: <dataset>_<arch>_resize-<R>_crop-<C>, "
+        help="sub-folder of the results, holding one experiment (None: <dataset>_<arch>_resize-<R|HxW>_crop-<C>, "
         "plus _layers-... for non-default --layers); with several configurations, the folder that holds one "
         f"such folder per configuration and the comparison (None: <dataset>_{COMPARISON_SUFFIX})",
     )
     parser.add_argument(
         "--resize",
-        type=at_least(1),
+        type=resize_value,
         nargs="+",
         default=[ModelConfig.resize],
-        help="short side of the image is resized to this",
+        metavar="S|HxW",
+        help="S: the image's short side is resized to S (square S x S with --cropsize 0); HxW (e.g. 256x512, "
+        "only with --cropsize 0): resized to H x W, for elongated parts that keep their proportions",
     )
     parser.add_argument(
         "--cropsize",

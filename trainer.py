@@ -26,10 +26,12 @@ from torch.utils.data import DataLoader
 from datasets.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Batch,
     Geometry,
     ImageDataset,
     Sample,
     build_flips,
+    evaluation_frame,
     image_loader,
     readable_batches,
 )
@@ -38,6 +40,7 @@ from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
+from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import FeatureExtractor, pick_device
 from utils.padim.embedding import channel_index, semi_orthogonal_matrix
 from utils.padim.model import GaussianStats, GridMismatchError, Padim
@@ -63,7 +66,16 @@ SCORES_FILENAME = "scores.csv"
 DEFECT_TYPES_FILENAME = "defect_types.csv"
 MIN_HOLDOUT_IMAGES = 20
 MIN_KEPT_SHARE = 2 / 3
-MODEL_IDENTITY_KEYS = ("backbone", "weights_id", "layers", "resize", "cropsize", "fingerprint", "training_config")
+MODEL_IDENTITY_KEYS = (
+    "backbone",
+    "weights_id",
+    "layers",
+    "resize",
+    "cropsize",
+    "resize_width",
+    "fingerprint",
+    "training_config",
+)
 HELD_OUT_SOURCE = "held-out normal training images"
 TRAINING_SOURCE = "training images (too few to hold any out; biased low)"
 
@@ -88,6 +100,11 @@ def resolve_devices(config: DeviceConfig) -> dict[str, torch.device]:
     }
 
 
+def geometry_of(model: ModelConfig) -> Geometry:
+    """The model-input geometry of a configuration."""
+    return Geometry(model.resize, model.cropsize, model.resize_width)
+
+
 def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[str, torch.device]) -> Padim:
     """The untrained model of a configuration: the seeded channel subset of the extractor's dims (or all of them
     and the seeded semi-orthogonal projection), the neighbourhood, the image score, the input size, the devices."""
@@ -97,11 +114,10 @@ def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[s
         projection = semi_orthogonal_matrix(extractor.dims, reduced_dim, model.seed)
     else:
         index, projection = channel_index(extractor.dims, reduced_dim, model.seed), None
-    input_size = Geometry(model.resize, model.cropsize).input_size
     return Padim(
         extractor,
         index,
-        input_size,
+        geometry_of(model).input_size,
         devices["backbone"],
         devices["stats"],
         devices["mahalanobis"],
@@ -145,6 +161,7 @@ def model_identity(
         "layers": layers,
         "resize": model.resize,
         "cropsize": model.cropsize,
+        "resize_width": model.resize_width,
         "fingerprint": fingerprint,
         "training_config": {
             "reduced_dim": int(index.numel()) if dims is None else dims,
@@ -162,6 +179,17 @@ def display_pixels(images: torch.Tensor, i: int) -> np.ndarray:
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     pixels = torch.addcmul(mean, images[i].cpu().permute(1, 2, 0), std)
     return pixels.mul_(255).clamp_(0, 255).round_().to(torch.uint8).numpy()
+
+
+def frame_maps(maps: torch.Tensor, batch: Batch, geometry: Geometry) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each map of a batch with the mask, in its image's evaluation frame (datasets.images.evaluation_frame):
+    a pixel the model never saw (outside the centre crop) scores that map's minimum; no mask file, no defect."""
+    frames = []
+    for amap, (width, height), mask in zip(maps, batch.sizes, batch.frame_masks):
+        frame = evaluation_frame(width, height)
+        projected = to_original_resolution(amap, height, width, geometry, float(amap.min()), frame)
+        frames.append((projected.numpy(), mask if mask is not None else np.zeros(frame, dtype=bool)))
+    return frames
 
 
 def score_samples(
@@ -183,7 +211,8 @@ def score_samples(
         batch_samples = [samples[i] for i in batch.indices]
         if maps is not None and torch.isfinite(batch_scores).all():  # a non-finite score fails the class below
             display = partial(display_pixels, batch.images)
-            maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display)
+            frames = frame_maps(batch_maps, batch, geometry)
+            maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display, frames)
         kept.extend(batch_samples)
         scores.append(batch_scores.numpy())
     return ScoredSet(
@@ -538,7 +567,7 @@ def run_class(
     if test_files is not None:
         other = split_class(test_files, holdout_ratio=0.0, seed=seed, test_sample_ratio=fit.test_sample_ratio)
         split.test, has_ground_truth = other.test, other.has_ground_truth
-    geometry = Geometry(model_config.resize, model_config.cropsize)
+    geometry = geometry_of(model_config)
     model = build_model(extractor, model_config, devices)
     log_split(split, model.dims)
     if ranks.is_root:

@@ -170,7 +170,7 @@ def backbone_on(engine: str, precision: str, config: RunConfig, devices: dict[st
 
 
 def geometry_of(config: RunConfig) -> Geometry:
-    return Geometry(config.models[0].resize, config.models[0].cropsize)
+    return trainer.geometry_of(config.models[0])
 
 
 def loader_of(samples: list, config: RunConfig, device: torch.device):

@@ -80,7 +80,7 @@ def statistics_shape(name: str, resize: int, cropsize: int) -> tuple[tuple[int, 
     backbone at its default dims and this geometry, measured by one forward pass of random weights."""
     size = Geometry(resize, cropsize).input_size
     extractor, _ = build_extractor(name, "none", torch.device("cpu"))
-    grid = extractor(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
+    grid = extractor(torch.zeros(1, 3, *size).contiguous(memory_format=torch.channels_last))[0].shape[2:]
     positions, dims = grid[0] * grid[1], extractor.reduced_dim(None)
     triangle = sum(p * r * c for p, r, c in TriangularBlocks.shapes(positions, dims, lower=False)) * 4
     return (grid[0], grid[1]), dims, triangle

@@ -7,6 +7,7 @@ identical pixels for the same file.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LARGE_IMAGE_PIXELS = 4096 * 4096  # larger images are reduced as they are decoded; smaller ones decode in full
 REDUCING_GAP = 3  # a reduced image keeps at least this many pixels per model-input pixel on its short side
 SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image a quarter
+EVALUATION_FRAME_PIXELS = 2048 * 2048  # a larger image's pixel metrics are taken in a frame reduced to about this
 REDUCIBLE_MODE = {"I;16": "I", "I;16B": "I", "I;16L": "I", "P": "RGBA", "1": "L"}  # for modes Image.reduce lacks
 MAX_PIXELS_FLAG = "--max_image_pixels"
 
@@ -148,22 +150,51 @@ def read_mask(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_I
     return mask
 
 
+def evaluation_frame(width: int, height: int) -> tuple[int, int]:
+    """(height, width) of the frame a width x height image's pixel metrics are taken in: the image's own, or,
+    above EVALUATION_FRAME_PIXELS, reduced by the smallest integer factor that brings it there. It depends on
+    the image alone, never on the model's geometry, so every configuration is scored on the same pixels."""
+    factor = max(1, math.ceil(math.sqrt(width * height / EVALUATION_FRAME_PIXELS)))
+    return max(1, height // factor), max(1, width // factor)
+
+
+def frame_mask(mask: Image.Image | None, frame: tuple[int, int]) -> np.ndarray | None:
+    """A 0/255 mask at its image's full size -> bool (height, width) of the evaluation frame: a reduced frame's
+    pixel is a defect when at least half of the pixels it covers are (box average); None without a mask."""
+    if mask is None:
+        return None
+    if mask.size != frame[::-1]:
+        mask = mask.resize(frame[::-1], Image.BOX)
+    return np.asarray(mask) >= 128
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Model input geometry: short side resized to `resize`, centre crop `cropsize` (0 = no crop, square resize)."""
+    """Model input geometry: short side resized to `resize`, centre crop `cropsize` (0 = no crop, square resize);
+    with `resize_width` (only without a crop) the image is resized to resize x resize_width (height x width)."""
 
     resize: int
     cropsize: int
+    resize_width: int | None = None
 
     @property
-    def input_size(self) -> int:
-        return self.cropsize or self.resize
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        if self.cropsize:
+            return self.cropsize, self.cropsize
+        return self.resize, self.resize_width or self.resize
+
+    @property
+    def decode_side(self) -> int:
+        """The side a reduced decode keeps REDUCING_GAP times on its short side: the resize, or the longer
+        side of a height x width resize."""
+        return max(self.resize, self.resize_width or 0)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of a width x height image after `spatial`'s resize: the short side to `resize` and
-        the long one in proportion, rounded down as torchvision's Resize does; resize x resize without a crop."""
+        the long one in proportion, rounded down as torchvision's Resize does; the input size without a crop."""
         if self.cropsize == 0:
-            return self.resize, self.resize
+            return self.input_size[::-1]
         long = int(self.resize * max(width, height) / min(width, height))
         return (self.resize, long) if width <= height else (long, self.resize)
 
@@ -186,7 +217,7 @@ class Geometry:
         """Resize and centre crop. `size`, the (width, height) of the full image when the one given was reduced
         on decoding, makes the resize land on the very size the full image's would (resized_size)."""
         if self.cropsize == 0:
-            return v2.Compose([v2.Resize((self.resize, self.resize), interpolation=interpolation, antialias=True)])
+            return v2.Compose([v2.Resize(self.input_size, interpolation=interpolation, antialias=True)])
         target = self.resize if size is None else self.resized_size(*size)[::-1]
         return v2.Compose(
             [
@@ -196,11 +227,11 @@ class Geometry:
         )
 
     def pixel_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
-        """PIL image -> uint8 (3, S, S) model-input pixels: what an exported graph takes (as (S, S, 3))."""
+        """PIL image -> uint8 (3, H, W) model-input pixels: what an exported graph takes (as (H, W, 3))."""
         return v2.Compose([v2.ToImage(), self.spatial(v2.InterpolationMode.BILINEAR, size)])
 
     def image_transform(self, size: tuple[int, int] | None = None) -> v2.Compose:
-        """PIL image -> the normalised float32 (3, S, S) model input, from the same pixels."""
+        """PIL image -> the normalised float32 (3, H, W) model input, from the same pixels."""
         return v2.Compose(
             [
                 self.pixel_transform(size),
@@ -251,7 +282,7 @@ class ImageDataset(Dataset):
     ):
         self.samples = samples
         self.geometry = geometry
-        self.pixels = pixels  # uint8 (S, S, 3) model-input pixels, for an exported graph, instead of tensors
+        self.pixels = pixels  # uint8 (H, W, 3) model-input pixels, for an exported graph, instead of tensors
         self.max_pixels = max_pixels
         self.image_transform = self.transform()
         self.mask_transform = geometry.mask_transform()
@@ -275,56 +306,69 @@ class ImageDataset(Dataset):
         """The sample's RGB image (reduced when large) and binary mask at the full image's size (None without a
         mask file); raises ImageReadError."""
         sample = self.samples[index]
-        decoded = decode_rgb(sample.path, self.max_pixels, self.geometry.resize)
+        decoded = decode_rgb(sample.path, self.max_pixels, self.geometry.decode_side)
         mask = read_mask(sample.mask_path, decoded.size, self.max_pixels) if sample.mask_path else None
         return decoded, mask
 
     def to_item(self, decoded: Decoded, mask: Image.Image | None, index: int):
-        """Decoded pixels -> (model input tensor, bool mask tensor at the input size, index)."""
+        """Decoded pixels -> (model input tensor, bool mask tensor at the input size, index, the full image's
+        (width, height), the bool mask in the image's evaluation frame or None without a mask file)."""
         transform = self.transform(decoded.size) if decoded.reduced else self.image_transform
         tensor = transform(decoded.image)
         if self.pixels:
             tensor = tensor.permute(1, 2, 0).contiguous()
         if self.augment is not None:
             tensor = self.augment(tensor)
-        size = self.geometry.input_size
         if mask is None:
-            mask_tensor = torch.zeros((size, size), dtype=torch.bool)
+            mask_tensor = torch.zeros(self.geometry.input_size, dtype=torch.bool)
         else:
             mask_tensor = self.mask_transform(mask)[0] > 0
-        return tensor, mask_tensor, index
+        return tensor, mask_tensor, index, decoded.size, frame_mask(mask, evaluation_frame(*decoded.size))
 
 
 @dataclass
 class Batch:
-    """A collated batch: images (B,3,H,W), masks (B,H,W) bool, dataset indices, the failures, and (for
-    datasets that keep them, predict.py's) the original pixels of the readable images in the same order."""
+    """A collated batch: images (B,3,H,W), masks (B,H,W) bool, dataset indices, the failures, each readable
+    image's full (width, height) and its mask in its evaluation frame (None: no mask file), and (for datasets
+    that keep them, predict.py's) the original pixels of the readable images in the same order."""
 
     images: torch.Tensor
     masks: torch.Tensor
     indices: list[int]
     failures: list[tuple[int, str]]
+    sizes: list[tuple[int, int]]
+    frame_masks: list[np.ndarray | None]
     originals: list[np.ndarray] | None = None
 
     def pin_memory(self) -> Batch:
         """The batch with its tensors in page-locked memory: the DataLoader calls this when it pins
         (the backbone on CUDA), so that copies to the GPU overlap the next batch's work."""
-        return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.indices, self.failures, self.originals)
+        return Batch(
+            self.images.pin_memory(),
+            self.masks.pin_memory(),
+            self.indices,
+            self.failures,
+            self.sizes,
+            self.frame_masks,
+            self.originals,
+        )
 
 
 def collate_skipping_failures(items) -> Batch:
     """Stack the readable items; unreadable ones are reported, not fatal. Items of a dataset that keeps
-    the original pixels carry them as a fourth element."""
+    the original pixels carry them as a sixth element."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[1]) for item in items if item[0] is None]
-    originals = [item[3] for item in good] if good and len(good[0]) > 3 else None
+    originals = [item[5] for item in good] if good and len(good[0]) > 5 else None
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.bool), [], failures)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.bool), [], failures, [], [])
     return Batch(
         images=torch.stack([item[0] for item in good]),
         masks=torch.stack([item[1] for item in good]),
         indices=[item[2] for item in good],
         failures=failures,
+        sizes=[item[3] for item in good],
+        frame_masks=[item[4] for item in good],
         originals=originals,
     )
 

@@ -35,11 +35,11 @@ def gaussian_blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tens
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
-def smooth_upsample(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) distances -> (B, size, size): bilinear at the patches' true centres (utils.padim.grid),
-    Gaussian blur sigma 4. The definition of an anomaly map."""
-    ratio = stride_ratio(size, distances.shape[-1])
-    upsampled = resample_centred(distances.unsqueeze(-1), (size, size), ratio)
+def smooth_upsample(distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) distances -> (B, height, width) of `size`: bilinear at the patches' true centres
+    (utils.padim.grid), Gaussian blur sigma 4. The definition of an anomaly map."""
+    ratio = stride_ratio(size[1], distances.shape[-1])
+    upsampled = resample_centred(distances.unsqueeze(-1), size, ratio)
     return gaussian_blur(upsampled.permute(0, 3, 1, 2))[:, 0]
 
 

@@ -71,7 +71,7 @@ def test_odd_but_valid_images_become_rgb_model_inputs(tmp_path, case):
     path = _odd_files(tmp_path)[case]
     image = read_rgb(path)
     assert image.mode == "RGB"
-    tensor, mask, _ = ImageDataset([Sample(path, 0, "good")], Geometry(64, 56))[0]
+    tensor, mask, *_ = ImageDataset([Sample(path, 0, "good")], Geometry(64, 56))[0]
     assert tensor.shape == (3, 56, 56) and torch.isfinite(tensor).all() and not mask.any()
 
 
@@ -328,7 +328,7 @@ from utils.padim.embedding import channel_index
 from utils.padim.model import Padim
 count = int(sys.argv[1])
 extractor, _ = build_extractor("resnet18", "none", torch.device("cpu"))
-model = Padim(extractor, channel_index(448, 100, 0), 16, *[torch.device("cpu")] * 3)
+model = Padim(extractor, channel_index(448, 100, 0), (16, 16), *[torch.device("cpu")] * 3)
 model.fit(torch.randn(250, 3, 16, 16) for _ in range(count // 250))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

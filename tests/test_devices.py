@@ -97,7 +97,7 @@ def saved(trained) -> SavedModel:
     seed = content["training_config"]["seed"]
     extractor, _ = build_extractor(content["backbone"], "none", CPU, seed, content["layers"])
     size = Geometry(content["resize"], content["cropsize"]).input_size
-    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(6, 3, *size, generator=torch.Generator().manual_seed(0))
     return SavedModel(extractor, torch.as_tensor(content["channel_index"]), stats_from_content(content), images)
 
 
@@ -126,7 +126,7 @@ def test_every_device_arrangement_fits_saves_loads_and_scores_on_the_cpu(devices
     the file's tensors, the maps and the scores on the CPU; the Gaussian where the distances are computed;
     only the chosen maps cross from the backbone's device to the Gaussian's."""
     backbone, statistics, distances = devices
-    size = saved.images.shape[-1]
+    size = tuple(saved.images.shape[-2:])
     with fake_cuda:
         model = Padim(ExtractorOn(saved.extractor, backbone), saved.index, size, *devices, images_together=4)
         with CrossingCopies() as fit_copies:
@@ -140,7 +140,7 @@ def test_every_device_arrangement_fits_saves_loads_and_scores_on_the_cpu(devices
     assert all(tensor.device == CPU for tensor in sums)
     assert model.stats.mean.device == distances
     assert all(block.device == distances for block in stats.factor.blocks + model.stats.factor.blocks)
-    assert (maps.device, scores.device, tuple(maps.shape), tuple(scores.shape)) == (CPU, CPU, (6, size, size), (6,))
+    assert (maps.device, scores.device, tuple(maps.shape), tuple(scores.shape)) == (CPU, CPU, (6, *size), (6,))
     if backbone != statistics:
         assert fit_copies.elements[(backbone.type, statistics.type)] == saved.chosen_elements()
     if backbone != distances:
@@ -196,7 +196,14 @@ def test_batches_are_pinned_only_for_a_backbone_on_cuda(texture_root):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA: no CUDA device here")
 def test_batch_pin_memory_pins_every_tensor():
-    batch = Batch(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool), [0, 1], [(2, "unreadable")])
+    batch = Batch(
+        torch.zeros(2, 3, 8, 8),
+        torch.zeros(2, 8, 8, dtype=torch.bool),
+        [0, 1],
+        [(2, "unreadable")],
+        [(8, 8)] * 2,
+        [None, None],
+    )
     pinned = batch.pin_memory()
     assert pinned.images.is_pinned() and pinned.masks.is_pinned()
     assert (pinned.indices, pinned.failures) == (batch.indices, batch.failures)

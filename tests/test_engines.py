@@ -50,14 +50,14 @@ def _relative_gaps(got: list[torch.Tensor], expected: list[torch.Tensor]) -> lis
     ],
 )
 def test_every_backbone_gives_torchs_maps_on_each_engine(backbone: str, runtime: str):
-    """Two input sizes; batches of 2 over 5 images (so a partial last batch of 1): every hooked map within 1e-4
-    relative of eager torch's."""
+    """Two input sizes, one of them height x width (--resize HxW); batches of 2 over 5 images (so a partial last
+    batch of 1): every hooked map within 1e-4 relative of eager torch's."""
     extractor, weights_id = _extractor(backbone)
-    for size in (64, 88):
+    for size in ((64, 64), (48, 96)):
         engine = engine_extractor(extractor, runtime, "fp32", CPU, size, weights_id, seed=0)
         assert isinstance(engine, EngineExtractor) and engine.engine == runtime
         assert (engine.channels, engine.dims, engine.layers) == (extractor.channels, extractor.dims, extractor.layers)
-        images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(size))
+        images = torch.randn(5, 3, *size, generator=torch.Generator().manual_seed(size[1]))
         for batch in images.split(2):
             expected = extractor(batch.contiguous(memory_format=torch.channels_last))
             got = engine(batch)
@@ -166,7 +166,7 @@ def test_two_processes_building_one_entry_at_once_leave_one_sound_entry(tmp_path
 
 def _falls_back(caplog, extractor, weights_id, runtime: str, reason: str) -> None:
     with caplog.at_level(logging.WARNING, logger=engines.__name__):
-        chosen = engine_extractor(extractor, runtime, "fp32", CPU, 64, weights_id, seed=0)
+        chosen = engine_extractor(extractor, runtime, "fp32", CPU, (64, 64), weights_id, seed=0)
     assert chosen is extractor
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and reason in warnings[0].getMessage() and "runs in torch" in warnings[0].getMessage()
@@ -199,10 +199,10 @@ def test_bf16_is_refused_where_it_cannot_run(monkeypatch, tmp_path, texture_root
     extractor, weights_id = _extractor("resnet18")
     for runtime in ("torch", "onnxruntime"):
         with pytest.raises(EngineError, match="--engine openvino|no bfloat16 setting"):
-            engine_extractor(extractor, runtime, "bf16", CPU, 64, weights_id, seed=0)
+            engine_extractor(extractor, runtime, "bf16", CPU, (64, 64), weights_id, seed=0)
     monkeypatch.setattr(engines, "bf16_supported", lambda: False)
     with pytest.raises(EngineError, match="no native bfloat16"):
-        engine_extractor(extractor, "openvino", "bf16", CPU, 64, weights_id, seed=0)
+        engine_extractor(extractor, "openvino", "bf16", CPU, (64, 64), weights_id, seed=0)
     flags = [*CPU_RUN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
     capsys.readouterr()
     assert run_experiment.main([*flags, "--precision", "bf16"]) != 0
@@ -215,9 +215,9 @@ def test_bf16_runs_through_openvino_where_the_cpu_has_it():
     extractor, weights_id = _extractor("efficientnet_lite0")
     if not engines.bf16_supported():
         with pytest.raises(EngineError, match="no native bfloat16"):
-            engine_extractor(extractor, "openvino", "bf16", CPU, 64, weights_id, seed=0)
+            engine_extractor(extractor, "openvino", "bf16", CPU, (64, 64), weights_id, seed=0)
         return
-    engine = engine_extractor(extractor, "openvino", "bf16", CPU, 64, weights_id, seed=0)
+    engine = engine_extractor(extractor, "openvino", "bf16", CPU, (64, 64), weights_id, seed=0)
     assert (engine.engine, engine.precision) == ("openvino", "bf16")
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     gaps = _relative_gaps(engine(images), extractor(images.contiguous(memory_format=torch.channels_last)))

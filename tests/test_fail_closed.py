@@ -149,7 +149,7 @@ def test_flips_in_zip_bookkeeping_are_refused_or_leave_the_model_identical(
     assert refused > 0
 
 
-ODD_ENTRIES = [(key, None) for key in entry_types(MODEL_FORMAT_VERSION) if key != "checksum"] + [
+ODD_ENTRIES = [(key, None) for key in entry_types(MODEL_FORMAT_VERSION) if key not in ("checksum", "resize_width")] + [
     ("layers", [1, 2, 3]),
     ("normalization_mean", ["a", "b", "c"]),
     ("normalization_std", [0.2]),
@@ -162,6 +162,9 @@ ODD_ENTRIES = [(key, None) for key in entry_types(MODEL_FORMAT_VERSION) if key !
     ("precision_factor", ["x"]),
     ("resize", -5),
     ("cropsize", 10**6),
+    ("resize_width", 0),
+    ("resize_width", "512"),
+    ("resize_width", 512),  # a height x width input with the model's centre crop
     ("threshold", -1.0),
     ("threshold", float("inf")),
     ("training_config", {"seed": "x"}),

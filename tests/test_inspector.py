@@ -78,8 +78,9 @@ def _evaluation(has_ground_truth: bool = True) -> tuple[ClassEvaluation, np.ndar
     for i in range(6, 13):
         masks[i, 2:5, 3:6] = True
         maps[i, 2:5, 3:6] += 0.5 * (i % 3)
-    summary = MapSummary(4.0, 8, 0)
-    summary.add(samples, scores, maps, masks, lambda i: np.zeros((8, 8, 3), np.uint8))
+    summary = MapSummary(4.0, (8, 8), 0)
+    frames = list(zip(maps, masks))  # the evaluation frame is the model input here
+    summary.add(samples, scores, maps, masks, lambda i: np.zeros((8, 8, 3), np.uint8), frames)
     return ClassEvaluation("part", samples, scores, summary, 4.0, has_ground_truth), maps, masks
 
 

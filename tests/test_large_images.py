@@ -73,7 +73,7 @@ def test_a_reduced_image_lands_on_the_full_images_grid_and_its_mask_stays_exact(
     decoded = decode_rgb(path, 0, short_side=256)
     assert decoded.reduced and decoded.size == (width, height) and min(decoded.image.size) >= 3 * 256
     dataset = ImageDataset([Sample(path, 1, "dent", mask_path)], geometry, pixels=True, max_pixels=0)
-    pixels, mask_tensor, _ = dataset[0]
+    pixels, mask_tensor, *_ = dataset[0]
     full = geometry.pixel_transform()(read_rgb(path, 0)).permute(1, 2, 0)
     assert pixels.shape == full.shape
     difference = (pixels.float() - full.float()).abs()

@@ -201,7 +201,7 @@ def test_bands_change_nothing_in_fit_or_maps():
         model = Padim(
             extractor,
             channel_index(448, 100, 0),
-            64,
+            (64, 64),
             *[torch.device("cpu")] * 3,
             band_elements=band_elements,
             images_together=together,
@@ -225,7 +225,9 @@ def test_fit_groups_of_any_size_give_the_same_statistics():
     train = torch.randn(14, 3, 64, 64).split([2, 5, 3, 4])
     fitted = []
     for together in (1, 4, 100):
-        model = Padim(extractor, channel_index(448, 100, 0), 64, *[torch.device("cpu")] * 3, images_together=together)
+        model = Padim(
+            extractor, channel_index(448, 100, 0), (64, 64), *[torch.device("cpu")] * 3, images_together=together
+        )
         fitted.append(model.fit(iter(train)))
     for stats in fitted[1:]:
         assert stats.count == fitted[0].count == 14
@@ -245,7 +247,7 @@ def test_scoring_batches_in_groups_changes_no_map():
     model = Padim(
         extractor,
         channel_index(448, 100, 0),
-        64,
+        (64, 64),
         *[torch.device("cpu")] * 3,
         band_elements=TWO_GRID_ROWS,
         images_together=4,
@@ -337,7 +339,7 @@ def test_centred_resampling_of_a_band_equals_both_axes_weights(source, size, rat
 def test_anomaly_map_peak_stays_on_its_patch():
     distances = torch.zeros(1, 8, 8)
     distances[0, 2, 5] = 10.0
-    maps = smooth_upsample(distances, 32)
+    maps = smooth_upsample(distances, (32, 32))
     assert maps.shape == (1, 32, 32)
     assert np.unravel_index(maps[0].argmax().item(), (32, 32)) == (8, 20)
     assert image_scores(maps, distances).item() == pytest.approx(maps.max().item())
@@ -463,7 +465,19 @@ def test_separable_blur_equals_scipy_gaussian_filter(sigma):
     np.testing.assert_allclose(blurred, gaussian_filter(image, sigma=sigma, mode="mirror", truncate=4.0), atol=1e-10)
 
 
-@pytest.mark.parametrize("grid, size", [((8, 8), 32), ((56, 56), 224), ((63, 63), 250), ((6, 9), 36), ((4, 4), 8)])
+@pytest.mark.parametrize(
+    "grid, size",
+    [
+        ((8, 8), (32, 32)),
+        ((56, 56), (224, 224)),
+        ((63, 63), (250, 250)),
+        ((6, 9), (36, 36)),
+        ((4, 4), (8, 8)),
+        ((8, 16), (32, 64)),  # a height x width input (--resize HxW)
+        ((16, 8), (64, 32)),
+        ((5, 9), (20, 36)),
+    ],
+)
 def test_map_operator_equals_the_direct_definition(grid, size):
     distances = torch.rand(3, *grid) * 10
     operator = MapOperator.build(grid, size, torch.device("cpu"))

@@ -98,8 +98,9 @@ def test_exported_graph_scores_equal_torch(name: str, exported, texture_root: Pa
     one, _ = onnx_model_.scorer(_batch(paths[:1], True, onnx_model_).numpy())  # any batch size
     np.testing.assert_allclose(one[0], onnx_maps[0], rtol=0, atol=1e-3 * spread)
     description = json.loads(description_path(graph).read_text())
-    assert description["threshold"] == content["threshold"] and description["input_size"] == (
-        content["cropsize"] or content["resize"]
+    assert (
+        description["threshold"] == content["threshold"]
+        and description["input_size"] == [content["cropsize"] or content["resize"]] * 2
     )
     assert description["source_model_checksum"] == content["checksum"]
     variant = name.startswith("resnet18_variant")
@@ -166,7 +167,7 @@ def _broken_export(kind: str, graph: Path, folder: Path) -> Path:
         description["graph_sha256"] = "0" * 64
         description_path(copy).write_text(json.dumps(description))
     elif kind == "wrong_size":  # sealed to this graph, but its geometry is not the graph's
-        description["input_size"] += 8
+        description["input_size"][1] += 8
         description_path(copy).write_text(json.dumps(description))
     elif kind == "corrupted_graph":  # damaged, then described as it is now: ONNX Runtime refuses it
         data = bytearray(copy.read_bytes())

@@ -79,11 +79,12 @@ def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
 def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
     """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `results.evaluate`."""
     data = synthetic(with_masks, good_only)
-    summary = MapSummary(data.threshold, SIZE, limit)
+    summary = MapSummary(data.threshold, (SIZE, SIZE), limit)
     for start in range(0, len(data.samples), 5):
         rows = slice(start, start + 5)
         display = partial(lambda offset, i: data.images[offset + i], start)
-        summary.add(data.samples[rows], data.scores[rows], data.maps[rows], data.masks[rows], display)
+        frames = list(zip(data.maps[rows], data.masks[rows]))  # the evaluation frame is the model input here
+        summary.add(data.samples[rows], data.scores[rows], data.maps[rows], data.masks[rows], display, frames)
     scored = ScoredSet(data.samples, data.scores, skipped=0, maps=summary)
     return evaluate(scored, data.threshold, "synthetic", has_ground_truth=with_masks)
 
@@ -173,9 +174,10 @@ def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(ba
     for limit, expected in ((3, [1, 3, 2]), (0, []), (-1, [1, 3, 2, 4, 0])):
         summaries, start = [], 0
         for size in batches:
-            summary = MapSummary(4.0, 4, limit)
+            summary = MapSummary(4.0, (4, 4), limit)
             rows = slice(start, start + size)
-            summary.add(samples[rows], scores[rows], maps[rows], np.zeros((size, 4, 4), bool), lambda i: maps[0])
+            masks = np.zeros((size, 4, 4), bool)
+            summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
             summaries.append(summary)
             start += size
         for part in summaries[1:]:

@@ -102,7 +102,7 @@ def test_projection_inverts_torchvision_geometry(height, width, resize, cropsize
     assert float((back - ramp[0])[inside].abs().median()) < 0.05
     new_width, new_height = geometry.resized_size(width, height)
     top, left = geometry.crop_origin(width, height)
-    assert forward.shape == (geometry.input_size, geometry.input_size)
+    assert forward.shape == geometry.input_size
     crop = cropsize or resize
     centres = np.arange(width) + 0.5
     expected_columns = (centres * new_width / width >= left) & (centres * new_width / width < left + crop)
@@ -309,7 +309,7 @@ BROKEN = {
     "truncated": "truncated or damaged",
     "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
-    "before_checksums": "model format version 4, this tool reads versions 5, 6 and 7 "
+    "before_checksums": "model format version 4, this tool reads versions 5 to 7 "
     "(earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",
     "changed_threshold": "damaged (checksum mismatch)",

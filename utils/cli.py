@@ -99,6 +99,19 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def resize_value(text: str) -> int | tuple[int, int]:
+    """A --resize value: `S` (the short side; without a crop, S x S) -> S, or `HxW` (height x width, only
+    without a crop) -> (H, W); every side >= 1."""
+    height, _, width = text.lower().partition("x")
+    try:
+        sides = [int(height)] + ([int(width)] if width else [])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be S or HxW (e.g. 256 or 256x512), got {text}") from None
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"every side must be >= 1, got {text}")
+    return (sides[0], sides[1]) if width else sides[0]
+
+
 def unit_interval(low_inclusive: bool, high_inclusive: bool) -> Callable[[str], float]:
     """A float in [0, 1], (0, 1], [0, 1) or (0, 1) as chosen."""
     bounds = f"{'[' if low_inclusive else '('}0, 1{']' if high_inclusive else ')'}"

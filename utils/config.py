@@ -48,7 +48,8 @@ class ModelConfig:
     """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
     crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice; how
     they are kept (a random subset or a semi-orthogonal projection), the neighbourhood each embedding is
-    averaged over, and the image score (docs/algorithm.md)."""
+    averaged over, and the image score (docs/algorithm.md); `resize_width` (crop 0 only) makes the input
+    resize x resize_width (height x width) instead of square."""
 
     architecture: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()
@@ -60,6 +61,12 @@ class ModelConfig:
     projection: str = PROJECTIONS[0]
     neighbourhood: int = NEIGHBOURHOODS[0]
     image_score: str = IMAGE_SCORES[0]
+    resize_width: int | None = None
+
+    @property
+    def resize_label(self) -> str:
+        """The resize as --resize takes it: `S` or `HxW`."""
+        return f"{self.resize}x{self.resize_width}" if self.resize_width else str(self.resize)
 
     @property
     def default_layers(self) -> bool:
@@ -75,6 +82,7 @@ class ModelConfig:
             "cropsize": self.cropsize,
             "reduced_dim": self.reduced_dim,
             "seed": self.seed,
+            **({"resize_width": self.resize_width} if self.resize_width else {}),
             **self.variant_settings(),
         }
 
@@ -192,7 +200,7 @@ class RunConfig:
         """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
         backbone, resize and crop (and the stages and variant settings when they are not the defaults); with several
         configurations, that default name (plus _dim-<N> for a given reduced_dim) inside the comparison folder."""
-        default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize}_crop-{model.cropsize}"
+        default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize_label}_crop-{model.cropsize}"
         if not model.default_layers:
             default += f"_layers-{'-'.join(model.layers)}"
         default += model.folder_suffix()
@@ -246,7 +254,7 @@ class PredictConfig:
 def model_configs(
     architectures: list[str],
     layer_choices: list[list[str] | None],
-    resizes: list[int],
+    resizes: list[int | tuple[int, int]],
     cropsizes: list[int],
     reduced_dims: list[int | None],
     weights: str = ModelConfig.weights,
@@ -256,13 +264,19 @@ def model_configs(
     image_scores: tuple[str, ...] = (ModelConfig.image_score,),
 ) -> tuple[ModelConfig, ...]:
     """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
-    backbone's order; ValueError names a combination that cannot run (a crop larger than its resize, a
-    stage its backbone lacks); a repeated combination is not a second configuration."""
+    backbone's order; a resize is the short side or (height, width), as utils.cli.resize_value reads it.
+    ValueError names a combination that cannot run (a crop larger than its resize, a height x width resize
+    with a crop, a stage its backbone lacks); a repeated combination is not a second configuration."""
     chosen: list[ModelConfig] = []
     combinations = itertools.product(
         architectures, layer_choices, resizes, cropsizes, reduced_dims, projections, neighbourhoods, image_scores
     )
-    for architecture, layers, resize, cropsize, reduced_dim, projection, neighbourhood, image_score in combinations:
+    for architecture, layers, size, cropsize, reduced_dim, projection, neighbourhood, image_score in combinations:
+        resize, width = size if isinstance(size, tuple) else (size, None)
+        if width is not None and cropsize:
+            raise ValueError(
+                f"--resize {resize}x{width} needs --cropsize 0 (a centre crop is square), got --cropsize {cropsize}"
+            )
         if cropsize > resize:
             raise ValueError(f"--cropsize {cropsize} is larger than --resize {resize}")
         try:
@@ -270,7 +284,17 @@ def model_configs(
         except ValueError as err:
             raise ValueError(f"--layers: {err}") from err
         config = ModelConfig(
-            architecture, stages, weights, resize, cropsize, reduced_dim, seed, projection, neighbourhood, image_score
+            architecture,
+            stages,
+            weights,
+            resize,
+            cropsize,
+            reduced_dim,
+            seed,
+            projection,
+            neighbourhood,
+            image_score,
+            width,
         )
         if config not in chosen:
             chosen.append(config)

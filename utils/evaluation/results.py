@@ -39,6 +39,8 @@ RESULT_COLUMNS = [
     "pr_auc",
     "pixel_roc_auc",
     "pixel_aupro",
+    "n_defect_pixels",
+    "n_good_pixels",
     "f1_max",
     "n_train",
     "n_holdout",
@@ -109,8 +111,11 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     best = metrics.f1_max(labels, scores)
     summary["f1_max"] = best[0] if best else None
     summary["pixel_roc_auc"], summary["pixel_aupro"] = None, None
+    summary["n_defect_pixels"], summary["n_good_pixels"] = None, None
     if has_ground_truth:
-        curves = result.maps.pixel_histogram().curves()
+        pixels = result.maps.pixel_histogram()
+        summary["n_defect_pixels"], summary["n_good_pixels"] = int(pixels.inside.sum()), int(pixels.outside.sum())
+        curves = pixels.curves()
         if curves is None:
             log.warning("%s: pixel metrics undefined: no defect pixels (or no good pixels) in the masks", name)
         else:

@@ -4,7 +4,9 @@ tables and plots read.
 Scoring streams: per test image only its sample and score are kept; of the anomaly maps,
 MapSummary keeps what the metrics and figures need in memory that does not grow with the
 test set (pixel score histograms, a sum of maps per outcome, the value range) plus the few
-images the per-image figures show.
+images the per-image figures show. The pixel histograms are taken in each image's own
+evaluation frame (datasets.images.evaluation_frame), so every configuration of a data set is
+scored on the same pixels; the figures show the maps at the model input.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ class KeptImages:
 class MapSummary:
     """What evaluation keeps of a test set's anomaly maps, folded in batch by batch.
 
-    - pixel histograms (metrics.PixelHistogram, on bins fixed around the threshold): of the good
-      images, of each defect type's images that have masks, and of defect images without one;
+    - pixel histograms (metrics.PixelHistogram, on bins fixed around the threshold) of the maps in the
+      images' evaluation frames: of the good images, of each defect type's images that have masks, and
+      of defect images without one;
     - the sum of the maps per TN/FP/FN/TP, for the mean maps; the lowest and highest map value;
     - per category, the `limit` images furthest from the threshold (ties: the earlier image;
       -1 all, 0 none), and, unless `limit` is 0, the closest calls report.html shows (the
@@ -87,14 +90,14 @@ class MapSummary:
     Summaries of consecutive parts of a test set (ranks of a distributed run) `absorb` each other.
     """
 
-    def __init__(self, threshold: float, size: int, limit: int):
+    def __init__(self, threshold: float, size: tuple[int, int], limit: int):
         self.threshold = threshold
         self.bins = metrics.ScoreBins.around(threshold)
         self.images = 0
         self.good_pixels = metrics.PixelHistogram(self.bins)
         self.defect_pixels: dict[str, metrics.PixelHistogram] = {}
         self.unmasked_pixels = metrics.PixelHistogram(self.bins)
-        self.map_sums = {name: np.zeros((size, size)) for name in CATEGORIES}
+        self.map_sums = {name: np.zeros(size) for name in CATEGORIES}
         self.map_counts = dict.fromkeys(CATEGORIES, 0)
         self.low, self.high = np.inf, -np.inf
         self.furthest = {name: KeptImages(limit) for name in CATEGORIES}  # key: distance from the threshold
@@ -108,11 +111,12 @@ class MapSummary:
         maps: np.ndarray,
         masks: np.ndarray,
         display: Callable[[int], np.ndarray],
+        frames: list[tuple[np.ndarray, np.ndarray]],
     ) -> None:
-        """Fold in a batch: its samples, scores, (B, S, S) maps and masks; display(i) gives the batch's
-        i-th image as uint8 pixels, asked for only for images that may be shown."""
+        """Fold in a batch: its samples, scores, (B, H, W) maps and masks at the model input, and each image's
+        (map, bool mask) in its evaluation frame, which the pixel histograms count; display(i) gives the
+        batch's i-th image as uint8 pixels, asked for only for images that may be shown."""
         self.low, self.high = min(self.low, float(maps.min())), max(self.high, float(maps.max()))
-        rows_of: dict[int, tuple[metrics.PixelHistogram, list[int]]] = {}
         for i, (sample, score) in enumerate(zip(samples, scores)):
             name = category(sample.label, score, self.threshold)
             self.map_sums[name] += maps[i]
@@ -123,7 +127,8 @@ class MapSummary:
                 histogram = self.unmasked_pixels
             else:
                 histogram = self.defect_pixels.setdefault(sample.defect, metrics.PixelHistogram(self.bins))
-            rows_of.setdefault(id(histogram), (histogram, []))[1].append(i)
+            frame_map, frame_mask = frames[i]
+            histogram.add(frame_map[None], frame_mask[None])
             distance, index = abs(float(score) - self.threshold), self.images + i
             closeness = float(score) if sample.label == 0 else -float(score)
             furthest = self.furthest[name].would_keep(distance, index)
@@ -135,8 +140,6 @@ class MapSummary:
                     self.furthest[name].offer(distance, shown)
                 if close:
                     self.closest[sample.label].offer(closeness, shown)
-        for histogram, rows in rows_of.values():
-            histogram.add(maps[rows], masks[rows])
         self.images += len(samples)
 
     def absorb(self, other: MapSummary) -> None:

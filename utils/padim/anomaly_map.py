@@ -48,20 +48,21 @@ class MapOperator:
     cols: torch.Tensor
 
     @classmethod
-    def build(cls, grid: tuple[int, int], size: int, device: torch.device) -> MapOperator:
-        ratio = stride_ratio(size, grid[1])  # one ratio for both axes
-        radius = min(blur_radius(BLUR_SIGMA), size - 1)
+    def build(cls, grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> MapOperator:
+        """The operator from a (h, w) grid of cells to a (height, width) model input."""
+        ratio = stride_ratio(size[1], grid[1])  # one ratio for both axes
+        radius = min(blur_radius(BLUR_SIGMA), min(size) - 1)  # one kernel for both axes
         kernel = gaussian_taps(radius, BLUR_SIGMA, torch.float64, torch.device("cpu")).view(1, 1, -1)
 
-        def axis(cells: int) -> torch.Tensor:
-            upsampling = centred_weights(size, cells, ratio, torch.float64, torch.device("cpu"))  # (size, cells)
+        def axis(length: int, cells: int) -> torch.Tensor:
+            upsampling = centred_weights(length, cells, ratio, torch.float64, torch.device("cpu"))  # (length, cells)
             padded = F.pad(upsampling.T.unsqueeze(1), (radius, radius), mode="reflect")
             return F.conv1d(padded, kernel)[:, 0].T.to(device, torch.float32).contiguous()
 
-        return cls(axis(grid[0]), axis(grid[1]))
+        return cls(axis(size[0], grid[0]), axis(size[1], grid[1]))
 
     def __call__(self, distances: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) distances -> (B, size, size) anomaly maps."""
+        """(B, h, w) distances -> (B, height, width) anomaly maps."""
         return self.rows @ distances @ self.cols.T
 
 
@@ -92,18 +93,29 @@ def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> t
     return linear_weights(position - 0.5, size) * inside.unsqueeze(1)
 
 
-def to_original_resolution(amap: torch.Tensor, height: int, width: int, geometry: Geometry) -> torch.Tensor:
-    """(S, S) map at the model input -> (height, width) map of the original image.
+def to_original_resolution(
+    amap: torch.Tensor,
+    height: int,
+    width: int,
+    geometry: Geometry,
+    outside: float = 0.0,
+    frame: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """(H, W) map at the model input -> (height, width) map of the original image, or the map in `frame`,
+    a (rows, columns) grid laid evenly over the whole image (a reduced evaluation frame).
 
     Bilinear between pixel centres inside the box the model saw (Geometry's resize and crop);
-    0 outside it (the centre crop cut those pixels away, so they were never scored).
+    `outside` elsewhere (the centre crop cut those pixels away, so they were never scored).
     """
     new_width, new_height = geometry.resized_size(width, height)
     top, left = geometry.crop_origin(width, height)
-    size = amap.shape[-1]
-    rows = interpolation_matrix(height, new_height / height, top, size).to(amap.dtype)
-    columns = interpolation_matrix(width, new_width / width, left, size).to(amap.dtype)
-    return rows @ amap @ columns.T
+    frame_height, frame_width = frame or (height, width)
+    rows = interpolation_matrix(frame_height, new_height / frame_height, top, amap.shape[-2]).to(amap.dtype)
+    columns = interpolation_matrix(frame_width, new_width / frame_width, left, amap.shape[-1]).to(amap.dtype)
+    projected = rows @ amap @ columns.T
+    if outside:
+        projected += outside * (1 - rows.sum(1, keepdim=True) * columns.sum(1))
+    return projected
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ def engine_extractor(
     wanted: str,
     precision: str,
     device: torch.device,
-    input_size: int | tuple[int, int],
+    input_size: tuple[int, int],
     weights_id: str,
     seed: int,
     workers: int = 0,
@@ -271,7 +271,7 @@ def engine_extractor(
     """The extractor to run: `extractor` itself for torch, else its trunk on the chosen engine, checked
     against torch. An engine that cannot run here falls back to torch with one warning line; bf16 that
     the CPU or the engine cannot do is refused (EngineError), never silently run in float32."""
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    size = tuple(input_size)
     engine = chosen_engine(wanted, extractor.spec.name, device)
     if engine == "torch":
         if precision == "bf16":

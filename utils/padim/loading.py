@@ -112,9 +112,15 @@ def check_content(content: dict, path: Path) -> None:
         and np.allclose(content["normalization_std"], IMAGENET_STD)
     ):
         raise LoadError(f"{path}: normalisation other than ImageNet mean/std is not supported")
-    resize, cropsize = content["resize"], content["cropsize"]
-    if not (isinstance(resize, int) and isinstance(cropsize, int) and resize >= 1 and 0 <= cropsize <= resize):
-        raise LoadError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r}")
+    resize, cropsize, width = content["resize"], content["cropsize"], content["resize_width"]
+    if not (
+        isinstance(resize, int)
+        and isinstance(cropsize, int)
+        and resize >= 1
+        and 0 <= cropsize <= resize
+        and (width is None or (width >= 1 and cropsize == 0))
+    ):
+        raise LoadError(f"{path}: invalid resize {resize!r} / cropsize {cropsize!r} / resize_width {width!r}")
     index = torch.as_tensor(content["channel_index"])
     if index.numel() == 0 or int(index.min()) < 0:
         raise LoadError(f"{path}: channel index is empty or negative")
@@ -162,7 +168,7 @@ def build(
             f"the backbone weights here ({weights_id}) are not those the model was trained with "
             f"({content['weights_id']})"
         )
-    geometry = Geometry(content["resize"], content["cropsize"])
+    geometry = Geometry(content["resize"], content["cropsize"], content["resize_width"])
     index = torch.as_tensor(content["channel_index"], dtype=torch.long)
     if int(index.max()) >= extractor.dims:
         raise LoadError(
@@ -198,14 +204,14 @@ def build(
     )
     padim.use(stats_from_content(content))
     log.info(
-        "model %s: class %s, backbone %s (%s) on %s (%s), resize %d, crop %d, threshold %.4f from %s",
+        "model %s: class %s, backbone %s (%s) on %s (%s), input %dx%d, crop %d, threshold %.4f from %s",
         path,
         content["class_name"],
         content["backbone"],
         weights_id,
         backbone.engine,
         backbone.precision,
-        geometry.resize,
+        *geometry.input_size,
         geometry.cropsize,
         content["threshold"],
         content["threshold_provenance"].get("source", "?"),
@@ -219,16 +225,16 @@ def build_graph(path: Path, description: dict, device: torch.device, engine: str
     (read_description)."""
     scorer = GraphScorer(path, description, device, graph_engine(path, engine), engine_threads(workers))
     log.info(
-        "graph %s: class %s, backbone %s, resize %d, crop %d, threshold %.4f (%s: %s)",
+        "graph %s: class %s, backbone %s, input %dx%d, crop %d, threshold %.4f (%s: %s)",
         path,
         description["class_name"],
         description["backbone"],
-        description["resize"],
+        *description["input_size"],
         description["cropsize"],
         description["threshold"],
         scorer.engine,
         ", ".join(scorer.providers),
     )
-    geometry = Geometry(description["resize"], description["cropsize"])
+    geometry = Geometry(description["resize"], description["cropsize"], description["resize_width"])
     identity = {"graph_sha256": description["graph_sha256"], "engine": scorer.engine}
     return LoadedModel(scorer, geometry, float(description["threshold"]), identity)

@@ -80,7 +80,7 @@ class Padim:
         self,
         extractor: FeatureExtractor,
         index: torch.Tensor,
-        input_size: int,
+        input_size: tuple[int, int],
         device: torch.device,
         stats_device: torch.device,
         mahalanobis_device: torch.device,
@@ -209,7 +209,7 @@ class Padim:
         self.map_operator = MapOperator.build(stats.grid, self.input_size, device)
 
     def anomaly_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(maps (B, S, S), scores (B,)) on the CPU, S = model input size."""
+        """(maps (B, H, W), scores (B,)) on the CPU, (H, W) = model input size."""
         [(_, maps, scores)] = self.stream_anomaly_maps([(None, images)])
         return maps, scores
 

@@ -6,8 +6,9 @@ Since version 6 it also holds what update.py needs to add images exactly (the su
 was formed from, the images the threshold was set on) and the history of such updates; files of
 version 5 load and score as before, but cannot be updated. Since version 7 the training config may
 name a variant embedding or score (projection, neighbourhood, image_score; absent: the defaults, as
-in every earlier file), and a semi-orthogonal projection's matrix is stored (`projection_matrix`),
-so that scoring never depends on regenerating it.
+in every earlier file), a semi-orthogonal projection's matrix is stored (`projection_matrix`), so
+that scoring never depends on regenerating it, and `resize_width` gives a height x width input
+(VARIANT_DEFAULTS: what files of versions 5 and 6 load with).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from utils.runtime.output_files import atomic_write
 MODEL_FORMAT = "padim-suite-model"
 MODEL_FORMAT_VERSION = 7
 UPDATABLE_SINCE = 6  # version 5 files hold no sums: they score, but cannot be updated
+VARIANTS_SINCE = 7  # earlier files load with VARIANT_DEFAULTS
 READABLE_VERSIONS = (5, 6, 7)  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
@@ -65,6 +67,10 @@ UPDATE_ENTRY_TYPES = {  # since version 6: what an exact update needs, and the u
 }
 PROJECTION_ENTRY = "projection_matrix"  # since version 7, with a semi-orthogonal projection only: W (D, k) float32
 VARIANT_KEYS = ("projection", "neighbourhood", "image_score")  # in training_config when not the defaults
+VARIANT_ENTRY_TYPES = {  # since version 7: the model's variant settings
+    "resize_width": (int, type(None)),  # the width of a height x width input (None: square or short side)
+}
+VARIANT_DEFAULTS = {"resize_width": None}  # what a file before version 7 was fitted with
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
@@ -74,7 +80,11 @@ class ModelFileError(Exception):
 
 def entry_types(version: int) -> dict:
     """The entries (and their types) a file of `version` holds."""
-    return ENTRY_TYPES | (UPDATE_ENTRY_TYPES if version >= UPDATABLE_SINCE else {})
+    return (
+        ENTRY_TYPES
+        | (UPDATE_ENTRY_TYPES if version >= UPDATABLE_SINCE else {})
+        | (VARIANT_ENTRY_TYPES if version >= VARIANTS_SINCE else {})
+    )
 
 
 def required_keys(version: int) -> set[str]:
@@ -347,8 +357,7 @@ def load_model(path: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ModelFileError(
             f"{path}: model format version {version!r}, this tool reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS[:-1]))} and {READABLE_VERSIONS[-1]} (earlier files carry no "
-            "checksum); retrain it with "
+            f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]} (earlier files carry no checksum); retrain it with "
             "run_experiment.py --save_distribution"
         )
     try:
@@ -369,4 +378,4 @@ def load_model(path: Path) -> dict:
         raise ModelFileError(f"{path}: malformed model file, unexpected types of {', '.join(mistyped)}")
     if not (math.isfinite(content["threshold"]) and content["threshold"] > 0):
         raise ModelFileError(f"{path}: threshold {content['threshold']!r} is not a positive finite number")
-    return content
+    return content if version >= VARIANTS_SINCE else {**VARIANT_DEFAULTS, **content}

@@ -1,7 +1,7 @@
 """A trained model as one portable ONNX graph, its description file, and scoring it with ONNX Runtime.
 
-The graph takes uint8 RGB images (N, S, S, 3) already resized and cropped to the model input
-size S, and returns `anomaly_map` (N, S, S) and `score` (N,): normalisation, the backbone up
+The graph takes uint8 RGB images (N, H, W, 3) already resized and cropped to the model input
+size H x W, and returns `anomaly_map` (N, H, W) and `score` (N,): normalisation, the backbone up
 to its last hooked stage, the channel choice (or projection), the centre-aligned resampling,
 the neighbourhood mean, Mahalanobis with the stored factor, the up-sampling and blur, and the
 model's image score, exactly as utils.padim.model computes them. The description
@@ -34,7 +34,8 @@ from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write, file_sha256
 
 ONNX_FORMAT = "padim-suite-onnx"
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2
+READABLE_DESCRIPTION_VERSIONS = (1, 2)  # version 1: square inputs only, `input_size` one number
 # protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in `<graph>.data`
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 INPUT_NAME = "images"
@@ -46,7 +47,7 @@ class OnnxModelError(Exception):
 
 
 class PadimGraph(nn.Module):
-    """utils.padim.model's scoring of uint8 (N, S, S, 3) images, as one module that exports to ONNX."""
+    """utils.padim.model's scoring of uint8 (N, H, W, 3) images, as one module that exports to ONNX."""
 
     def __init__(self, padim: Padim):
         super().__init__()
@@ -109,8 +110,7 @@ def export_graph(padim: Padim, graph_path: Path, opset: int) -> Path | None:
     """Write the graph (batch size dynamic); its weights go to `<graph>.data` when they exceed
     EXTERNAL_DATA_BYTES. Returns the external-data path, or None."""
     graph = PadimGraph(padim).eval()
-    size = padim.input_size
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    example = torch.zeros(2, *padim.input_size, 3, dtype=torch.uint8)
     weight_bytes = sum(t.numel() * t.element_size() for t in (*graph.parameters(), *graph.buffers()))
     external = weight_bytes > EXTERNAL_DATA_BYTES
     with quiet_exporter():
@@ -147,7 +147,7 @@ def export_openvino_graph(padim: Padim, xml_path: Path, opset: int) -> Path:
 
 
 def write_description(
-    graph_path: Path, data_path: Path | None, content: dict, source: Path, input_size: int, opset: int
+    graph_path: Path, data_path: Path | None, content: dict, source: Path, input_size: tuple[int, int], opset: int
 ) -> Path:
     """model.json beside the graph: the geometry to prepare images with, the threshold to decide with, and
     where the model came from (`content`: the source model file's); read back by read_description."""
@@ -162,12 +162,13 @@ def write_description(
         "input": {
             "name": INPUT_NAME,
             "dtype": "uint8",
-            "shape": ["N", input_size, input_size, 3],
+            "shape": ["N", *input_size, 3],
             "layout": "NHWC, RGB",
         },
-        "outputs": {OUTPUT_NAMES[0]: ["N", input_size, input_size], OUTPUT_NAMES[1]: ["N"]},
+        "outputs": {OUTPUT_NAMES[0]: ["N", *input_size], OUTPUT_NAMES[1]: ["N"]},
         "preprocessing": "decode to 8-bit RGB; resize the short side to `resize` (bilinear, antialiased), then "
-        "centre-crop `cropsize`; cropsize 0: resize to resize x resize",
+        "centre-crop `cropsize`; cropsize 0: resize to resize x resize, or to resize x resize_width (height x "
+        "width) when resize_width is set",
         "decision": "anomalous when score > threshold",
         **model_variant(content),
         "backbone": content["backbone"],
@@ -175,7 +176,8 @@ def write_description(
         "weights_id": content["weights_id"],
         "resize": content["resize"],
         "cropsize": content["cropsize"],
-        "input_size": input_size,
+        "resize_width": content["resize_width"],
+        "input_size": list(input_size),
         "threshold": content["threshold"],
         "threshold_provenance": content["threshold_provenance"],
         "class_name": content["class_name"],
@@ -202,11 +204,14 @@ def read_description(graph_path: Path) -> dict:
         raise OnnxModelError(f"{json_path}: not a readable description ({err})") from err
     if not isinstance(description, dict) or description.get("format") != ONNX_FORMAT:
         raise OnnxModelError(f"{json_path}: not a {ONNX_FORMAT} description")
-    if description.get("format_version") != ONNX_FORMAT_VERSION:
+    version = description.get("format_version")
+    if version not in READABLE_DESCRIPTION_VERSIONS:
         raise OnnxModelError(
-            f"{json_path}: description version {description.get('format_version')}, this tool reads "
-            f"{ONNX_FORMAT_VERSION}; export the model again"
+            f"{json_path}: description version {version}, this tool reads "
+            f"{' and '.join(map(str, READABLE_DESCRIPTION_VERSIONS))}; export the model again"
         )
+    if version == 1:  # a square input, its side one number
+        description = {**description, "resize_width": None, "input_size": [description.get("input_size")] * 2}
     if description.get("graph") != graph_path.name or description.get("graph_sha256") != file_sha256(graph_path):
         raise OnnxModelError(f"{json_path}: does not describe {graph_path.name} (graph name or checksum differ)")
     data = description.get("external_data")
@@ -251,18 +256,18 @@ class GraphScorer:
         if (
             [name for name, _, _ in inputs] != [INPUT_NAME]
             or inputs[0][1] != "uint8"
-            or list(inputs[0][2][1:]) != [size, size, 3]
+            or list(inputs[0][2][1:]) != [*size, 3]
             or tuple(outputs) != OUTPUT_NAMES
         ):
             raise OnnxModelError(f"{graph_path}: the graph's inputs or outputs do not match its description")
         self.run = run
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, S, S, 3) -> (anomaly maps (N, S, S), scores (N,)), float32."""
+        """uint8 (N, H, W, 3) -> (anomaly maps (N, H, W), scores (N,)), float32."""
         return self.run(images)
 
     def stream_anomaly_maps(self, batches):
-        """(key, maps, scores) for every (key, uint8 images (N, S, S, 3)) batch, as torch tensors."""
+        """(key, maps, scores) for every (key, uint8 images (N, H, W, 3)) batch, as torch tensors."""
         for key, images in batches:
             maps, scores = self(np.ascontiguousarray(images.numpy()))
             yield key, torch.from_numpy(maps), torch.from_numpy(scores)
