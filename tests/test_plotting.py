@@ -202,9 +202,10 @@ def test_closest_calls_get_figures_beside_the_furthest_whatever_the_batches(batc
     ):
         summaries, start = [], 0
         for size in batches:
-            summary = MapSummary(4.0, 4, limit)
+            summary = MapSummary(4.0, (4, 4), limit)
             rows = slice(start, start + size)
-            summary.add(samples[rows], scores[rows], maps[rows], np.zeros((size, 4, 4), bool), lambda i: maps[0])
+            masks = np.zeros((size, 4, 4), bool)
+            summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
             summaries.append(summary)
             start += size
         for part in summaries[1:]:
