@@ -469,6 +469,8 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
             "resize": model.resize,
             "cropsize": model.cropsize,
             "reduced_dim": configuration.reduced_dim,
+            "covariance": model.covariance,
+            "epsilon": model.epsilon,
         }
         parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])
     return pd.concat(parts, ignore_index=True)

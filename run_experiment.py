@@ -13,9 +13,18 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, run_main, unit_interval
+from utils.cli import (
+    StrictParser,
+    add_allow_tf32,
+    add_engine_flags,
+    at_least,
+    non_negative_float,
+    run_main,
+    unit_interval,
+)
 from utils.config import (
     COMPARISON_SUFFIX,
+    COVARIANCES,
     DeviceConfig,
     FitConfig,
     Flips,
@@ -128,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
         "capped at the hooked stages' channels)",
     )
     parser.add_argument(
+        "--covariance",
+        nargs="+",
+        choices=COVARIANCES,
+        default=[ModelConfig.covariance],
+        help="per-position covariance: empirical (unbiased, PaDiM's), ledoit_wolf or oas (maximum likelihood "
+        "shrunk towards a multiple of the identity, as scikit-learn's LedoitWolf / OAS); several run side by side",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=non_negative_float,
+        nargs="+",
+        default=[ModelConfig.epsilon],
+        help="added to every covariance's diagonal; 0 with empirical fails (covariance not positive definite) "
+        "when a class has fewer fit images than dimensions or a constant channel",
+    )
+    parser.add_argument(
         "--distribute",
         choices=["jobs", "images"],
         default=RunConfig.distribute,
@@ -233,6 +258,8 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
             args.reduced_dim or [None],
             args.weights,
             args.seed,
+            args.covariance,
+            args.epsilon,
         )
     except ValueError as err:
         parser.error(str(err))

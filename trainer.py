@@ -91,7 +91,16 @@ def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[s
     size, the devices."""
     index = channel_index(extractor.dims, extractor.reduced_dim(model.reduced_dim), model.seed)
     input_size = Geometry(model.resize, model.cropsize).input_size
-    return Padim(extractor, index, input_size, devices["backbone"], devices["stats"], devices["mahalanobis"])
+    return Padim(
+        extractor,
+        index,
+        input_size,
+        devices["backbone"],
+        devices["stats"],
+        devices["mahalanobis"],
+        covariance=model.covariance,
+        epsilon=model.epsilon,
+    )
 
 
 def class_loader(
@@ -131,6 +140,7 @@ def model_identity(
             "reduced_dim": int(index.numel()),
             "channel_index": index.tolist(),
             "seed": model.seed,
+            **model.gaussian_settings(),
             **fit.settings(),
             **({"precision": precision} if precision != "fp32" else {}),
         },

@@ -24,6 +24,7 @@ from utils.padim.backbone_specs import BACKBONES, hooked_layers
 
 COMPARISON_SUFFIX = "comparison"
 DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
+COVARIANCES = ("empirical", "ledoit_wolf", "oas")  # per-position covariance estimators (utils.padim.gaussian)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Flips:
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
-    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice."""
+    crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice; the
+    covariance estimator (COVARIANCES) and the epsilon added to its diagonal."""
 
     architecture: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()
@@ -50,6 +52,8 @@ class ModelConfig:
     cropsize: int = 256
     reduced_dim: int | None = None
     seed: int = 1024
+    covariance: str = "empirical"
+    epsilon: float = 0.01  # the paper's
 
     @property
     def default_layers(self) -> bool:
@@ -65,7 +69,24 @@ class ModelConfig:
             "cropsize": self.cropsize,
             "reduced_dim": self.reduced_dim,
             "seed": self.seed,
+            **self.gaussian_settings(),
         }
+
+    def gaussian_settings(self) -> dict:
+        """The covariance estimator and epsilon where they differ from the defaults: a run or model file of
+        the defaults keeps the identity it had before these settings existed."""
+        defaults = ModelConfig()
+        return {
+            key: value
+            for key, value in (("covariance", self.covariance), ("epsilon", self.epsilon))
+            if value != getattr(defaults, key)
+        }
+
+    def folder_suffix(self) -> str:
+        """What a results folder's default name gains for non-default Gaussian settings (_cov-oas, _eps-0.001)."""
+        settings = self.gaussian_settings()
+        suffix = f"_cov-{settings['covariance']}" if "covariance" in settings else ""
+        return suffix + (f"_eps-{settings['epsilon']:g}" if "epsilon" in settings else "")
 
 
 def cores_here() -> int:
@@ -169,11 +190,13 @@ class RunConfig:
 
     def results_folder(self, model: ModelConfig) -> Path:
         """A configuration's folder: <base_results_dir>/<results_subdir>, by default named after the layout,
-        backbone, resize and crop (and the stages when they are not the backbone's default); with several
+        backbone, resize and crop (and the stages when they are not the backbone's default, the covariance and
+        epsilon when they are not the defaults: ModelConfig.folder_suffix); with several
         configurations, that default name (plus _dim-<N> for a given reduced_dim) inside the comparison folder."""
         default = f"{self.fit.layout}_{model.architecture}_resize-{model.resize}_crop-{model.cropsize}"
         if not model.default_layers:
             default += f"_layers-{'-'.join(model.layers)}"
+        default += model.folder_suffix()
         parent = self.comparison_folder()
         if parent is None:
             return self.base_results_dir / (self.results_subdir or default)
@@ -194,13 +217,15 @@ def model_configs(
     reduced_dims: list[int | None],
     weights: str = ModelConfig.weights,
     seed: int = ModelConfig.seed,
+    covariances: list[str] = (ModelConfig.covariance,),
+    epsilons: list[float] = (ModelConfig.epsilon,),
 ) -> tuple[ModelConfig, ...]:
     """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
     backbone's order; ValueError names a combination that cannot run (a crop larger than its resize, a
     stage its backbone lacks); a repeated combination is not a second configuration."""
     chosen: list[ModelConfig] = []
-    for architecture, layers, resize, cropsize, reduced_dim in itertools.product(
-        architectures, layer_choices, resizes, cropsizes, reduced_dims
+    for architecture, layers, resize, cropsize, reduced_dim, covariance, epsilon in itertools.product(
+        architectures, layer_choices, resizes, cropsizes, reduced_dims, covariances, epsilons
     ):
         if cropsize > resize:
             raise ValueError(f"--cropsize {cropsize} is larger than --resize {resize}")
@@ -208,7 +233,7 @@ def model_configs(
             stages = tuple(hooked_layers(BACKBONES[architecture], layers))
         except ValueError as err:
             raise ValueError(f"--layers: {err}") from err
-        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed)
+        config = ModelConfig(architecture, stages, weights, resize, cropsize, reduced_dim, seed, covariance, epsilon)
         if config not in chosen:
             chosen.append(config)
     return tuple(chosen)

@@ -16,7 +16,13 @@ from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import WeightsError, build_extractor, weights_digest
 from utils.padim.engines import EngineError, engine_extractor, engine_threads
 from utils.padim.model import Padim
-from utils.padim.model_file import MODEL_FILENAME, ModelFileError, load_model, stats_from_content
+from utils.padim.model_file import (
+    MODEL_FILENAME,
+    ModelFileError,
+    covariance_settings,
+    load_model,
+    stats_from_content,
+)
 from utils.padim.onnx_graph import GraphScorer, graph_engine
 
 log = logging.getLogger("padim.predict")
@@ -110,6 +116,7 @@ def check_content(content: dict, path: Path) -> None:
         raise LoadError(f"{path}: channel index is empty or negative")
     try:
         stats_from_content(content)
+        covariance_settings(content)
     except ModelFileError as err:
         raise LoadError(f"{path}: {err}") from err
     if content["weights_id"] == "none" and not isinstance(content["training_config"].get("seed"), int):
@@ -166,7 +173,18 @@ def build(
             precision,
         )
     backbone = engine_extractor(extractor, engine, precision, device, geometry.input_size, weights_id, seed, workers)
-    padim = Padim(backbone, index, geometry.input_size, device, torch.device("cpu"), device, images_together=batch_size)
+    covariance, epsilon = covariance_settings(content)
+    padim = Padim(
+        backbone,
+        index,
+        geometry.input_size,
+        device,
+        torch.device("cpu"),
+        device,
+        images_together=batch_size,
+        covariance=covariance,
+        epsilon=epsilon,
+    )
     padim.use(stats_from_content(content))
     log.info(
         "model %s: class %s, backbone %s (%s) on %s (%s), resize %d, crop %d, threshold %.4f from %s",

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from utils.config import ModelConfig
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import FeatureExtractor
 from utils.padim.embedding import chosen_channels, embedding_bands, split_channel_index
@@ -69,7 +70,8 @@ class GaussianStats:
 
 
 class Padim:
-    """Fit a Gaussian per patch position on good images; score images by Mahalanobis distance."""
+    """Fit a Gaussian per patch position on good images; score images by Mahalanobis distance. The
+    covariance estimator and epsilon (ModelConfig's) say how each position's covariance is formed."""
 
     def __init__(
         self,
@@ -81,6 +83,8 @@ class Padim:
         mahalanobis_device: torch.device,
         band_elements: int | None = BAND_ELEMENTS,
         images_together: int = GROUP_IMAGES,
+        covariance: str = ModelConfig.covariance,
+        epsilon: float = ModelConfig.epsilon,
     ):
         self.extractor = extractor
         self.index = index
@@ -91,6 +95,8 @@ class Padim:
         self.mahalanobis_device = mahalanobis_device
         self.band_elements = band_elements
         self.images_together = images_together
+        self.covariance = covariance
+        self.epsilon = epsilon
         self.stats: GaussianStats | None = None
         self.map_operator: MapOperator | None = None
 
@@ -172,7 +178,7 @@ class Padim:
         if accumulator is None:
             raise ValueError("no readable training images")
         sums = accumulator.sums() if keep_sums else None
-        mean, covariance = accumulator.finalize()
+        mean, covariance = accumulator.finalize(self.covariance, self.epsilon)
         self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count, sums))
         return self.stats
 

@@ -4,7 +4,9 @@ and sealed with a sha256 of its content so that a damaged copy is refused, never
 Everything predict.py needs to score an image lives here, so it never needs the training data.
 Since version 6 it also holds what update.py needs to add images exactly (the sums the Gaussian
 was formed from, the images the threshold was set on) and the history of such updates; files of
-version 5 load and score as before, but cannot be updated.
+version 5 load and score as before, but cannot be updated. Since version 7 the sums include the
+fourth moments Ledoit-Wolf needs, and training_config names a covariance estimator and epsilon
+other than the defaults; a version 6 file is an empirical model with the default epsilon.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import torch
 
 from datasets.images import Sample
 from utils.cli import first_line
+from utils.config import COVARIANCES, ModelConfig
 from utils.padim.gaussian import GaussianSums
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 6
+MODEL_FORMAT_VERSION = 7
 UPDATABLE_SINCE = 6  # version 5 files hold no sums: they score, but cannot be updated
-READABLE_VERSIONS = (5, 6)  # files of earlier versions hold no checksum, cannot be verified and are refused
+READABLE_VERSIONS = (5, 6, 7)  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
     "backbone": str,
@@ -58,6 +61,10 @@ UPDATE_ENTRY_TYPES = {  # since version 6: what an exact update needs, and the u
     "sums_second": list,
     "threshold_images": list,
     "updates": list,
+}
+FOURTH_MOMENT_ENTRY_TYPES = {  # since version 7, absent from models updated from version 6 files: Ledoit-Wolf's sums
+    "sums_third": torch.Tensor,
+    "sums_fourth": torch.Tensor,
 }
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
@@ -89,6 +96,7 @@ def stats_content(stats: GaussianStats) -> dict:
     if stats.sums is None:
         raise ValueError("the statistics carry no sums (fit with keep_sums) and could never be updated")
     sums = stats.sums.to("cpu")
+    fourth_moments = {"sums_third": sums.third, "sums_fourth": sums.fourth} if sums.fourth is not None else {}
     return {
         "mean": stats.mean.cpu(),
         "precision_factor": stats.factor.to("cpu").blocks,
@@ -97,6 +105,7 @@ def stats_content(stats: GaussianStats) -> dict:
         "sums_shift": sums.shift,
         "sums_first": sums.first,
         "sums_second": sums.second.blocks,
+        **fourth_moments,
     }
 
 
@@ -133,6 +142,23 @@ def stats_from_content(content: dict) -> GaussianStats:
     return stats
 
 
+def covariance_settings(content: dict) -> tuple[str, float]:
+    """(covariance estimator, epsilon) the model was fitted with: training_config's, the defaults where it
+    names none (files before version 7, or fitted with the defaults). ModelFileError for unknown ones."""
+    config = content["training_config"]
+    covariance = config.get("covariance", ModelConfig.covariance)
+    epsilon = config.get("epsilon", ModelConfig.epsilon)
+    if covariance not in COVARIANCES:
+        raise ModelFileError(f"unknown covariance estimator {covariance!r} (known: {', '.join(COVARIANCES)})")
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not (math.isfinite(epsilon) and epsilon >= 0)
+    ):
+        raise ModelFileError(f"epsilon {epsilon!r} is not a finite number >= 0")
+    return covariance, float(epsilon)
+
+
 def require_updatable(content: dict, path: Path) -> None:
     """ModelFileError (one line) for a model that holds no sums to add images to."""
     version = content.get("format_version")
@@ -165,7 +191,17 @@ def sums_from_content(content: dict) -> GaussianSums:
         and count > 0
     ):
         raise ModelFileError(f"the stored sums do not match the statistics ({positions} positions, {dims} channels)")
-    sums = GaussianSums(count, shift, first, TriangularBlocks(list(second), lower=False))
+    third, fourth = content.get("sums_third"), content.get("sums_fourth")
+    if (third is None) != (fourth is None) or not (
+        third is None
+        or (
+            third.dtype == fourth.dtype == torch.float64
+            and tuple(third.shape) == (positions, dims)
+            and tuple(fourth.shape) == (positions,)
+        )
+    ):
+        raise ModelFileError(f"the stored fourth moments do not match the statistics ({positions} positions)")
+    sums = GaussianSums(count, shift, first, TriangularBlocks(list(second), lower=False), third, fourth)
     if not sums.is_finite():
         raise ModelFileError("the stored sums hold a non-finite number")
     return sums
@@ -316,9 +352,10 @@ def load_model(path: Path) -> dict:
     missing = required_keys(version) - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
+    optional = {key: kind for key, kind in FOURTH_MOMENT_ENTRY_TYPES.items() if key in content}
     mistyped = sorted(
         key
-        for key, kind in entry_types(version).items()
+        for key, kind in (entry_types(version) | optional).items()
         if not isinstance(content[key], kind) or isinstance(content[key], bool)
     )
     if mistyped:

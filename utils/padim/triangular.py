@@ -73,6 +73,37 @@ class TriangularBlocks:
     def to(self, *args, **kwargs) -> TriangularBlocks:
         return TriangularBlocks([block.to(*args, **kwargs) for block in self.blocks], self.lower)
 
+    def diagonal(self) -> torch.Tensor:
+        """(P, D): the matrices' diagonals."""
+        return torch.cat(
+            [
+                block[:, :, : stop - start].diagonal(dim1=1, dim2=2)
+                for (start, stop), block in zip(self.spans, self.blocks)
+            ],
+            dim=1,
+        )
+
+    def symmetric_times(self, vectors: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """(P, D): S v for the symmetric matrices S whose upper blocks these are, in the vectors' dtype
+        (float64: each chunk of `chunk` positions of the blocks is converted, never the whole)."""
+        result = torch.zeros_like(vectors)
+        for start in range(0, vectors.shape[0], chunk):
+            rows, v = slice(start, start + chunk), vectors[start : start + chunk].unsqueeze(2)
+            for (first, stop), block in zip(self.spans, self.blocks):
+                part = block[rows].to(vectors.dtype)  # (p, stop - first, D - first); its square part is whole
+                result[rows, first:stop] += torch.bmm(part, v[:, first:])[:, :, 0]
+                result[rows, stop:] += torch.bmm(part[:, :, stop - first :].transpose(1, 2), v[:, first:stop])[:, :, 0]
+        return result
+
+    def symmetric_frobenius_squared(self) -> torch.Tensor:
+        """(P,) float64: |S|_F^2 of the symmetric matrices whose upper blocks these are (the off-diagonal
+        part of a block counts twice)."""
+        total = torch.zeros(self.blocks[0].shape[0], dtype=torch.float64, device=self.blocks[0].device)
+        for (start, stop), block in zip(self.spans, self.blocks):
+            total += torch.linalg.vector_norm(block[:, :, : stop - start], dim=(1, 2)).double().square()
+            total += 2 * torch.linalg.vector_norm(block[:, :, stop - start :], dim=(1, 2)).double().square()
+        return total
+
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(P, D, D) with the blocks in place and zeros elsewhere."""
         first = self.blocks[0]
