@@ -165,14 +165,17 @@ class GaussianAccumulator:
                 self.shift[positions] = x.mean(dim=1, keepdim=True)
             centred = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (P, B, D) rows, as the products read them
             torch.sub(x, self.shift[positions], out=centred)
-            self.sum[positions] += centred.sum(dim=1)
             for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
                 block[positions].baddbmm_(centred[..., first:stop].transpose(1, 2), centred[..., first:])
-            if self.third is not None:
-                wide = centred.double()
-                squares = wide.square().sum(dim=2, keepdim=True)  # (P, B, 1)
-                self.third[positions] += torch.bmm(squares.transpose(1, 2), wide)[:, 0]
-                self.fourth[positions] += squares.square().sum(dim=(1, 2))
+            if self.third is None:
+                self.sum[positions] += centred.sum(dim=1)
+            else:  # sum y and sum |y|^2 y in one product (one read of the group); the group's part in float32
+                squares = torch.linalg.vector_norm(centred, dim=2, keepdim=True).square_()  # (P, B, 1)
+                weights = torch.cat([torch.ones_like(squares), squares], dim=2).transpose(1, 2)  # (P, 2, B)
+                first_and_third = torch.bmm(weights, centred)
+                self.sum[positions] += first_and_third[:, 0]
+                self.third[positions] += first_and_third[:, 1]
+                self.fourth[positions] += squares.double().square().sum(dim=(1, 2))
             covered += x.shape[0]
         if covered != self.sum.shape[0]:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")

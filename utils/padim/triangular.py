@@ -83,17 +83,15 @@ class TriangularBlocks:
             dim=1,
         )
 
-    def symmetric_times(self, vectors: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """(P, D): S v for the symmetric matrices S whose upper blocks these are, in the vectors' dtype
-        (float64: each chunk of `chunk` positions of the blocks is converted, never the whole)."""
-        result = torch.zeros_like(vectors)
-        for start in range(0, vectors.shape[0], chunk):
-            rows, v = slice(start, start + chunk), vectors[start : start + chunk].unsqueeze(2)
-            for (first, stop), block in zip(self.spans, self.blocks):
-                part = block[rows].to(vectors.dtype)  # (p, stop - first, D - first); its square part is whole
-                result[rows, first:stop] += torch.bmm(part, v[:, first:])[:, :, 0]
-                result[rows, stop:] += torch.bmm(part[:, :, stop - first :].transpose(1, 2), v[:, first:stop])[:, :, 0]
-        return result
+    def symmetric_times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(P, D): S v for the symmetric matrices S whose upper blocks these are (a block's square part is
+        whole), multiplied in the blocks' dtype, returned in the vectors'."""
+        v = vectors.to(self.blocks[0].dtype).unsqueeze(1)  # row vectors: the products read the blocks in order
+        result = torch.zeros_like(v)
+        for (first, stop), block in zip(self.spans, self.blocks):
+            result[:, :, first:stop] += torch.bmm(v[:, :, first:], block.transpose(1, 2))
+            result[:, :, stop:] += torch.bmm(v[:, :, first:stop], block[:, :, stop - first :])
+        return result[:, 0].to(vectors.dtype)
 
     def symmetric_frobenius_squared(self) -> torch.Tensor:
         """(P,) float64: |S|_F^2 of the symmetric matrices whose upper blocks these are (the off-diagonal
