@@ -306,7 +306,7 @@ BROKEN = {
     "truncated": "truncated or damaged",
     "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
-    "before_checksums": "model format version 4, this tool reads versions 5 and 6 "
+    "before_checksums": "model format version 4, this tool reads versions 5, 6 and 7 "
     "(earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",
     "changed_threshold": "damaged (checksum mismatch)",

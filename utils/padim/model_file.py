@@ -340,7 +340,8 @@ def load_model(path: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ModelFileError(
             f"{path}: model format version {version!r}, this tool reads versions "
-            f"{' and '.join(map(str, READABLE_VERSIONS))} (earlier files carry no checksum); retrain it with "
+            f"{', '.join(map(str, READABLE_VERSIONS[:-1]))} and {READABLE_VERSIONS[-1]} (earlier files carry no "
+            "checksum); retrain it with "
             "run_experiment.py --save_distribution"
         )
     try:
