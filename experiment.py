@@ -470,6 +470,8 @@ def comparison_table(configurations: list[Configuration], tables: list[pd.DataFr
             "projection": model.projection,
             "neighbourhood": model.neighbourhood,
             "image_score": model.image_score,
+            "covariance": model.covariance,
+            "epsilon": model.epsilon,
         }
         parts.append(table.assign(**settings)[[*settings, *RESULT_COLUMNS]])
     return pd.concat(parts, ignore_index=True)

@@ -13,9 +13,19 @@ import sys
 from pathlib import Path
 
 from datasets import DATASET_LAYOUTS
-from utils.cli import StrictParser, add_allow_tf32, add_engine_flags, at_least, resize_value, run_main, unit_interval
+from utils.cli import (
+    StrictParser,
+    add_allow_tf32,
+    add_engine_flags,
+    at_least,
+    non_negative_float,
+    resize_value,
+    run_main,
+    unit_interval,
+)
 from utils.config import (
     COMPARISON_SUFFIX,
+    COVARIANCES,
     IMAGE_SCORES,
     NEIGHBOURHOODS,
     PROJECTIONS,
@@ -158,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
         "of the raw Mahalanobis grid; grid_top_k_mean, the mean of the grid's 9 highest cells",
     )
     parser.add_argument(
+        "--covariance",
+        nargs="+",
+        choices=COVARIANCES,
+        default=[ModelConfig.covariance],
+        help="per-position covariance: empirical (unbiased, PaDiM's), ledoit_wolf or oas (maximum likelihood "
+        "shrunk towards a multiple of the identity, as scikit-learn's LedoitWolf / OAS); several run side by side",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=non_negative_float,
+        nargs="+",
+        default=[ModelConfig.epsilon],
+        help="added to every covariance's diagonal; 0 with empirical fails (covariance not positive definite) "
+        "when a class has fewer fit images than dimensions or a constant channel",
+    )
+    parser.add_argument(
         "--distribute",
         choices=["jobs", "images"],
         default=RunConfig.distribute,
@@ -267,6 +293,8 @@ def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Run
             tuple(args.projection),
             tuple(args.neighbourhood),
             tuple(args.image_score),
+            tuple(args.covariance),
+            tuple(args.epsilon),
         )
     except ValueError as err:
         parser.error(str(err))

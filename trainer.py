@@ -107,7 +107,8 @@ def geometry_of(model: ModelConfig) -> Geometry:
 
 def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[str, torch.device]) -> Padim:
     """The untrained model of a configuration: the seeded channel subset of the extractor's dims (or all of them
-    and the seeded semi-orthogonal projection), the neighbourhood, the image score, the input size, the devices."""
+    and the seeded semi-orthogonal projection), the neighbourhood, the image score, the covariance estimator and
+    epsilon, the input size, the devices."""
     reduced_dim = extractor.reduced_dim(model.reduced_dim)
     if model.projection == "semi_orthogonal":
         index = torch.arange(extractor.dims)
@@ -124,6 +125,8 @@ def build_model(extractor: FeatureExtractor, model: ModelConfig, devices: dict[s
         projection=projection,
         neighbourhood=model.neighbourhood,
         image_score=model.image_score,
+        covariance=model.covariance,
+        epsilon=model.epsilon,
     )
 
 

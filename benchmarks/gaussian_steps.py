@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.bench import synchronize
 from utils.cli import at_least
+from utils.config import COVARIANCES, ModelConfig
 from utils.padim.backbones import pick_device
 from utils.padim.embedding import embedding_bands
 from utils.padim.gaussian import GaussianAccumulator, band_positions, mahalanobis, precision_factor_
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=at_least(1), default=32, help="images per batch")
     parser.add_argument("--fit_batches", type=at_least(1), default=22, help="batches accumulated")
     parser.add_argument("--score_batches", type=at_least(1), default=22, help="batches scored")
+    parser.add_argument(
+        "--covariance", choices=COVARIANCES, default=ModelConfig.covariance, help="the covariance estimator finalised"
+    )
     parser.add_argument("--repeat", type=at_least(1), default=3, help="runs; the median of each column is printed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the statistics live")
     parser.add_argument(
@@ -58,7 +62,7 @@ def time_steps(embedding: torch.Tensor, args: argparse.Namespace, device: torch.
     accumulator = GaussianAccumulator(args.dims, args.grid * args.grid, device)
     for group in image_groups(batches(args.fit_batches), GROUP_IMAGES):
         accumulator.update(embedding_bands(group, BAND_ELEMENTS))
-    mean, covariance = accumulator.finalize()
+    mean, covariance = accumulator.finalize(args.covariance)
     synchronize(device)
     fitted = time.perf_counter()
     factor = precision_factor_(covariance)
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     runs["total_s"] = runs.sum(axis=1)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, maps from {backbone_device.type}, "
-        f"statistics on {device.type}, {args.dims} dims, "
+        f"statistics on {device.type}, {args.dims} dims, {args.covariance} covariance, "
         f"{args.grid}x{args.grid} grid, batch {args.batch_size}, {args.fit_batches} fit / {args.score_batches} "
         f"scoring batches, median of {args.repeat} (each run: {', '.join(f'{v:.3f}' for v in runs.total_s)} s)"
     )

@@ -168,11 +168,15 @@ ODD_ENTRIES = [(key, None) for key in entry_types(MODEL_FORMAT_VERSION) if key n
     ("threshold", -1.0),
     ("threshold", float("inf")),
     ("training_config", {"seed": "x"}),
+    ("training_config", {"seed": 1024, "covariance": "shrunk"}),
+    ("training_config", {"seed": 1024, "epsilon": -1.0}),
+    ("sums_fourth", "x"),
     ("n_train", True),
 ]
 
 
 FAST_ODD_ENTRIES = {"backbone=None", "grid=[0, -1]", "precision_factor=['x']", "threshold=inf", "n_train=True"}
+FAST_ODD_ENTRIES |= {"training_config={'seed': 1024, 'covarian", "sums_fourth='x'"}
 ODD_ENTRY_CASES = [
     pytest.param(key, value, id=name, marks=() if name in FAST_ODD_ENTRIES else pytest.mark.slow)
     for key, value, name in ((key, value, f"{key}={value!r}"[:40]) for key, value in ODD_ENTRIES)

@@ -14,12 +14,13 @@ from sklearn.metrics import roc_auc_score
 
 from tests.helpers import row_bands, symmetric_matrices, synthetic_features
 from tests.reference import blocks_from_dense, gaussian_blur, precision_factor_reference, smooth_upsample
+from utils.config import ModelConfig
 from utils.evaluation import metrics
 from utils.padim import fast_paths, gaussian, triangular
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import build_extractor
 from utils.padim.embedding import channel_index, chosen_channels, embedding_bands, split_channel_index
-from utils.padim.gaussian import COVARIANCE_EPSILON, GaussianAccumulator, mahalanobis, precision_factor_
+from utils.padim.gaussian import GaussianAccumulator, mahalanobis, precision_factor_
 from utils.padim.grid import linear_weights, resample_centred, stride_ratio
 from utils.padim.model import Padim, image_groups
 from utils.padim.model_file import ModelFileError, stats_from_content
@@ -44,7 +45,7 @@ def test_streaming_statistics_equal_numpy_cov(batches, rows):
     cov = symmetric_matrices(blocks)
     flat = x.astype(np.float64).reshape(150, 12, 6).transpose(0, 2, 1)
     for p in range(12):
-        expected_cov = np.cov(flat[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
+        expected_cov = np.cov(flat[:, :, p], rowvar=False) + ModelConfig.epsilon * np.eye(6)
         np.testing.assert_allclose(mean[p].numpy(), flat[:, :, p].mean(0), rtol=1e-5)
         np.testing.assert_allclose(cov[p].numpy(), expected_cov, rtol=1e-4, atol=1e-5)
 
@@ -60,7 +61,7 @@ def test_wide_streaming_statistics_equal_numpy_cov():
     cov = symmetric_matrices(blocks, torch.float64).numpy()
     for p in range(2):
         samples = x[:, 0, p].astype(np.float64)
-        expected = np.cov(samples, rowvar=False) + COVARIANCE_EPSILON * np.eye(300)
+        expected = np.cov(samples, rowvar=False) + ModelConfig.epsilon * np.eye(300)
         np.testing.assert_allclose(mean[p].numpy(), samples.mean(0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(cov[p], expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
@@ -83,7 +84,7 @@ def test_single_image_covariance_is_epsilon_identity():
     acc.update(row_bands(synthetic_features(n=1), 3))
     _, cov = acc.finalize()
     np.testing.assert_allclose(
-        symmetric_matrices(cov).numpy(), np.broadcast_to(COVARIANCE_EPSILON * np.eye(6), (12, 6, 6)), atol=1e-7
+        symmetric_matrices(cov).numpy(), np.broadcast_to(ModelConfig.epsilon * np.eye(6), (12, 6, 6)), atol=1e-7
     )
 
 
@@ -98,7 +99,7 @@ def test_batched_mahalanobis_equals_scipy_float64():
     for b in range(5):
         for p in range(12):
             mu = flat_train[:, :, p].mean(0)
-            s = np.cov(flat_train[:, :, p], rowvar=False) + COVARIANCE_EPSILON * np.eye(6)
+            s = np.cov(flat_train[:, :, p], rowvar=False) + ModelConfig.epsilon * np.eye(6)
             np.testing.assert_allclose(covariance64[p], s, rtol=1e-4, atol=1e-5)
             expected = scipy_mahalanobis(test[b, p // 4, p % 4].astype(np.float64), mu, np.linalg.inv(s))
             assert abs(distances[b, p // 4, p % 4] - expected) / expected < 1e-3
@@ -147,7 +148,7 @@ def test_factor_in_three_blocks_whitens_like_float64():
     rng = np.random.default_rng(3)
     samples = rng.normal(size=(4, 900, 401)) * np.geomspace(0.05, 20, 401)  # channels of very different scales
     centred = samples - samples.mean(axis=1, keepdims=True)
-    covariance = centred.transpose(0, 2, 1) @ centred / 899 + COVARIANCE_EPSILON * np.eye(401)
+    covariance = centred.transpose(0, 2, 1) @ centred / 899 + ModelConfig.epsilon * np.eye(401)
     blocks = blocks_from_dense(torch.from_numpy(covariance).float(), lower=False)
     memory = {block.data_ptr() for block in blocks.blocks}
     factor = precision_factor_(blocks)
@@ -170,7 +171,7 @@ def test_precision_factor_equals_float64_inverse_cholesky(positions, dims, monke
     monkeypatch.setattr(gaussian, "FACTOR_CHUNK_MATRICES", 3)
     rng = np.random.default_rng(dims)
     samples = rng.normal(size=(positions, dims + 40, dims)) * np.geomspace(0.1, 10, dims)
-    covariance = samples.transpose(0, 2, 1) @ samples / (dims + 40) + COVARIANCE_EPSILON * np.eye(dims)
+    covariance = samples.transpose(0, 2, 1) @ samples / (dims + 40) + ModelConfig.epsilon * np.eye(dims)
     single = torch.from_numpy(covariance).float()
     factor = precision_factor_(blocks_from_dense(single, lower=False))
     expected = np.linalg.inv(np.linalg.cholesky(covariance))

@@ -135,6 +135,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message for a one-line report: its first line, whitespace runs squeezed
     (libraries go on with detail or advice on later lines); the exception's type if it says nothing."""

@@ -27,8 +27,15 @@ COMPARISON_SUFFIX = "comparison"
 PROJECTIONS = ("random", "semi_orthogonal")  # how the embedding's channels are chosen (docs/algorithm.md)
 NEIGHBOURHOODS = (1, 3)  # side of the square of grid cells each embedding is averaged over
 IMAGE_SCORES = ("map_max", "grid_max", "grid_top_k_mean")  # what an image's score is (utils.padim.anomaly_map)
-VARIANT_FOLDER_TAGS = {"projection": "proj", "neighbourhood": "nbhd", "image_score": "score"}
+VARIANT_FOLDER_TAGS = {  # the variant settings and their tags in a results folder's name
+    "projection": "proj",
+    "neighbourhood": "nbhd",
+    "image_score": "score",
+    "covariance": "cov",
+    "epsilon": "eps",
+}
 DEFAULT_OPSET = 18  # the ONNX opset export.py writes unless told otherwise
+COVARIANCES = ("empirical", "ledoit_wolf", "oas")  # per-position covariance estimators (utils.padim.gaussian)
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,9 @@ class ModelConfig:
     """What the model is: backbone, hooked stages, weights ('imagenet', 'none' or a path), resize and
     crop (0: no crop), channels kept (None: the backbone's default) and the seed of their choice; how
     they are kept (a random subset or a semi-orthogonal projection), the neighbourhood each embedding is
-    averaged over, and the image score (docs/algorithm.md); `resize_width` (crop 0 only) makes the input
-    resize x resize_width (height x width) instead of square."""
+    averaged over, the image score, the covariance estimator (COVARIANCES) and the epsilon added to its
+    diagonal (docs/algorithm.md); `resize_width` (crop 0 only) makes the input resize x resize_width
+    (height x width) instead of square."""
 
     architecture: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()
@@ -62,6 +70,8 @@ class ModelConfig:
     neighbourhood: int = NEIGHBOURHOODS[0]
     image_score: str = IMAGE_SCORES[0]
     resize_width: int | None = None
+    covariance: str = COVARIANCES[0]
+    epsilon: float = 0.01  # the paper's
 
     @property
     def resize_label(self) -> str:
@@ -87,14 +97,18 @@ class ModelConfig:
         }
 
     def variant_settings(self) -> dict:
-        """The embedding and score settings that differ from today's defaults: only those join the identity,
-        so that results folders and model files of the defaults keep theirs."""
+        """The embedding, score and Gaussian settings that differ from today's defaults: only those join the
+        identity, so that results folders and model files of the defaults keep theirs."""
         defaults = ModelConfig()
         return {key: getattr(self, key) for key in VARIANT_FOLDER_TAGS if getattr(self, key) != getattr(defaults, key)}
 
     def folder_suffix(self) -> str:
-        """`_<tag>-<value>` for every non-default variant setting, so that no two configurations share a folder."""
-        return "".join(f"_{VARIANT_FOLDER_TAGS[key]}-{value}" for key, value in self.variant_settings().items())
+        """`_<tag>-<value>` for every non-default variant setting (_cov-oas, _eps-0.001), so that no two
+        configurations share a folder."""
+        return "".join(
+            f"_{VARIANT_FOLDER_TAGS[key]}-{value:g}" if isinstance(value, float) else f"_{VARIANT_FOLDER_TAGS[key]}-{value}"
+            for key, value in self.variant_settings().items()
+        )
 
 
 def cores_here() -> int:
@@ -262,6 +276,8 @@ def model_configs(
     projections: tuple[str, ...] = (ModelConfig.projection,),
     neighbourhoods: tuple[int, ...] = (ModelConfig.neighbourhood,),
     image_scores: tuple[str, ...] = (ModelConfig.image_score,),
+    covariances: tuple[str, ...] = (ModelConfig.covariance,),
+    epsilons: tuple[float, ...] = (ModelConfig.epsilon,),
 ) -> tuple[ModelConfig, ...]:
     """The cartesian product of the multi-valued settings, each a ModelConfig with the stages in the
     backbone's order; a resize is the short side or (height, width), as utils.cli.resize_value reads it.
@@ -269,9 +285,29 @@ def model_configs(
     with a crop, a stage its backbone lacks); a repeated combination is not a second configuration."""
     chosen: list[ModelConfig] = []
     combinations = itertools.product(
-        architectures, layer_choices, resizes, cropsizes, reduced_dims, projections, neighbourhoods, image_scores
+        architectures,
+        layer_choices,
+        resizes,
+        cropsizes,
+        reduced_dims,
+        projections,
+        neighbourhoods,
+        image_scores,
+        covariances,
+        epsilons,
     )
-    for architecture, layers, size, cropsize, reduced_dim, projection, neighbourhood, image_score in combinations:
+    for (
+        architecture,
+        layers,
+        size,
+        cropsize,
+        reduced_dim,
+        projection,
+        neighbourhood,
+        image_score,
+        covariance,
+        epsilon,
+    ) in combinations:
         resize, width = size if isinstance(size, tuple) else (size, None)
         if width is not None and cropsize:
             raise ValueError(
@@ -295,6 +331,8 @@ def model_configs(
             neighbourhood,
             image_score,
             width,
+            covariance,
+            epsilon,
         )
         if config not in chosen:
             chosen.append(config)

@@ -5,6 +5,9 @@ For every position p of the embedding grid (P = H*W of them), over the N trainin
     mu_p = mean(x),  S_p = cov(x) + epsilon I,  S_p = L_p L_p^T,  W_p = L_p^-1,
     d_p(x) = sqrt((x - mu_p)^T S_p^-1 (x - mu_p)) = |W_p (x - mu_p)|
 
+cov(x) is the unbiased covariance ('empirical', PaDiM's), or the maximum-likelihood one shrunk towards
+a multiple of I by Ledoit-Wolf's or OAS's rule (scikit-learn's estimators), all from streamed sums.
+
 All positions at once, with batched linear algebra; never a Python loop over patches. The
 symmetric S and the triangular W are stored as row blocks of their triangles
 (utils.padim.triangular).
@@ -19,10 +22,10 @@ from typing import Any, Protocol
 
 import torch
 
+from utils.config import COVARIANCES, ModelConfig
 from utils.padim.fast_paths import cholesky_ex, chunk_workers
 from utils.padim.triangular import TriangularBlocks
 
-COVARIANCE_EPSILON = 0.01  # the paper's
 CHUNK_ELEMENTS = 2**22  # bounds Mahalanobis' temporaries
 # matrices per chunk of the factorisation: a worker's temporaries stay cache-sized (tuning)
 FACTOR_CHUNK_ELEMENTS = 2**21
@@ -52,22 +55,85 @@ def band_positions(top: int, band: torch.Tensor) -> slice:
     return slice(top * width, (top + band.shape[1]) * width)
 
 
+def shifted_fourth_moments(
+    count: int,
+    first: torch.Tensor,
+    second_times_c: torch.Tensor,
+    second_trace: torch.Tensor,
+    third: torch.Tensor,
+    fourth: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum |y - c|^2 (y - c) (P, D), sum |y - c|^4 (P,)) from sums over the same y (float64).
+
+    The sums over y: n, S1 = sum y, S2 c (S2 = sum y y^T), tr S2 = sum |y|^2, third = sum |y|^2 y, fourth
+    = sum |y|^4. With |y - c|^2 = |y|^2 - 2 y.c + |c|^2, its square and its product with y - c sum to
+    terms in those alone: this is how the sums move to another shift (c = new - old) and how
+    Ledoit-Wolf's sum |x - mean|^4 is read (c = mean - shift), never holding the embeddings.
+    """
+    r = c.square().sum(dim=1)
+    first_c = (first * c).sum(dim=1)
+    c_second_c = (second_times_c * c).sum(dim=1)
+    new_fourth = (
+        fourth
+        - 4 * (third * c).sum(dim=1)
+        + 4 * c_second_c
+        + 2 * r * second_trace
+        - 4 * r * first_c
+        + count * r.square()
+    )
+    new_third = (
+        third - 2 * second_times_c + r.unsqueeze(1) * first - c * (second_trace - 2 * first_c + count * r).unsqueeze(1)
+    )
+    return new_third, new_fourth
+
+
+def ledoit_wolf_shrinkage(
+    count: int, dims: int, trace: torch.Tensor, frobenius_squared: torch.Tensor, fourth: torch.Tensor
+) -> torch.Tensor:
+    """Ledoit & Wolf's (2004) shrinkage (P,) of the maximum-likelihood covariances S, as scikit-learn's
+    ledoit_wolf_shrinkage computes it: from tr S, |S|_F^2 and sum_k |x_k - mean|^4 per position."""
+    beta = (fourth / count - frobenius_squared) / (dims * count)
+    delta = (frobenius_squared - trace.square() / dims) / dims
+    beta = torch.minimum(beta, delta)
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    return torch.where(delta == 0, torch.zeros_like(beta), beta / safe).clamp(0.0, 1.0)
+
+
+def oas_shrinkage(count: int, dims: int, trace: torch.Tensor, frobenius_squared: torch.Tensor) -> torch.Tensor:
+    """Chen et al.'s (2010) Oracle Approximating Shrinkage (P,) of the maximum-likelihood covariances S,
+    as scikit-learn's OAS computes it: from tr S and |S|_F^2 alone."""
+    alpha = frobenius_squared / dims**2
+    mu_squared = (trace / dims).square()
+    numerator = alpha + mu_squared
+    denominator = (count + 1) * (alpha - mu_squared / dims)
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.ones_like(numerator), (numerator / safe).clamp(max=1.0))
+
+
 @dataclass
 class GaussianSums:
     """What adds up over images, kept in the model file so that images can be added exactly later:
     the image count, the shift (P, D) the sums are taken around, the first moments (P, D, float64) and
-    the upper blocks of the second moments (float32), both of x - shift."""
+    the upper blocks of the second moments (float32), all of y = x - shift; and (None in models saved
+    before they were kept) sum |y|^2 y (P, D) and sum |y|^4 (P,) in float64, what Ledoit-Wolf needs."""
 
     count: int
     shift: torch.Tensor
     first: torch.Tensor
     second: TriangularBlocks
+    third: torch.Tensor | None = None
+    fourth: torch.Tensor | None = None
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in (self.shift, self.first, *self.second.blocks))
+        extra = [t for t in (self.third, self.fourth) if t is not None]
+        return all(bool(torch.isfinite(t).all()) for t in (self.shift, self.first, *self.second.blocks, *extra))
 
     def to(self, device: torch.device | str) -> GaussianSums:
-        return GaussianSums(self.count, self.shift.to(device), self.first.to(device), self.second.to(device))
+        third, fourth = (None if t is None else t.to(device) for t in (self.third, self.fourth))
+        return GaussianSums(
+            self.count, self.shift.to(device), self.first.to(device), self.second.to(device), third, fourth
+        )
 
 
 class GaussianAccumulator:
@@ -75,7 +141,9 @@ class GaussianAccumulator:
 
     Sums are taken around a shift (the first group's mean), so that the float32 second-moment
     sum does not cancel catastrophically when the covariance is formed; the first moments are
-    summed in float64. Only the upper blocks of the symmetric second moments are kept.
+    summed in float64. Only the upper blocks of the symmetric second moments are kept. Beside
+    them, sum |y|^2 y and sum |y|^4 in float64 (O(P D), what Ledoit-Wolf needs); None when the
+    accumulator goes on from sums saved without them.
     """
 
     def __init__(self, dims: int, positions: int, device: torch.device):
@@ -83,6 +151,8 @@ class GaussianAccumulator:
         self.shift = torch.zeros(positions, 1, dims, dtype=torch.float32, device=device)
         self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)
         self.outer = TriangularBlocks.zeros(positions, dims, lower=False, dtype=torch.float32, device=device)
+        self.third: torch.Tensor | None = torch.zeros(positions, dims, dtype=torch.float64, device=device)
+        self.fourth: torch.Tensor | None = torch.zeros(positions, dtype=torch.float64, device=device)
 
     def update(self, bands: Iterable[tuple[int, torch.Tensor]]) -> None:
         """Fold a group of images in, given as bands of grid rows (first row, (B, rows, W, D)) that cover the grid."""
@@ -95,9 +165,17 @@ class GaussianAccumulator:
                 self.shift[positions] = x.mean(dim=1, keepdim=True)
             centred = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (P, B, D) rows, as the products read them
             torch.sub(x, self.shift[positions], out=centred)
-            self.sum[positions] += centred.sum(dim=1)
             for (first, stop), block in zip(self.outer.spans, self.outer.blocks):
                 block[positions].baddbmm_(centred[..., first:stop].transpose(1, 2), centred[..., first:])
+            if self.third is None:
+                self.sum[positions] += centred.sum(dim=1)
+            else:  # sum y and sum |y|^2 y in one product (one read of the group); the group's part in float32
+                squares = torch.linalg.vector_norm(centred, dim=2, keepdim=True).square_()  # (P, B, 1)
+                weights = torch.cat([torch.ones_like(squares), squares], dim=2).transpose(1, 2)  # (P, 2, B)
+                first_and_third = torch.bmm(weights, centred)
+                self.sum[positions] += first_and_third[:, 0]
+                self.third[positions] += first_and_third[:, 1]
+                self.fourth[positions] += squares.double().square().sum(dim=(1, 2))
             covered += x.shape[0]
         if covered != self.sum.shape[0]:
             raise ValueError(f"the bands covered {covered} of {self.sum.shape[0]} grid positions")
@@ -113,26 +191,47 @@ class GaussianAccumulator:
         accumulator.shift.copy_(sums.shift.unsqueeze(1))
         accumulator.sum.copy_(sums.first)
         accumulator.outer = sums.second.to(device=device, dtype=torch.float32, copy=True)
+        if sums.third is None or sums.fourth is None:
+            accumulator.third = accumulator.fourth = None
+        else:
+            accumulator.third.copy_(sums.third)
+            accumulator.fourth.copy_(sums.fourth)
         return accumulator
 
     def sums(self) -> GaussianSums:
         """A copy of the sums (finalize consumes them), for the model file."""
-        return GaussianSums(
-            self.count, self.shift[:, 0, :].clone(), self.sum.clone(), self.outer.to(dtype=torch.float32, copy=True)
-        )
+        third, fourth = (None if t is None else t.clone() for t in (self.third, self.fourth))
+        outer = self.outer.to(dtype=torch.float32, copy=True)
+        return GaussianSums(self.count, self.shift[:, 0, :].clone(), self.sum.clone(), outer, third, fourth)
 
     def moments(self) -> list[torch.Tensor]:
-        """The sums that add up over disjoint sets of images (first moments, upper blocks of the second)."""
-        return [self.sum, *self.outer.blocks]
+        """The sums that add up over disjoint sets of images (first moments, upper blocks of the second,
+        the sums Ledoit-Wolf needs when kept)."""
+        extra = [t for t in (self.third, self.fourth) if t is not None]
+        return [self.sum, *self.outer.blocks, *extra]
+
+    def shifted_fourth_moments(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum |y - c|^2 (y - c), sum |y - c|^4) of this accumulator's y = x - shift (c: (P, D) float64)."""
+        if self.third is None or self.fourth is None:
+            raise ValueError(
+                "the sums hold no fourth moments (a model saved before they were kept): Ledoit-Wolf needs them; "
+                "refit the model with run_experiment.py --save_distribution"
+            )
+        second_times_c = self.outer.symmetric_times(c)
+        second_trace = self.outer.diagonal().double().sum(dim=1)
+        return shifted_fourth_moments(self.count, self.sum, second_times_c, second_trace, self.third, self.fourth, c)
 
     def recentre(self, shift: torch.Tensor) -> None:
         """Re-express the sums around another shift (P, 1, D), so that sums of several accumulators
         (one per process) can be added.
 
         With y = x - a around the old shift a and delta = a - b: sum(x - b) = S1 + n delta and
-        sum (x - b)(x - b)^T = S2 + v delta^T + delta v^T, where v = S1 + (n / 2) delta.
+        sum (x - b)(x - b)^T = S2 + v delta^T + delta v^T, where v = S1 + (n / 2) delta; the fourth
+        moments by shifted_fourth_moments with c = -delta (before S1 and S2 move).
         """
         delta = (self.shift - shift)[:, 0, :].double()
+        if self.third is not None:
+            self.third, self.fourth = self.shifted_fourth_moments(-delta)
         v = (self.sum + delta * (self.count / 2)).float().unsqueeze(2)
         delta_column = delta.float().unsqueeze(2)
         for (start, stop), block in zip(self.outer.spans, self.outer.blocks):
@@ -171,28 +270,53 @@ class GaussianAccumulator:
         accumulator.count = sum(count for count, _ in counts)
         return accumulator, grid
 
-    def finalize(self, epsilon: float = COVARIANCE_EPSILON) -> tuple[torch.Tensor, TriangularBlocks]:
-        """(mean (P, D), covariance as upper blocks): unbiased, plus epsilon * I; the buffers are reused in place."""
+    def finalize(
+        self, covariance: str = ModelConfig.covariance, epsilon: float = ModelConfig.epsilon
+    ) -> tuple[torch.Tensor, TriangularBlocks]:
+        """(mean (P, D), covariance as upper blocks) plus epsilon * I; the buffers are reused in place.
+
+        'empirical': the unbiased covariance (PaDiM's); 'ledoit_wolf', 'oas': the maximum-likelihood
+        covariance S shrunk to (1 - s) S + s tr(S)/D I with scikit-learn's LedoitWolf / OAS shrinkage s.
+        """
         if self.count == 0:
             raise ValueError("no training embeddings were accumulated")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"unknown covariance {covariance!r} (known: {', '.join(COVARIANCES)})")
         centred_mean = self.sum / self.count
         mean = (centred_mean + self.shift[:, 0, :].double()).float()
-        covariance, m = self.outer, centred_mean.float().unsqueeze(2)
-        for (start, stop), block in zip(covariance.spans, covariance.blocks):
+        fourth = self.shifted_fourth_moments(centred_mean)[1] if covariance == "ledoit_wolf" else None
+        result, m = self.outer, centred_mean.float().unsqueeze(2)
+        divisor = self.count - 1 if covariance == "empirical" else self.count
+        for (start, stop), block in zip(result.spans, result.blocks):
             if self.count > 1:
                 block.baddbmm_(m[:, start:stop], m[:, start:].transpose(1, 2), alpha=-float(self.count))
-                block.div_(self.count - 1)
+                block.div_(divisor)
             else:
                 block.zero_()
-            block[:, :, : stop - start].diagonal(dim1=1, dim2=2).add_(epsilon)
+        diagonal_term = torch.full((result.blocks[0].shape[0], 1), epsilon, dtype=torch.float64, device=m.device)
+        if covariance != "empirical":
+            dims, trace = result.dims, result.diagonal().double().sum(dim=1)
+            frobenius_squared = result.symmetric_frobenius_squared()
+            if covariance == "ledoit_wolf":
+                shrinkage = ledoit_wolf_shrinkage(self.count, dims, trace, frobenius_squared, fourth)
+            else:
+                shrinkage = oas_shrinkage(self.count, dims, trace, frobenius_squared)
+            for block in result.blocks:
+                block.mul_((1 - shrinkage).float()[:, None, None])
+            diagonal_term += (shrinkage * trace / dims).unsqueeze(1)
+        for (start, stop), block in zip(result.spans, result.blocks):
+            block[:, :, : stop - start].diagonal(dim1=1, dim2=2).add_(diagonal_term.float())
         self.outer = None
-        return mean, covariance
+        return mean, result
 
 
 def require_positive_definite(info: torch.Tensor) -> None:
     """ValueError when any Cholesky `info` is non-zero: the one point where the factorisation waits for its device."""
     if bool(info.any()):
-        raise ValueError("a covariance matrix is not positive definite (non-finite features?)")
+        raise ValueError(
+            "a covariance matrix is not positive definite (non-finite features, or --epsilon 0 with fewer fit "
+            "images than dimensions or a constant channel?)"
+        )
 
 
 def precision_factor_(covariance: TriangularBlocks) -> TriangularBlocks:

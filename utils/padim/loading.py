@@ -19,6 +19,7 @@ from utils.padim.model import Padim
 from utils.padim.model_file import (
     MODEL_FILENAME,
     ModelFileError,
+    covariance_settings,
     load_model,
     model_variant,
     projection_from_content,
@@ -126,6 +127,7 @@ def check_content(content: dict, path: Path) -> None:
         raise LoadError(f"{path}: channel index is empty or negative")
     try:
         stats_from_content(content)
+        covariance_settings(content)
     except ModelFileError as err:
         raise LoadError(f"{path}: {err}") from err
     if content["weights_id"] == "none" and not isinstance(content["training_config"].get("seed"), int):
@@ -190,6 +192,7 @@ def build(
             precision,
         )
     backbone = engine_extractor(extractor, engine, precision, device, geometry.input_size, weights_id, seed, workers)
+    covariance, epsilon = covariance_settings(content)
     padim = Padim(
         backbone,
         index,
@@ -201,6 +204,8 @@ def build(
         projection=projection,
         neighbourhood=variant["neighbourhood"],
         image_score=variant["image_score"],
+        covariance=covariance,
+        epsilon=epsilon,
     )
     padim.use(stats_from_content(content))
     log.info(

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 
+from utils.config import ModelConfig
 from utils.padim.anomaly_map import MapOperator, image_scores
 from utils.padim.backbones import FeatureExtractor
 from utils.padim.embedding import chosen_channels, embedding_bands, projected_channels, split_channel_index
@@ -74,6 +75,7 @@ class Padim:
     The embedding keeps the channels of `index`, or, with a `projection` W (D, k) of all D hooked
     channels (`index` then numbers them all), their projection; each cell is averaged over its
     `neighbourhood` (utils.padim.embedding); `image_score` names utils.padim.anomaly_map.image_scores'.
+    The covariance estimator and epsilon (ModelConfig's) say how each position's covariance is formed.
     """
 
     def __init__(
@@ -87,8 +89,10 @@ class Padim:
         band_elements: int | None = BAND_ELEMENTS,
         images_together: int = GROUP_IMAGES,
         projection: torch.Tensor | None = None,
-        neighbourhood: int = 1,
-        image_score: str = "map_max",
+        neighbourhood: int = ModelConfig.neighbourhood,
+        image_score: str = ModelConfig.image_score,
+        covariance: str = ModelConfig.covariance,
+        epsilon: float = ModelConfig.epsilon,
     ):
         self.extractor = extractor
         self.index = index
@@ -105,6 +109,8 @@ class Padim:
         self.mahalanobis_device = mahalanobis_device
         self.band_elements = band_elements
         self.images_together = images_together
+        self.covariance = covariance
+        self.epsilon = epsilon
         self.stats: GaussianStats | None = None
         self.map_operator: MapOperator | None = None
 
@@ -198,7 +204,7 @@ class Padim:
         if accumulator is None:
             raise ValueError("no readable training images")
         sums = accumulator.sums() if keep_sums else None
-        mean, covariance = accumulator.finalize()
+        mean, covariance = accumulator.finalize(self.covariance, self.epsilon)
         self.use(GaussianStats(mean, precision_factor_(covariance), grid, accumulator.count, sums))
         return self.stats
 

@@ -5,10 +5,11 @@ Everything predict.py needs to score an image lives here, so it never needs the 
 Since version 6 it also holds what update.py needs to add images exactly (the sums the Gaussian
 was formed from, the images the threshold was set on) and the history of such updates; files of
 version 5 load and score as before, but cannot be updated. Since version 7 the training config may
-name a variant embedding or score (projection, neighbourhood, image_score; absent: the defaults, as
-in every earlier file), a semi-orthogonal projection's matrix is stored (`projection_matrix`), so
-that scoring never depends on regenerating it, and `resize_width` gives a height x width input
-(VARIANT_DEFAULTS: what files of versions 5 and 6 load with).
+name a variant embedding, score or covariance (projection, neighbourhood, image_score, covariance,
+epsilon; absent: the defaults, as in every earlier file), a semi-orthogonal projection's matrix is
+stored (`projection_matrix`), so that scoring never depends on regenerating it, `resize_width` gives
+a height x width input (VARIANT_DEFAULTS: what files of versions 5 and 6 load with), and the sums
+include the fourth moments Ledoit-Wolf needs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from datasets.images import Sample
 from utils.cli import first_line
-from utils.config import IMAGE_SCORES, NEIGHBOURHOODS, PROJECTIONS, ModelConfig
+from utils.config import COVARIANCES, IMAGE_SCORES, NEIGHBOURHOODS, PROJECTIONS, ModelConfig
 from utils.padim.gaussian import GaussianSums
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
@@ -71,6 +72,10 @@ VARIANT_ENTRY_TYPES = {  # since version 7: the model's variant settings
     "resize_width": (int, type(None)),  # the width of a height x width input (None: square or short side)
 }
 VARIANT_DEFAULTS = {"resize_width": None}  # what a file before version 7 was fitted with
+FOURTH_MOMENT_ENTRY_TYPES = {  # since version 7, absent from models updated from version 6 files: Ledoit-Wolf's sums
+    "sums_third": torch.Tensor,
+    "sums_fourth": torch.Tensor,
+}
 ZIP_END_RECORD = b"PK\x05\x06"  # torch.save writes a zip archive; this record, without comment, is its last 22 bytes
 
 
@@ -105,6 +110,7 @@ def stats_content(stats: GaussianStats) -> dict:
     if stats.sums is None:
         raise ValueError("the statistics carry no sums (fit with keep_sums) and could never be updated")
     sums = stats.sums.to("cpu")
+    fourth_moments = {"sums_third": sums.third, "sums_fourth": sums.fourth} if sums.fourth is not None else {}
     return {
         "mean": stats.mean.cpu(),
         "precision_factor": stats.factor.to("cpu").blocks,
@@ -113,6 +119,7 @@ def stats_content(stats: GaussianStats) -> dict:
         "sums_shift": sums.shift,
         "sums_first": sums.first,
         "sums_second": sums.second.blocks,
+        **fourth_moments,
     }
 
 
@@ -186,6 +193,23 @@ def stats_from_content(content: dict) -> GaussianStats:
     return stats
 
 
+def covariance_settings(content: dict) -> tuple[str, float]:
+    """(covariance estimator, epsilon) the model was fitted with: training_config's, the defaults where it
+    names none (files before version 7, or fitted with the defaults). ModelFileError for unknown ones."""
+    config = content["training_config"]
+    covariance = config.get("covariance", ModelConfig.covariance)
+    epsilon = config.get("epsilon", ModelConfig.epsilon)
+    if covariance not in COVARIANCES:
+        raise ModelFileError(f"unknown covariance estimator {covariance!r} (known: {', '.join(COVARIANCES)})")
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not (math.isfinite(epsilon) and epsilon >= 0)
+    ):
+        raise ModelFileError(f"epsilon {epsilon!r} is not a finite number >= 0")
+    return covariance, float(epsilon)
+
+
 def require_updatable(content: dict, path: Path) -> None:
     """ModelFileError (one line) for a model that holds no sums to add images to."""
     version = content.get("format_version")
@@ -218,7 +242,17 @@ def sums_from_content(content: dict) -> GaussianSums:
         and count > 0
     ):
         raise ModelFileError(f"the stored sums do not match the statistics ({positions} positions, {dims} channels)")
-    sums = GaussianSums(count, shift, first, TriangularBlocks(list(second), lower=False))
+    third, fourth = content.get("sums_third"), content.get("sums_fourth")
+    if (third is None) != (fourth is None) or not (
+        third is None
+        or (
+            third.dtype == fourth.dtype == torch.float64
+            and tuple(third.shape) == (positions, dims)
+            and tuple(fourth.shape) == (positions,)
+        )
+    ):
+        raise ModelFileError(f"the stored fourth moments do not match the statistics ({positions} positions)")
+    sums = GaussianSums(count, shift, first, TriangularBlocks(list(second), lower=False), third, fourth)
     if not sums.is_finite():
         raise ModelFileError("the stored sums hold a non-finite number")
     return sums
@@ -369,9 +403,10 @@ def load_model(path: Path) -> dict:
     missing = required_keys(version) - content.keys()
     if missing:
         raise ModelFileError(f"{path}: incomplete model file, lacks {sorted(missing)}")
+    optional = {key: kind for key, kind in FOURTH_MOMENT_ENTRY_TYPES.items() if key in content}
     mistyped = sorted(
         key
-        for key, kind in entry_types(version).items()
+        for key, kind in (entry_types(version) | optional).items()
         if not isinstance(content[key], kind) or isinstance(content[key], bool)
     )
     if mistyped:

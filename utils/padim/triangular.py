@@ -73,6 +73,35 @@ class TriangularBlocks:
     def to(self, *args, **kwargs) -> TriangularBlocks:
         return TriangularBlocks([block.to(*args, **kwargs) for block in self.blocks], self.lower)
 
+    def diagonal(self) -> torch.Tensor:
+        """(P, D): the matrices' diagonals."""
+        return torch.cat(
+            [
+                block[:, :, : stop - start].diagonal(dim1=1, dim2=2)
+                for (start, stop), block in zip(self.spans, self.blocks)
+            ],
+            dim=1,
+        )
+
+    def symmetric_times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(P, D): S v for the symmetric matrices S whose upper blocks these are (a block's square part is
+        whole), multiplied in the blocks' dtype, returned in the vectors'."""
+        v = vectors.to(self.blocks[0].dtype).unsqueeze(1)  # row vectors: the products read the blocks in order
+        result = torch.zeros_like(v)
+        for (first, stop), block in zip(self.spans, self.blocks):
+            result[:, :, first:stop] += torch.bmm(v[:, :, first:], block.transpose(1, 2))
+            result[:, :, stop:] += torch.bmm(v[:, :, first:stop], block[:, :, stop - first :])
+        return result[:, 0].to(vectors.dtype)
+
+    def symmetric_frobenius_squared(self) -> torch.Tensor:
+        """(P,) float64: |S|_F^2 of the symmetric matrices whose upper blocks these are (the off-diagonal
+        part of a block counts twice)."""
+        total = torch.zeros(self.blocks[0].shape[0], dtype=torch.float64, device=self.blocks[0].device)
+        for (start, stop), block in zip(self.spans, self.blocks):
+            total += torch.linalg.vector_norm(block[:, :, : stop - start], dim=(1, 2)).double().square()
+            total += 2 * torch.linalg.vector_norm(block[:, :, stop - start :], dim=(1, 2)).double().square()
+        return total
+
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(P, D, D) with the blocks in place and zeros elsewhere."""
         first = self.blocks[0]
