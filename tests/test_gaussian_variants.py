@@ -19,7 +19,7 @@ import predict
 import run_experiment
 import trainer
 import update
-from datasets.images import list_images
+from datasets.files import list_images
 from tests.helpers import (
     PREDICT_FLAGS,
     TRAIN_FLAGS,

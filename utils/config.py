@@ -105,9 +105,10 @@ class ModelConfig:
     def folder_suffix(self) -> str:
         """`_<tag>-<value>` for every non-default variant setting (_cov-oas, _eps-0.001), so that no two
         configurations share a folder."""
+        settings = self.variant_settings().items()
         return "".join(
-            f"_{VARIANT_FOLDER_TAGS[key]}-{value:g}" if isinstance(value, float) else f"_{VARIANT_FOLDER_TAGS[key]}-{value}"
-            for key, value in self.variant_settings().items()
+            f"_{VARIANT_FOLDER_TAGS[key]}-{format(value, 'g' if isinstance(value, float) else '')}"
+            for key, value in settings
         )
 
 
