@@ -157,7 +157,7 @@ def test_a_projected_neighbourhood_model_fits_and_scores_as_its_definition():
     model = Padim(
         extractor,
         torch.arange(extractor.dims),
-        64,
+        (64, 64),
         CPU,
         CPU,
         CPU,
