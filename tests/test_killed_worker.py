@@ -85,7 +85,7 @@ def kill_first_worker(process: subprocess.Popen, started) -> int:
             os.kill(kids[0], signal.SIGKILL)
             return kids[0]
         time.sleep(0.005)
-    raise AssertionError("no worker process appeared")
+    raise AssertionError(f"no worker process appeared; exit {process.poll()}: {process.communicate()[1][-2000:]}")
 
 
 def read_stderr_until(process: subprocess.Popen, text: str) -> str:
@@ -100,19 +100,38 @@ def train_command(data: Path, results: Path) -> list[str]:
     return [*command, "--data_path", str(data), "--base_results_dir", str(results)]
 
 
+@pytest.fixture
+def two_classes(many_images: Path, tmp_path) -> Path:
+    """The class twice, under two names."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("brick", "brick_too"):
+        (data / name).symlink_to(many_images / "brick")
+    return data
+
+
 @pytest.mark.slow
-def test_a_killed_training_worker_ends_the_run_in_one_line_and_a_rerun_completes(many_images: Path, tmp_path):
-    command = train_command(many_images, tmp_path)
+def test_a_killed_training_worker_ends_the_run_in_one_line_and_a_rerun_reuses_the_finished_class(
+    two_classes: Path, tmp_path
+):
+    results = tmp_path / "res"
+    command = train_command(two_classes, results)
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    seen = read_stderr_until(process, "fit:")
+    seen = read_stderr_until(process, "score:")  # the first class's progress bars: fit, threshold, score
+    seen += read_stderr_until(process, "fit:")  # the second class's
     pid = kill_first_worker(process, lambda: True)
     err = seen + process.communicate(timeout=240)[1]
     assert process.returncode == 1, err
-    line = f"ERROR: a data loading worker (pid {pid}) was killed by signal Killed, {ADVICE}; no class finished"
+    table = results / "r" / "master_results.csv"
+    line = f"ERROR: a data loading worker (pid {pid}) was killed by signal Killed, {ADVICE}; "
+    line += f"finished classes are in {table}; rerun to complete"
     assert line in err and "Traceback" not in err
+    assert list(pd.read_csv(table).class_name) == ["brick"]
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert list(pd.read_csv(tmp_path / "r" / "master_results.csv").status) == ["ok"]
+    assert list(pd.read_csv(table).status) == ["ok", "ok"]
+    log = (results / "r" / "experiment_log.log").read_text()
+    assert f"cached model {results / 'r' / 'brick' / 'padim_model.pt'} matches this run" in log
 
 
 @pytest.mark.slow
@@ -132,17 +151,13 @@ def test_a_killed_prediction_worker_ends_predict_in_one_line(trained: Trained, m
 
 
 @pytest.mark.slow
-def test_under_torchrun_the_rank_whose_worker_died_says_so_and_the_other_stops_in_one_line(many_images: Path, tmp_path):
+def test_under_torchrun_the_rank_whose_worker_died_says_so_and_the_other_stops_in_one_line(two_classes: Path, tmp_path):
     """Two ranks as torchrun starts them, each fitting its own class; rank 1's worker is killed."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "brick").symlink_to(many_images / "brick")
-    (data / "brick_too").symlink_to(many_images / "brick")
     port, processes = str(free_port()), []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
         env.update({"LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        command = [*train_command(data, tmp_path / "res"), "--dist_timeout_s", "60"]
+        command = [*train_command(two_classes, tmp_path / "res"), "--dist_timeout_s", "60"]
         processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT))
     log = tmp_path / "res" / "r" / "experiment_log.rank1.log"
     pid = kill_first_worker(processes[1], lambda: log.is_file() and "class " in log.read_text())
