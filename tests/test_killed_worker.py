@@ -56,6 +56,14 @@ def test_other_runtime_errors_are_not_taken_for_a_killed_worker():
         run_main(fails, None, (), "kept")
 
 
+def test_sigterm_is_an_interrupt_only_while_the_run_runs():
+    """torchrun SIGTERMs the other ranks when one fails; arriving as the process exits, an interrupt would
+    end in a traceback from an exit handler, so after the run SIGTERM is what it was before."""
+    during = []
+    assert run_main(lambda _: during.append(signal.getsignal(signal.SIGTERM)) or 0, None, (), "kept") == 0
+    assert during == [signal.default_int_handler] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
     """One class with enough training images that a one-image-per-batch loader's worker lives a while."""

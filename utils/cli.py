@@ -163,7 +163,7 @@ def run_main(
 ) -> int:
     """Call `run(config)`; user errors become one line on stderr, an interrupt or a killed data loading
     worker a line that ends with what was kept (`kept`, or what it returns when called then)."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(config)
     except user_errors as err:
@@ -178,6 +178,8 @@ def run_main(
             raise
         log_ending(logging.ERROR, f"{death}; {kept() if callable(kept) else kept}")
         return 1
+    finally:  # a SIGTERM once the run is over (torchrun stopping the other ranks) ends the process, never its exit
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_ending(level: int, message: str) -> None:
