@@ -363,6 +363,10 @@ def run(config: RunConfig) -> int:
             return report(config, configurations, book, reason) if world.is_root else 0
     except PeerLost:
         return 1  # the reason is logged where it was noticed
+    except KeyboardInterrupt:
+        if not world.lost_peer:
+            raise
+        return 1  # the heartbeat stopped this rank's work: not an interrupt, and the reason is logged
 
 
 def run_job(

@@ -1,7 +1,7 @@
 """What the command-line tools share: a strict parser and its value types (a bad flag or value is
 one line and exit 2, before any heavy library loads), and the way a run ends (a user error is
-one `error:` line and exit 1; Ctrl-C or SIGTERM is exit 130 after the atomic writes have
-cleaned up). Nothing here imports torch."""
+one `error:` line and exit 1; a data loading worker killed under the run, one line and exit 1;
+Ctrl-C or SIGTERM is exit 130 after the atomic writes have cleaned up). Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -150,26 +150,64 @@ def first_line(err: BaseException) -> str:
     return " ".join(lines[0].split()) if lines else type(err).__name__
 
 
+# torch's words for a DataLoader worker that died: the signal (from its SIGCHLD handler), or only that it
+# exited (the error the loader raises next, chaining the first)
+WORKER_DEATH = re.compile(
+    r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)"
+)
+
+
+def lost_worker(err: BaseException) -> str | None:
+    """One line on a data loading worker that died under the run (the kernel's out-of-memory killer takes
+    the newest large process, often a worker), with what to try; None when `err` is something else.
+    torch raises it as a RuntimeError, whose chain may hold the signal."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    matches = [match for match in (WORKER_DEATH.search(str(link)) for link in chain) if match]
+    if not matches:
+        return None
+    signal_name = next((match.group(2) for match in matches if match.group(2)), None)
+    how = f"was killed by signal {signal_name}" if signal_name else "died"
+    return (
+        f"a data loading worker (pid {matches[0].group(1)}) {how}, most likely out of memory: "
+        "try --num_workers 0 or a smaller --batch_size"
+    )
+
+
 def run_main(
     run: Callable[[Config], int],
     config: Config,
     user_errors: tuple[type[Exception], ...],
-    interrupted: str | Callable[[], str],
+    kept: str | Callable[[], str],
 ) -> int:
-    """Call `run(config)`; user errors become one line on stderr, an interrupt a note of what was kept
-    (`interrupted`, or what it returns when called then)."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Call `run(config)`; user errors become one line on stderr, an interrupt or a killed data loading
+    worker a line that ends with what was kept (`kept`, or what it returns when called then)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(config)
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")  # off the progress bar's line
-        kept = interrupted() if callable(interrupted) else interrupted
-        log.warning("interrupted: %s", kept)  # on the console and in the run's log
+        log_ending(logging.WARNING, f"interrupted: {kept() if callable(kept) else kept}")
         return 130
+    except RuntimeError as err:
+        death = lost_worker(err)
+        if death is None:
+            raise
+        log_ending(logging.ERROR, f"{death}; {kept() if callable(kept) else kept}")
+        return 1
+    finally:  # a SIGTERM once the run is over (torchrun stopping the other ranks) ends the process, never its exit
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_ending(level: int, message: str) -> None:
+    """How the run ended, on the console and in the run's log, off the progress bar's line."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    log.log(level, message)
 
 
 class ConsoleHandler(logging.StreamHandler):

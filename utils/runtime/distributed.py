@@ -173,6 +173,11 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    @property
+    def lost_peer(self) -> bool:
+        """Whether the heartbeat found another rank gone (it logged why and interrupted this rank's work)."""
+        return self.watch is not None and self.watch.failure is not None
+
     def close(self) -> None:
         """Wait until every rank is done, then leave the process group (after an error a process just
         exits, and the others notice it lost)."""
