@@ -152,7 +152,7 @@ def test_gaussian_steps_prints_the_median_of_its_runs(capsys):
         == 0
     )
     header, columns, values = capsys.readouterr().out.strip().splitlines()
-    assert "7 dims, 5x5 grid, batch 30, 5 fit / 2 scoring batches, median of 3" in header
+    assert "7 dims, empirical covariance, 5x5 grid, batch 30, 5 fit / 2 scoring batches, median of 3" in header
     runs = [float(value) for value in header.split("each run: ")[1].rstrip(" s)").split(", ")]
     row = dict(zip(columns.split(), map(float, values.split())))
     assert list(row) == ["fit_s", "factor_s", "mahalanobis_s", "total_s"] and len(runs) == 3
