@@ -158,6 +158,9 @@ def test_an_interrupted_run_keeps_whole_rows_and_a_rerun_scores_only_the_rest(tr
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job (CI started with `&`) ignores SIGINT, and a child inherits that: Python
+        # turns SIGINT into KeyboardInterrupt only when it starts with the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     csv_path, deadline = output / "predictions.csv", time.monotonic() + 240
     while not (csv_path.is_file() and csv_path.read_text(encoding="utf-8").count("\n") >= 4):
