@@ -43,8 +43,8 @@ def main() -> None:
     table = pd.concat([variants_table(folder) for folder in args.comparisons], ignore_index=True)
     print("| " + " | ".join(table.columns) + " |")
     print("|" + "---|" * len(table.columns))
-    for row in table.astype(str).itertuples(index=False):
-        print("| " + " | ".join(row) + " |")
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join("" if pd.isna(value) else str(value) for value in row) + " |")
 
 
 if __name__ == "__main__":
