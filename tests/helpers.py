@@ -4,6 +4,7 @@ and its assertions, synthetic embeddings, and the switch that keeps trainer from
 from __future__ import annotations
 
 import csv
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,3 +151,13 @@ def assert_links_resolve(page: Page, page_path: Path) -> None:
     for link in local:
         assert "://" not in link, f"{link}: the page must open offline"
         assert (page_path.parent / unquote(link)).is_file(), f"{link} does not resolve"
+
+
+def class_with(train_images: list[Path], source: Path, folder: Path) -> Path:
+    """A class folder whose train/good holds `train_images`, with `source`'s test images and masks."""
+    shutil.copytree(source / "test", folder / "test")
+    shutil.copytree(source / "ground_truth", folder / "ground_truth")
+    (folder / "train" / "good").mkdir(parents=True)
+    for path in train_images:
+        shutil.copy(path, folder / "train" / "good" / path.name)
+    return folder

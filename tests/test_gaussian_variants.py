@@ -23,6 +23,7 @@ from datasets.files import list_images
 from tests.helpers import (
     PREDICT_FLAGS,
     TRAIN_FLAGS,
+    class_with,
     no_class_figures,
     row_bands,
     symmetric_matrices,
@@ -166,15 +167,6 @@ def test_flags_make_one_configuration_per_estimator_and_epsilon(tmp_path: Path, 
         assert message in capsys.readouterr().err
 
 
-def _class_with(train_images: list[Path], source: Path, folder: Path) -> Path:
-    shutil.copytree(source / "test", folder / "test")
-    shutil.copytree(source / "ground_truth", folder / "ground_truth")
-    (folder / "train" / "good").mkdir(parents=True)
-    for path in train_images:
-        shutil.copy(path, folder / "train" / "good" / path.name)
-    return folder
-
-
 def _train(class_dir: Path, results: Path, *flags: str) -> Path:
     """run_experiment with the model file saved, on `class_dir`; the results folder."""
     with no_class_figures():  # set up before conftest's function-scoped switch
@@ -192,7 +184,7 @@ def shrunk(texture_root: Path, tmp_path_factory) -> tuple[Path, list[Path]]:
     images = list_images(texture_root / "brick" / "train" / "good")
     (tmp / "new").mkdir()
     added = [Path(shutil.copy(path, tmp / "new" / path.name)) for path in images[16:]]
-    class_dir = _class_with(images[:16], texture_root / "brick", tmp / "brick")
+    class_dir = class_with(images[:16], texture_root / "brick", tmp / "brick")
     return _train(class_dir, tmp / "results", "--covariance", "ledoit_wolf") / "brick", added
 
 

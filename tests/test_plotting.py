@@ -164,6 +164,24 @@ def test_categories_file_each_image_by_the_one_outcome_rule():
     }
 
 
+def summary_over(
+    batches: list[int], samples: list[Sample], scores: np.ndarray, maps: np.ndarray, limit: int
+) -> MapSummary:
+    """The MapSummary of the images folded in `batches` (their sizes), each batch a summary of its own that the
+    first absorbs, as the ranks of a distributed run do; threshold 4, no defect pixels, 4 x 4 maps."""
+    summaries, start = [], 0
+    for size in batches:
+        summary = MapSummary(4.0, (4, 4), limit)
+        rows = slice(start, start + size)
+        masks = np.zeros((size, 4, 4), bool)
+        summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
+        summaries.append(summary)
+        start += size
+    for part in summaries[1:]:
+        summaries[0].absorb(part)
+    return summaries[0]
+
+
 @pytest.mark.parametrize("batches", [[5], [2, 3], [1, 1, 1, 1, 1]])
 def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(batches):
     """Five good images above the threshold (all FP); kept per limit, furthest first, ties in test order,
@@ -172,17 +190,8 @@ def test_kept_images_are_the_furthest_from_the_threshold_whatever_the_batches(ba
     samples = [Sample(Path(f"{i}.png"), 0, "good") for i in range(5)]
     maps = np.ones((5, 4, 4), np.float32) * scores[:, None, None]
     for limit, expected in ((3, [1, 3, 2]), (0, []), (-1, [1, 3, 2, 4, 0])):
-        summaries, start = [], 0
-        for size in batches:
-            summary = MapSummary(4.0, (4, 4), limit)
-            rows = slice(start, start + size)
-            masks = np.zeros((size, 4, 4), bool)
-            summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
-            summaries.append(summary)
-            start += size
-        for part in summaries[1:]:
-            summaries[0].absorb(part)
-        kept = summaries[0].shown_images("FP")
+        summary = summary_over(batches, samples, scores, maps, limit)
+        kept = summary.shown_images("FP")
         assert [image.index for image in kept] == expected
         assert all(np.array_equal(image.map, maps[image.index]) for image in kept)
 
@@ -200,20 +209,11 @@ def test_closest_calls_get_figures_beside_the_furthest_whatever_the_batches(batc
         (1, {"TN": [], "FP": [1, 3, 2, 4], "FN": [8, 5, 7], "TP": [10, 6]}),
         (0, dict.fromkeys(CATEGORIES, [])),
     ):
-        summaries, start = [], 0
-        for size in batches:
-            summary = MapSummary(4.0, (4, 4), limit)
-            rows = slice(start, start + size)
-            masks = np.zeros((size, 4, 4), bool)
-            summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
-            summaries.append(summary)
-            start += size
-        for part in summaries[1:]:
-            summaries[0].absorb(part)
-        kept = {name: summaries[0].figure_images(name) for name in CATEGORIES}
+        summary = summary_over(batches, samples, scores, maps, limit)
+        kept = {name: summary.figure_images(name) for name in CATEGORIES}
         assert {name: [image.index for image in images] for name, images in kept.items()} == expected
         assert all(np.array_equal(image.map, maps[image.index]) for images in kept.values() for image in images)
-        assert [image.index for image in summaries[0].closest_calls(0)] == ([1, 3, 2, 4] if limit else [])
+        assert [image.index for image in summary.closest_calls(0)] == ([1, 3, 2, 4] if limit else [])
 
 
 def test_file_names_keep_the_stem_and_drop_unsafe_characters():

@@ -19,7 +19,7 @@ import run_experiment
 import trainer
 import update
 from datasets.files import list_images
-from tests.helpers import PREDICT_FLAGS, TRAIN_FLAGS
+from tests.helpers import PREDICT_FLAGS, TRAIN_FLAGS, class_with
 from utils.config import FitConfig
 from utils.padim.loading import build, read_model
 from utils.padim.model import Padim
@@ -28,16 +28,6 @@ from utils.padim.model_file import UPDATE_ENTRY_TYPES, content_checksum, load_mo
 HOLDOUT_RATIO = 0.2  # every part of a 5-way split of 24 images still holds one out
 UPDATE_FLAGS = ["--device", "cpu", "--batch_size", "8"]
 CPU = torch.device("cpu")
-
-
-def _class_with(train_images: list[Path], source: Path, folder: Path) -> Path:
-    """A class folder whose train/good holds `train_images`, with `source`'s test images and masks."""
-    shutil.copytree(source / "test", folder / "test")
-    shutil.copytree(source / "ground_truth", folder / "ground_truth")
-    (folder / "train" / "good").mkdir(parents=True)
-    for path in train_images:
-        shutil.copy(path, folder / "train" / "good" / path.name)
-    return folder
 
 
 def _train(class_dir: Path, results: Path, other: tuple[str, ...] = ()) -> Path:
@@ -81,7 +71,7 @@ def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_image
     threshold images, and the threshold is their quantile under the fit's statistics; for the embedding and
     score variants too (the stored projection, the neighbourhood, the image score)."""
     parts = _parts(texture_root, tmp_path, count)
-    class_dir = _class_with(parts[0], texture_root / "brick", tmp_path / "brick")
+    class_dir = class_with(parts[0], texture_root / "brick", tmp_path / "brick")
     model = _train(class_dir, tmp_path / "results", other)
     original = load_model(model / "padim_model.pt")
     for number, part in enumerate(parts[1:], start=1):
@@ -195,7 +185,7 @@ def test_missing_threshold_images_are_said_and_counted(texture_root, tmp_path, c
     """An original held-out image deleted since the fit: the update warns with the count, sets the threshold on
     the rest plus the new held-out ones, and records how many were missing."""
     images = list_images(texture_root / "brick" / "train" / "good")
-    class_dir = _class_with(images[:16], texture_root / "brick", tmp_path / "brick")
+    class_dir = class_with(images[:16], texture_root / "brick", tmp_path / "brick")
     model = _train(class_dir, tmp_path / "results")
     recorded = load_model(model / "padim_model.pt")["threshold_images"]
     Path(recorded[0][0]).unlink()
