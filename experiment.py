@@ -337,7 +337,7 @@ def run(config: RunConfig) -> int:
     book = ResultBook(configurations, [])
     devices = resolve_devices(config.devices)
     cuda = any(device.type == "cuda" for device in devices.values())
-    world = World.join(book.record, config.dist_timeout_s, cuda)
+    world = World.join(book.record, config.dist_timeout_s, cuda, config.what_was_kept)
     devices = on_rank(devices, world)
     console_handler(world)
     remove_log_handler(LOG_FILE_HANDLER)  # an earlier run's in this process (tests): this one's gets no line of it

@@ -395,16 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     import experiment  # torch, pandas, matplotlib: only once the flags are known to be good
 
-    return run_main(experiment.run, config, experiment.USER_ERRORS, lambda: what_was_kept(config))
-
-
-def what_was_kept(config: RunConfig) -> str:
-    """What an interrupted run leaves: the master_results.csv that hold finished classes, or that none finished."""
-    tables = [config.results_folder(model) / "master_results.csv" for model in config.models]
-    written = [str(table) for table in tables if table.is_file()]
-    if not written:
-        return "no class finished; rerun to start again"
-    return f"finished classes are in {', '.join(written)}; rerun to complete"
+    return run_main(experiment.run, config, experiment.USER_ERRORS, config.what_was_kept)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,15 @@ class RunConfig:
             return self.base_results_dir / (self.results_subdir or default)
         return parent / (default + (f"_dim-{model.reduced_dim}" if model.reduced_dim else ""))
 
+    def what_was_kept(self) -> str:
+        """What a run that stopped early leaves: the master_results.csv that hold finished classes, or that none
+        finished."""
+        tables = [self.results_folder(model) / "master_results.csv" for model in self.models]
+        written = [str(table) for table in tables if table.is_file()]
+        if not written:
+            return "no class finished; rerun to start again"
+        return f"finished classes are in {', '.join(written)}; rerun to complete"
+
     def comparison_folder(self) -> Path | None:
         """Where a run of several configurations puts their folders and the comparison; None for one."""
         if len(self.models) == 1:

@@ -39,12 +39,12 @@ class PeerLost(Exception):
     """Another rank stopped answering: killed, out of memory, or its machine lost."""
 
 
-def lost_peer_message(rank: int, err: Exception) -> str:
-    """The one line a rank logs when a collective with the others failed."""
+def lost_peer_message(rank: int, err: Exception, kept: str) -> str:
+    """The one line a rank logs when a collective with the others failed; `kept` says what the run leaves."""
     reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo prefixes its file and line
     return (
         f"rank {rank}: another rank stopped answering (killed, out of memory or its machine lost?): "
-        f"{reason}; stopping; the classes finished so far are in master_results.csv"
+        f"{reason}; stopping; {kept}"
     )
 
 
@@ -58,8 +58,10 @@ class PeerWatch:
     interrupt where it works).
     """
 
-    def __init__(self, rank: int, size: int, timeout: timedelta, deliver: Callable[[Any], None]):
-        self.rank, self.size, self.deliver = rank, size, deliver
+    def __init__(
+        self, rank: int, size: int, timeout: timedelta, deliver: Callable[[Any], None], kept: Callable[[], str]
+    ):
+        self.rank, self.size, self.deliver, self.kept = rank, size, deliver, kept
         self.group = dist.new_group(backend="gloo", timeout=timeout)
         self.state = threading.Condition()
         self.step, self.done, self.outbox = 0, False, []
@@ -75,7 +77,7 @@ class PeerWatch:
             try:
                 dist.all_gather_object(heard, news, group=self.group)
             except RuntimeError as err:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
-                self._fail(lost_peer_message(self.rank, err))
+                self._fail(lost_peer_message(self.rank, err, self.kept()))
                 return
             if self.rank == 0:
                 try:
@@ -151,8 +153,9 @@ class World:
         self.objects = None
 
     @classmethod
-    def join(cls, deliver: Callable[[Any], None], timeout_s: float, cuda: bool) -> World:
-        """The World torchrun's environment describes: one process group, CUDA device LOCAL_RANK when `cuda`."""
+    def join(cls, deliver: Callable[[Any], None], timeout_s: float, cuda: bool, kept: Callable[[], str]) -> World:
+        """The World torchrun's environment describes: one process group, CUDA device LOCAL_RANK when `cuda`;
+        `kept()` says what the run leaves, for the line a rank logs when another stops answering."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls(deliver)
         timeout = timedelta(seconds=timeout_s)
@@ -162,7 +165,7 @@ class World:
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
         world = cls(deliver, dist.get_rank(), dist.get_world_size(), local_rank)
         world.objects = dist.new_group(backend="gloo", timeout=timeout)  # pickled objects, main thread only
-        world.watch = PeerWatch(world.rank, world.size, timeout, deliver)
+        world.watch = PeerWatch(world.rank, world.size, timeout, deliver, kept)
         return world
 
     @property
