@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--results_subdir",
         help="sub-folder of the results, holding one experiment (None: <dataset>_<arch>_resize-<R|HxW>_crop-<C>, "
-        "plus _layers-... for non-default --layers); with several configurations, the folder that holds one "
+        "plus _layers-... for non-default --layers and _proj-, _nbhd-, _score-, _cov-, _eps-... for non-default "
+        "variants); with several configurations, the folder that holds one "
         f"such folder per configuration and the comparison (None: <dataset>_{COMPARISON_SUFFIX})",
     )
     parser.add_argument(
