@@ -337,7 +337,7 @@ def run(config: RunConfig) -> int:
     book = ResultBook(configurations, [])
     devices = resolve_devices(config.devices)
     cuda = any(device.type == "cuda" for device in devices.values())
-    world = World.join(book.record, config.dist_timeout_s, cuda, config.what_was_kept)
+    world = World.join(book.record, config.dist_timeout_s, cuda)
     devices = on_rank(devices, world)
     console_handler(world)
     remove_log_handler(LOG_FILE_HANDLER)  # an earlier run's in this process (tests): this one's gets no line of it
@@ -361,12 +361,12 @@ def run(config: RunConfig) -> int:
                     world.post((job.configuration, job.name, row))
             world.close()
             return report(config, configurations, book, reason) if world.is_root else 0
-    except PeerLost:
-        return 1  # the reason is logged where it was noticed
-    except KeyboardInterrupt:
-        if not world.lost_peer:
+    except (PeerLost, KeyboardInterrupt) as stopped:
+        if isinstance(stopped, KeyboardInterrupt) and not world.lost_peer:
             raise
-        return 1  # the heartbeat stopped this rank's work: not an interrupt, and the reason is logged
+        # the heartbeat stopped this rank (not an interrupt): why, and what is kept now that nothing runs
+        log.error("%s; %s", world.lost_peer_reason, config.what_was_kept())
+        return 1
 
 
 def run_job(

@@ -39,12 +39,11 @@ class PeerLost(Exception):
     """Another rank stopped answering: killed, out of memory, or its machine lost."""
 
 
-def lost_peer_message(rank: int, err: Exception, kept: str) -> str:
-    """The one line a rank logs when a collective with the others failed; `kept` says what the run leaves."""
+def lost_peer_message(rank: int, err: Exception) -> str:
+    """Why a rank stops when a collective with the others failed (the run adds what it kept)."""
     reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ")[0]  # gloo prefixes its file and line
     return (
-        f"rank {rank}: another rank stopped answering (killed, out of memory or its machine lost?): "
-        f"{reason}; stopping; {kept}"
+        f"rank {rank}: another rank stopped answering (killed, out of memory or its machine lost?): {reason}; stopping"
     )
 
 
@@ -58,10 +57,8 @@ class PeerWatch:
     interrupt where it works).
     """
 
-    def __init__(
-        self, rank: int, size: int, timeout: timedelta, deliver: Callable[[Any], None], kept: Callable[[], str]
-    ):
-        self.rank, self.size, self.deliver, self.kept = rank, size, deliver, kept
+    def __init__(self, rank: int, size: int, timeout: timedelta, deliver: Callable[[Any], None]):
+        self.rank, self.size, self.deliver = rank, size, deliver
         self.group = dist.new_group(backend="gloo", timeout=timeout)
         self.state = threading.Condition()
         self.step, self.done, self.outbox = 0, False, []
@@ -77,7 +74,7 @@ class PeerWatch:
             try:
                 dist.all_gather_object(heard, news, group=self.group)
             except RuntimeError as err:  # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
-                self._fail(lost_peer_message(self.rank, err, self.kept()))
+                self._fail(lost_peer_message(self.rank, err))
                 return
             if self.rank == 0:
                 try:
@@ -97,8 +94,8 @@ class PeerWatch:
                 self.kicked = False
 
     def _fail(self, message: str) -> None:
-        """Log why the heartbeat ended and stop the main thread."""
-        log.error(message)
+        """Record why the heartbeat ended and stop the main thread, which says why (World.lost_peer_reason) with
+        what the run kept: known only once it has stopped."""
         with self.state:
             self.failure = message
             waiting = self.waiting
@@ -153,9 +150,8 @@ class World:
         self.objects = None
 
     @classmethod
-    def join(cls, deliver: Callable[[Any], None], timeout_s: float, cuda: bool, kept: Callable[[], str]) -> World:
-        """The World torchrun's environment describes: one process group, CUDA device LOCAL_RANK when `cuda`;
-        `kept()` says what the run leaves, for the line a rank logs when another stops answering."""
+    def join(cls, deliver: Callable[[Any], None], timeout_s: float, cuda: bool) -> World:
+        """The World torchrun's environment describes: one process group, CUDA device LOCAL_RANK when `cuda`."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls(deliver)
         timeout = timedelta(seconds=timeout_s)
@@ -165,7 +161,7 @@ class World:
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
         world = cls(deliver, dist.get_rank(), dist.get_world_size(), local_rank)
         world.objects = dist.new_group(backend="gloo", timeout=timeout)  # pickled objects, main thread only
-        world.watch = PeerWatch(world.rank, world.size, timeout, deliver, kept)
+        world.watch = PeerWatch(world.rank, world.size, timeout, deliver)
         return world
 
     @property
@@ -178,8 +174,13 @@ class World:
 
     @property
     def lost_peer(self) -> bool:
-        """Whether the heartbeat found another rank gone (it logged why and interrupted this rank's work)."""
-        return self.watch is not None and self.watch.failure is not None
+        """Whether the heartbeat found another rank gone (it interrupted this rank's work)."""
+        return self.lost_peer_reason is not None
+
+    @property
+    def lost_peer_reason(self) -> str | None:
+        """Why the heartbeat stopped this rank, None while it has not."""
+        return None if self.watch is None else self.watch.failure
 
     def close(self) -> None:
         """Wait until every rank is done, then leave the process group (after an error a process just
