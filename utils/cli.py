@@ -184,6 +184,10 @@ def run_main(
 ) -> int:
     """Call `run(config)`; user errors become one line on stderr, an interrupt or a killed data loading
     worker a line that ends with what was kept (`kept`, or what it returns when called then)."""
+
+    def what_was_kept() -> str:
+        return kept() if callable(kept) else kept
+
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(config)
@@ -191,13 +195,13 @@ def run_main(
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        log_ending(logging.WARNING, f"interrupted: {kept() if callable(kept) else kept}")
+        log_ending(logging.WARNING, f"interrupted: {what_was_kept()}")
         return 130
     except RuntimeError as err:
         death = lost_worker(err)
         if death is None:
             raise
-        log_ending(logging.ERROR, f"{death}; {kept() if callable(kept) else kept}")
+        log_ending(logging.ERROR, f"{death}; {what_was_kept()}")
         return 1
     finally:  # a SIGTERM once the run is over (torchrun stopping the other ranks) ends the process, never its exit
         signal.signal(signal.SIGTERM, previous)

@@ -125,23 +125,25 @@ def stats_content(stats: GaussianStats) -> dict:
 
 def model_variant(content: dict) -> dict:
     """The model's projection, neighbourhood and image score: its training config's, the defaults where
-    absent (every file before version 7, and the defaults since)."""
+    absent (every file before version 7, and the defaults since). ModelFileError for one this code does
+    not know."""
     defaults = ModelConfig()
-    return {key: content["training_config"].get(key, getattr(defaults, key)) for key in VARIANT_KEYS}
+    variant = {key: content["training_config"].get(key, getattr(defaults, key)) for key in VARIANT_KEYS}
+    known = {"projection": PROJECTIONS, "neighbourhood": NEIGHBOURHOODS, "image_score": IMAGE_SCORES}
+    for key, values in known.items():
+        if variant[key] not in values:
+            raise ModelFileError(f"{key} {variant[key]!r} is unknown to this version (known: {list(values)})")
+    return variant
 
 
 def projection_from_content(content: dict) -> torch.Tensor | None:
     """The stored projection W (D, k) of a semi-orthogonal model, None for a channel subset.
 
-    ModelFileError for a variant this code does not know, a projection without its matrix (or a matrix
-    without the projection), or a matrix that does not fit the channel index (all D channels, in order)
-    or is not finite.
+    ModelFileError for a variant this code does not know (model_variant), a projection without its matrix
+    (or a matrix without the projection), or a matrix that does not fit the channel index (all D channels,
+    in order) or is not finite.
     """
     variant = model_variant(content)
-    known = {"projection": PROJECTIONS, "neighbourhood": NEIGHBOURHOODS, "image_score": IMAGE_SCORES}
-    for key, values in known.items():
-        if variant[key] not in values:
-            raise ModelFileError(f"{key} {variant[key]!r} is unknown to this version (known: {list(values)})")
     matrix = content.get(PROJECTION_ENTRY)
     if (variant["projection"] == "semi_orthogonal") != (matrix is not None):
         raise ModelFileError(f"projection {variant['projection']!r} with{'' if matrix is not None else 'out'} a matrix")
