@@ -458,6 +458,30 @@ def test_operating_point_and_bootstrap_ci():
     assert low <= auroc <= high and 0 <= low < high <= 1
 
 
+def test_pairwise_auroc_equals_sklearn_along_either_axis():
+    """Ties (scores rounded to one decimal) count half, as in roc_auc_score."""
+    rng = np.random.default_rng(3)
+    negatives, positives = rng.normal(size=(4, 30)).round(1), (rng.normal(size=(4, 20)) + 0.8).round(1)
+    labels = np.r_[np.zeros(30), np.ones(20)]
+    expected = [roc_auc_score(labels, np.r_[n, p]) for n, p in zip(negatives, positives)]
+    np.testing.assert_allclose(metrics.pairwise_auroc(negatives, positives), expected, rtol=1e-12)
+    np.testing.assert_allclose(metrics.pairwise_auroc(negatives.T, positives.T, axis=0), expected, rtol=1e-12)
+
+
+def test_bootstrap_ci_matches_a_loop_of_sklearn_aurocs():
+    """The stratified percentile interval equals, up to resampling noise, one drawn the plain way:
+    resample each class, roc_auc_score, percentiles."""
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(80, int), np.ones(120, int)]
+    scores = (rng.normal(size=200) + labels).round(1)
+    negatives, positives = scores[labels == 0], scores[labels == 1]
+    reference = np.percentile(
+        [roc_auc_score(labels, np.r_[rng.choice(negatives, 80), rng.choice(positives, 120)]) for _ in range(3000)],
+        [2.5, 97.5],
+    )
+    np.testing.assert_allclose(metrics.bootstrap_auroc_ci(labels, scores, resamples=3000), reference, atol=0.01)
+
+
 @pytest.mark.parametrize("sigma", [4.0, 1.5, 0.0])
 def test_separable_blur_equals_scipy_gaussian_filter(sigma):
     """Any sigma gets its own 4-sigma kernel; sigma 0 is no blur (it was NaN, and the radius was fixed)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import bootstrap, rankdata
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
@@ -32,23 +33,34 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(average_precision_score(labels, scores)) if _both_classes(labels) else None
 
 
+def pairwise_auroc(negatives: np.ndarray, positives: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC as the Mann-Whitney statistic: the share of (defect, good) pairs where the defect image
+    scores higher, ties counting half; equal to roc_auc_score, but along `axis` of stacked samples."""
+    ranks = rankdata(np.concatenate([negatives, positives], axis=axis), axis=axis)
+    n_negatives, n_positives = negatives.shape[axis], positives.shape[axis]
+    positive_rank_sum = np.take(ranks, np.arange(n_negatives, n_negatives + n_positives), axis=axis).sum(axis)
+    return (positive_rank_sum - n_positives * (n_positives + 1) / 2) / (n_positives * n_negatives)
+
+
 def bootstrap_auroc_ci(
     labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float] | None:
     """Percentile CI of the AUROC, resampling good and defect images separately (so every
-    resample has both classes and the class balance of the test set)."""
+    resample has both classes and the class balance of the test set). All resamples are
+    ranked at once: a loop of roc_auc_score took seconds per class."""
     if not _both_classes(labels):
         return None
-    rng = np.random.default_rng(seed)
-    negatives, positives = scores[labels == 0], scores[labels == 1]
-    resample_labels = np.r_[np.zeros(negatives.size), np.ones(positives.size)]
-    aurocs = np.empty(resamples)
-    for i in range(resamples):
-        resampled = np.r_[rng.choice(negatives, negatives.size), rng.choice(positives, positives.size)]
-        aurocs[i] = roc_auc_score(resample_labels, resampled)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(aurocs, [tail, 100 - tail])
-    return float(low), float(high)
+    interval = bootstrap(
+        (scores[labels == 0], scores[labels == 1]),
+        pairwise_auroc,
+        n_resamples=resamples,
+        confidence_level=level,
+        method="percentile",
+        vectorized=True,
+        paired=False,
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None:
