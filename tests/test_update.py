@@ -58,11 +58,17 @@ def _parts(texture_root: Path, tmp_path: Path, count: int) -> list[list[Path]]:
 
 
 VARIANT = ("--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_max")
+SHRUNK_NON_SQUARE = ("--covariance", "ledoit_wolf", "--resize", "48x72", "--cropsize", "0")
 
 
 @pytest.mark.parametrize(
     "count, other",
-    [(2, ()), pytest.param(5, (), marks=pytest.mark.slow), pytest.param(2, VARIANT, marks=pytest.mark.slow)],
+    [
+        (2, ()),
+        pytest.param(5, (), marks=pytest.mark.slow),
+        pytest.param(2, VARIANT, marks=pytest.mark.slow),
+        pytest.param(2, SHRUNK_NON_SQUARE, marks=pytest.mark.slow),
+    ],
 )
 def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_images(texture_root, tmp_path, count, other):
     """fit(part 1), then update.py with each further part in turn: the mean and the precision factor equal a
@@ -89,9 +95,16 @@ def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_image
     loaded = build(content, path, weights, CPU, 8)
     updated = loaded.scorer.stats
     scorer = loaded.scorer
-    assert (scorer.projection is not None, scorer.neighbourhood, scorer.image_score) == (
-        (True, 3, "grid_max") if other else (False, 1, "map_max")
+    settings = (scorer.projection is not None, scorer.neighbourhood, scorer.image_score, scorer.covariance)
+    assert (
+        settings
+        == {
+            (): (False, 1, "map_max", "empirical"),
+            VARIANT: (True, 3, "grid_max", "empirical"),
+            SHRUNK_NON_SQUARE: (False, 1, "map_max", "ledoit_wolf"),
+        }[other]
     )
+    assert loaded.geometry.input_size == ((48, 72) if other == SHRUNK_NON_SQUARE else (56, 56))
     reference = Padim(
         scorer.extractor,
         scorer.index,
@@ -102,6 +115,8 @@ def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_image
         projection=scorer.projection,
         neighbourhood=scorer.neighbourhood,
         image_score=scorer.image_score,
+        covariance=scorer.covariance,
+        epsilon=scorer.epsilon,
     )
     fit = FitConfig(batch_size=8, num_workers=0, threshold_quantile=original["threshold_provenance"]["quantile"])
     loader = trainer.class_loader(trainer.good_samples(fitted), loaded.geometry, fit, 0, CPU)
