@@ -309,7 +309,7 @@ BROKEN = {
     "truncated": "truncated or damaged",
     "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
-    "before_checksums": "model format version 4, this tool reads versions 5 to 7 "
+    "before_checksums": "model format version 4, this tool reads versions 5 to 8 "
     "(earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",
     "changed_threshold": "damaged (checksum mismatch)",
