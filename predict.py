@@ -61,17 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_allow_tf32(parser)
     add_engine_flags(parser)
     parser.add_argument(
-        "--threshold", type=positive_float, help="anomaly threshold, overriding the model's (held-out normal quantile)"
+        "--threshold",
+        type=positive_float,
+        help="anomaly threshold on the image score, overriding the model's (held-out normal quantile); with the "
+        "map_max score it also moves the map threshold regions are drawn against (the same quantity); with a grid "
+        "score the model's map threshold stays (other units)",
     )
     parser.add_argument(
         "--min_region_area",
         type=at_least(1),
         default=PredictConfig.min_region_area,
-        help="regions above the threshold smaller than this many pixels (at the original "
+        help="regions above the map threshold smaller than this many pixels (at the original "
         "resolution) are specks: not in regions.csv, not boxed",
     )
     parser.add_argument(
-        "--save_masks", action="store_true", help="also write masks/<stem>.png: 0/255 pixels above the threshold"
+        "--save_masks", action="store_true", help="also write masks/<stem>.png: 0/255 pixels above the map threshold"
     )
     parser.add_argument(
         "--max_image_pixels",

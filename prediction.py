@@ -28,7 +28,7 @@ from datasets.images import (
     readable_batches,
 )
 from utils.config import PredictConfig
-from utils.padim.anomaly_map import Region, anomaly_regions, to_original_resolution
+from utils.padim.anomaly_map import Region, Thresholds, anomaly_regions, to_original_resolution
 from utils.padim.backbones import float32_precision, pick_device
 from utils.padim.loading import LoadedModel, build, build_graph, read_model
 from utils.padim.model_file import update_history
@@ -46,7 +46,17 @@ from utils.runtime.output_files import (
 
 log = logging.getLogger("padim.predict")
 
-CSV_COLUMNS = ("path", "score", "threshold", "is_anomalous", "anomalous_area_px", "n_regions", "error", "output_name")
+CSV_COLUMNS = (
+    "path",
+    "score",
+    "threshold",
+    "map_threshold",
+    "is_anomalous",
+    "anomalous_area_px",
+    "n_regions",
+    "error",
+    "output_name",
+)
 REGION_COLUMNS = ("path", "region_id", "x", "y", "width", "height", "area_px", "peak_score", "mean_score")
 PREDICTIONS, REGIONS = "predictions.csv", "regions.csv"
 SCORED_WITH = "predictions.json"  # beside predictions.csv: the model and settings its rows were scored with
@@ -120,14 +130,15 @@ class WithOriginal:
 
 @dataclass(frozen=True)
 class OutputWriter:
-    """Heat map, overlay (and mask) of one image at its original resolution.
+    """Heat map, overlay (and mask) of one image at its original resolution, against the map threshold
+    (utils.padim.anomaly_map.Thresholds.map: the map's units, whatever the image score).
 
     Called from a background thread: PNG encoding and the projection release the GIL, so the
     files of one batch are written while the backbone runs on the next.
     """
 
     out_dir: Path
-    threshold: float
+    map_threshold: float
     geometry: Geometry
     save_masks: bool
     table: np.ndarray
@@ -138,7 +149,7 @@ class OutputWriter:
         self, amap: torch.Tensor, original: np.ndarray | None, name: str, path: Path
     ) -> tuple[int, list[Region]]:
         """Write the files of one image (`original` None: decoded from `path` here); returns its pixels above
-        the threshold and its regions. Colours are computed BAND_ROWS rows at a time into the outputs."""
+        the map threshold and its regions. Colours are computed BAND_ROWS rows at a time into the outputs."""
         if original is None:
             original = np.asarray(read_rgb(path, self.max_pixels))
         height, width = original.shape[:2]
@@ -146,15 +157,15 @@ class OutputWriter:
         heat, overlay = np.empty_like(original), np.empty_like(original)
         for top in range(0, height, BAND_ROWS):
             band = slice(top, top + BAND_ROWS)
-            heat[band] = heat_colours(full[band], HEAT_SCALE_TOP * self.threshold, self.table)
+            heat[band] = heat_colours(full[band], HEAT_SCALE_TOP * self.map_threshold, self.table)
             overlay[band] = blend_overlay(original[band], heat[band])
         del original
         write_png(heat, self.out_dir / "heatmaps" / f"{name}.png")
         del heat
-        regions = anomaly_regions(full, self.threshold, self.min_region_area)
+        regions = anomaly_regions(full, self.map_threshold, self.min_region_area)
         write_png(draw_regions(overlay, regions), self.out_dir / "overlays" / f"{name}.png")
         del overlay
-        above = full > self.threshold
+        above = full > self.map_threshold
         if self.save_masks:
             write_png(above.astype(np.uint8) * 255, self.out_dir / "masks" / f"{name}.png")
         return int(above.sum()), regions
@@ -194,7 +205,7 @@ def score_images(
     todo: list[int],
     rows: list[dict],
     names: list[str],
-    threshold: float,
+    thresholds: Thresholds,
     config: PredictConfig,
 ) -> list[dict]:
     """Score the images `todo` indexes (into `rows`, one per input image: its score and outputs, or why it
@@ -209,7 +220,7 @@ def score_images(
     loader = image_loader(WithOriginal(images), config.batch_size, config.num_workers, model.scorer.device)
     write = OutputWriter(
         config.output,
-        threshold,
+        thresholds.map,
         model.geometry,
         config.save_masks,
         heat_colour_table(),
@@ -244,7 +255,7 @@ def score_images(
                 if ok
             ]
             for index, score, ok in zip(indices, scores.tolist(), finite):
-                rows[index].update(score=_number(score), is_anomalous=str(score > threshold or not ok))
+                rows[index].update(score=_number(score), is_anomalous=str(score > thresholds.image or not ok))
                 if not ok:
                     rows[index]["error"] = NON_FINITE_ERROR
             done.extend(indices)
@@ -318,10 +329,24 @@ def run(config: PredictConfig, progress: Progress) -> int:
     rows = [{"path": str(path)} for path in paths]
     csv_path = config.output / PREDICTIONS
     with folder_lock(config.output, "output folder", PredictError), float32_precision(devices.allow_tf32):
-        threshold = config.threshold if config.threshold is not None else model.threshold
+        thresholds = model.thresholds
         if config.threshold is not None:
-            log.info("threshold %.4f from --threshold (the model's is %.4f)", threshold, model.threshold)
-        log.info("heat map colour scale: 0 .. %.4f (%g x threshold)", HEAT_SCALE_TOP * threshold, HEAT_SCALE_TOP)
+            thresholds = thresholds.with_image_threshold(config.threshold, model.image_score)
+            log.info(
+                "threshold %.4f from --threshold (the model's is %.4f); map threshold %.4f (%s)",
+                thresholds.image,
+                model.thresholds.image,
+                thresholds.map,
+                "the same quantity with the map_max score, it moves too"
+                if model.image_score == "map_max"
+                else f"the model's: its {model.image_score} score is in other units than the map",
+            )
+        log.info(
+            "regions and masks: map pixels above %.4f; heat map colour scale: 0 .. %.4f (%g x map threshold)",
+            thresholds.map,
+            HEAT_SCALE_TOP * thresholds.map,
+            HEAT_SCALE_TOP,
+        )
         scored_with = json.loads(json.dumps({**model.identity, **config.settings(), "device_type": device.type}))
         earlier = earlier_rows(config.output, scored_with, rows, names)
         if earlier is None:
@@ -348,9 +373,9 @@ def run(config: PredictConfig, progress: Progress) -> int:
             rows[position[row["path"]]] = row
         todo = [index for index, row in enumerate(rows) if "score" not in row]
         for index in todo:
-            rows[index]["threshold"] = _number(threshold)
+            rows[index].update(threshold=_number(thresholds.image), map_threshold=_number(thresholds.map))
         if todo:
-            regions += score_images(model, todo, rows, names, threshold, config)
+            regions += score_images(model, todo, rows, names, thresholds, config)
         write_csv(sorted(regions, key=lambda region: position[region["path"]]), config.output / REGIONS, REGION_COLUMNS)
         write_csv(rows, csv_path, CSV_COLUMNS)
     scored = [row for row in rows if row.get("score")]
@@ -359,7 +384,8 @@ def run(config: PredictConfig, progress: Progress) -> int:
     skipped = f" ({len(kept)} of them by an earlier run: skipped)" if kept else ""
     print(
         f"{len(scored) - non_finite} of {len(rows)} images scored{skipped}, {anomalous} anomalous (threshold "
-        f"{threshold:.4f}), {len(rows) - len(scored)} unreadable, {non_finite} non-finite (reported anomalous)"
+        f"{thresholds.image:.4f}; regions above map threshold {thresholds.map:.4f}), {len(rows) - len(scored)} "
+        f"unreadable, {non_finite} non-finite (reported anomalous)"
     )
     print(f"predictions: {csv_path}")
     if non_finite:

@@ -40,7 +40,7 @@ from utils.config import DeviceConfig, FitConfig, ModelConfig
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import ClassEvaluation, MapSummary
-from utils.padim.anomaly_map import to_original_resolution
+from utils.padim.anomaly_map import Thresholds, map_maxima, to_original_resolution
 from utils.padim.backbones import FeatureExtractor, pick_device
 from utils.padim.embedding import channel_index, semi_orthogonal_matrix
 from utils.padim.model import GaussianStats, GridMismatchError, Padim
@@ -207,7 +207,7 @@ def score_samples(
     """Scores of every readable sample; each batch's maps are folded into `maps` (when given) and dropped,
     so memory does not grow with the number of images."""
     skipped: list[str] = []
-    kept, scores = [], []
+    kept, scores, maxima = [], [], []
     loader = class_loader(samples, geometry, fit, seed, model.device)
     batches = readable_batches(loader, description, lambda _, reason: skipped.append(reason))
     for batch, batch_maps, batch_scores in model.stream_anomaly_maps((batch, batch.images) for batch in batches):
@@ -218,9 +218,11 @@ def score_samples(
             maps.add(batch_samples, batch_scores.numpy(), batch_maps.numpy(), batch.masks.numpy(), display, frames)
         kept.extend(batch_samples)
         scores.append(batch_scores.numpy())
+        maxima.append(map_maxima(batch_maps).numpy())
     return ScoredSet(
         samples=kept,
         scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        map_maxima=np.concatenate(maxima) if maxima else np.zeros(0, np.float32),
         skipped=len(skipped),
         maps=maps,
     )
@@ -321,24 +323,30 @@ def cached_model(path: Path, identity: dict, projection: torch.Tensor | None) ->
 
 def threshold_of(
     model: Padim, samples: list[Sample], source: str, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
-) -> tuple[float, dict, list[Sample], int]:
-    """Operating threshold: the quantile of good `samples`' scores. Each rank scores its part; every rank gets
-    every score, so all agree on the threshold (and on a failure). Returns (threshold, provenance, the
-    samples scored, this rank's unreadable images)."""
+) -> tuple[Thresholds, dict, list[Sample], int]:
+    """Operating threshold: the quantile of good `samples`' scores, and the map threshold, the same quantile of
+    the same maps' maxima (one scoring pass gives both). Each rank scores its part; every rank gets every
+    score, so all agree on the thresholds (and on a failure). Returns (thresholds, provenance, the samples
+    scored, this rank's unreadable images)."""
     scored = score_samples(model, ranks.part(samples), geometry, fit, seed, "threshold")
     scores = np.concatenate(ranks.everyone(scored.scores))
+    maxima = np.concatenate(ranks.everyone(scored.map_maxima))
     if scores.size == 0:
         raise DataError("no readable image to set the threshold")
     require_finite_scores(scores, "threshold images")
-    value = metrics.threshold_from_normals(scores, fit.threshold_quantile)
+    require_finite_scores(maxima, "threshold images' maps")
+    thresholds = Thresholds(
+        metrics.threshold_from_normals(scores, fit.threshold_quantile),
+        metrics.threshold_from_normals(maxima, fit.threshold_quantile),
+    )
     provenance = {"source": source, "quantile": fit.threshold_quantile, "n_images": int(scores.size)}
     kept = [sample for part in ranks.everyone(scored.samples) for sample in part]
-    return value, provenance, kept, scored.skipped
+    return thresholds, provenance, kept, scored.skipped
 
 
 def threshold_from_holdout(
     model: Padim, split: ClassSplit, geometry: Geometry, fit: FitConfig, seed: int, ranks: World
-) -> tuple[float, dict, list[Sample], int]:
+) -> tuple[Thresholds, dict, list[Sample], int]:
     """Operating threshold from held-out good images; from the fit images only when there are none (threshold_of)."""
     source, samples = HELD_OUT_SOURCE, split.holdout
     if not samples:
@@ -361,12 +369,12 @@ def fit_or_load(
     identity: dict,
     model_path: Path,
     ranks: World,
-) -> tuple[float, dict, int]:
-    """Fit the Gaussian and set the threshold, or take both from a matching cached model file.
+) -> tuple[Thresholds, dict, int]:
+    """Fit the Gaussian and set the thresholds, or take them from a matching cached model file.
 
     Rank 0 decides on the cached model and shares it; each rank fits its part of the images and the
     sums are added up (Padim.fit's peers). A saved model keeps the sums and the threshold's images, so
-    that update.py can add images to it exactly. Returns (threshold, provenance, this rank's unreadable
+    that update.py can add images to it exactly. Returns (thresholds, provenance, this rank's unreadable
     images)."""
     cached = ranks.from_root(
         reusable_model(model_path, identity, model.projection, fit.save_distribution) if ranks.is_root else None
@@ -374,7 +382,8 @@ def fit_or_load(
     if cached is not None:
         content, stats = cached
         model.use(stats)
-        return content["threshold"], content["threshold_provenance"], 0
+        thresholds = Thresholds(content["threshold"], content["map_threshold"])
+        return thresholds, content["threshold_provenance"], 0
     augment = build_flips(fit.flips.horizontal, fit.flips.vertical, fit.flips.probability) if fit.flips else None
     skipped: list[str] = []
     torch.manual_seed(seed)
@@ -383,7 +392,7 @@ def fit_or_load(
     stats = model.fit((batch.images for batch in batches), peers=ranks, keep_sums=fit.save_distribution)
     if not stats.is_finite():
         raise NonFiniteError("the fitted mean or precision factor holds a non-finite number")
-    threshold, provenance, scored, threshold_skipped = threshold_from_holdout(model, split, geometry, fit, seed, ranks)
+    thresholds, provenance, scored, threshold_skipped = threshold_from_holdout(model, split, geometry, fit, seed, ranks)
     if fit.save_distribution and ranks.is_root:
         save_model(
             model_path,
@@ -394,7 +403,8 @@ def fit_or_load(
                 "normalization_mean": list(IMAGENET_MEAN),
                 "normalization_std": list(IMAGENET_STD),
                 **stats_content(stats),
-                "threshold": threshold,
+                "threshold": thresholds.image,
+                "map_threshold": thresholds.map,
                 "threshold_provenance": provenance,
                 "threshold_images": threshold_record(scored),
                 "updates": [],
@@ -402,7 +412,7 @@ def fit_or_load(
             },
         )
         log.info("saved model %s", model_path)
-    return threshold, provenance, len(skipped) + threshold_skipped
+    return thresholds, provenance, len(skipped) + threshold_skipped
 
 
 def unchanged(path: Path, digest: str) -> bool:
@@ -487,7 +497,7 @@ def update_model(content: dict, model: Padim, paths: list[Path], geometry: Geome
     if not threshold_images:
         log.warning("no held-out image left to set the threshold on: it is taken from the added training images")
         source, threshold_images = TRAINING_SOURCE, read
-    threshold, provenance, scored, threshold_skipped = threshold_of(
+    thresholds, provenance, scored, threshold_skipped = threshold_of(
         model, threshold_images, source, geometry, fit, seed, World()
     )
     old = content["threshold_provenance"]["n_images"]
@@ -506,19 +516,22 @@ def update_model(content: dict, model: Padim, paths: list[Path], geometry: Geome
         "skipped": len(skipped) + threshold_skipped,
         "digest": added,
         "n_train": stats.count,
-        "threshold": threshold,
+        "threshold": thresholds.image,
+        "map_threshold": thresholds.map,
         "threshold_images": provenance["n_images"],
         "threshold_images_missing": missing,
     }
     log.info(
-        "added %d images to the fit (%d -> %d) and %d to the threshold's; threshold %.4f -> %.4f from %d images "
-        "(%d of the model's, rescored)",
+        "added %d images to the fit (%d -> %d) and %d to the threshold's; threshold %.4f -> %.4f, map threshold "
+        "%.4f -> %.4f from %d images (%d of the model's, rescored)",
         len(read),
         before,
         stats.count,
         len(added_held_out),
         content["threshold"],
-        threshold,
+        thresholds.image,
+        content["map_threshold"],
+        thresholds.map,
         provenance["n_images"],
         rescored,
     )
@@ -527,7 +540,8 @@ def update_model(content: dict, model: Padim, paths: list[Path], geometry: Geome
         **kept,
         **stats_content(stats),
         "fingerprint": hashlib.sha256((content["fingerprint"] + added).encode()).hexdigest(),
-        "threshold": threshold,
+        "threshold": thresholds.image,
+        "map_threshold": thresholds.map,
         "threshold_provenance": {**provenance, "n_missing": missing},
         "threshold_images": threshold_record(scored),
         "updates": [*updates, record],
@@ -581,21 +595,22 @@ def run_class(
         model_config, fit, weights_id, list(extractor.layers), model.index, fingerprint, extractor.precision, model.dims
     )
     start = time.perf_counter()
-    threshold, provenance, fit_skipped = fit_or_load(
+    thresholds, provenance, fit_skipped = fit_or_load(
         model, split, geometry, fit, seed, identity, out_dir / MODEL_FILENAME, ranks
     )
     fit_seconds = time.perf_counter() - start
     log.info(
-        "%s: threshold %.4f from %s (quantile %.3f of %d images)",
+        "%s: threshold %.4f, map threshold %.4f, from %s (quantile %.3f of %d images)",
         split.name,
-        threshold,
+        thresholds.image,
+        thresholds.map,
         provenance["source"],
         provenance["quantile"],
         provenance["n_images"],
     )
 
     start = time.perf_counter()
-    summary = MapSummary(threshold, geometry.input_size, fit.max_visualizations)
+    summary = MapSummary(thresholds, geometry.input_size, fit.max_visualizations)
     scored = score_samples(model, ranks.part(split.test), geometry, fit, seed, "score", summary)
     scored.skipped += fit_skipped
     parts = ranks.to_root(scored)
@@ -605,14 +620,14 @@ def run_class(
     if scored.scores.size == 0:
         raise DataError("no readable test image")
     require_finite_scores(scored.scores, "test images")
-    result = evaluate(scored, threshold, split.name, has_ground_truth)
+    result = evaluate(scored, thresholds, split.name, has_ground_truth)
     eval_seconds = time.perf_counter() - start
     write_scores(result, out_dir / SCORES_FILENAME)
     if len(result.defect_types):
         log.info(
             "%s: per defect type at threshold %.4f:\n%s",
             split.name,
-            threshold,
+            thresholds.image,
             result.defect_types.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"),
         )
     atomic_write(

@@ -3,9 +3,10 @@
 `update.py --model <class results folder | padim_model.pt> --add <image | folder | glob>... --output <folder>`
 writes <folder>/padim_model.pt: PaDiM's statistics are sums, so adding the new images' sums gives the
 statistics of one fit on the old and the new good images together, for the cost of the new images'
-forward passes. The model's hold-out share of the new images is held out, and the threshold is set
-again on the images it was set on (those still there unchanged) and the new held-out ones. The input
-model is never modified; the update is recorded in the new model (predict.py logs it).
+forward passes. The model's hold-out share of the new images is held out, and the threshold (and the
+map threshold regions are drawn against) is set again on the images it was set on (those still there
+unchanged) and the new held-out ones. The input model is never modified; the update is recorded in the
+new model (predict.py logs it).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{last['fitted']} images added to the fit and {last['held_out']} to the threshold's, {last['skipped']} "
         f"unreadable; {updated['n_train']} fitted images in all; threshold {content['threshold']:.4f} -> "
-        f"{updated['threshold']:.4f} from {updated['threshold_provenance']['n_images']} images"
+        f"{updated['threshold']:.4f}, map threshold {content['map_threshold']:.4f} -> {updated['map_threshold']:.4f}, "
+        f"from {updated['threshold_provenance']['n_images']} images"
     )
     print(f"model: {target}")
     return 0

@@ -60,3 +60,15 @@ def trained(texture_root: Path, tmp_path_factory) -> Trained:
     model_dir = results / "r" / "brick"
     content = torch.load(model_dir / "padim_model.pt", weights_only=True)
     return Trained(model_dir, captured, content["threshold"])
+
+
+@pytest.fixture(scope="session")
+def grid_max_model(texture_root: Path, tmp_path_factory) -> Path:
+    """brick trained once with the grid_max image score, the semi-orthogonal projection and the 3 x 3
+    neighbourhood (random-init resnet18): its class results folder, with padim_model.pt and scores.csv."""
+    results = tmp_path_factory.mktemp("grid_max_results")
+    flags = [*TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(results)]
+    variant = ["--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_max"]
+    with no_class_figures():
+        assert run_experiment.main([*flags, *variant]) == 0
+    return results / "r" / "brick"

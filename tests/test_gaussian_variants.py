@@ -269,5 +269,5 @@ def test_a_version_6_model_file_is_an_empirical_model_and_can_still_be_updated(s
     flags = ["--model", str(tmp_path / "old"), "--add", str(added[0]), "--output", str(tmp_path / "u")]
     assert update.main([*flags, "--device", "cpu", "--batch_size", "8"]) == 0
     updated = load_model(tmp_path / "u")
-    assert updated["format_version"] == 7 and "sums_fourth" not in updated
+    assert updated["format_version"] == 8 and "sums_fourth" not in updated
     assert updated["n_train"] == content["n_train"] + 1

@@ -22,7 +22,7 @@ from trainer import warn_on_crop_losses
 from utils.evaluation import metrics
 from utils.evaluation.results import defect_type_table
 from utils.evaluation.summary import ClassEvaluation, MapSummary
-from utils.padim.anomaly_map import anomaly_regions, to_original_resolution
+from utils.padim.anomaly_map import Thresholds, anomaly_regions, to_original_resolution
 from utils.reporting.images import OUTLINE_COLOUR, draw_regions
 
 Z95 = 1.959963984540054
@@ -78,10 +78,10 @@ def _evaluation(has_ground_truth: bool = True) -> tuple[ClassEvaluation, np.ndar
     for i in range(6, 13):
         masks[i, 2:5, 3:6] = True
         maps[i, 2:5, 3:6] += 0.5 * (i % 3)
-    summary = MapSummary(4.0, (8, 8), 0)
+    summary = MapSummary(Thresholds(4.0, 4.0), (8, 8), 0)
     frames = list(zip(maps, masks))  # the evaluation frame is the model input here
     summary.add(samples, scores, maps, masks, lambda i: np.zeros((8, 8, 3), np.uint8), frames)
-    return ClassEvaluation("part", samples, scores, summary, 4.0, has_ground_truth), maps, masks
+    return ClassEvaluation("part", samples, scores, summary, 4.0, 4.0, has_ground_truth), maps, masks
 
 
 def test_defect_types_recall_and_auroc_against_sklearn():

@@ -100,6 +100,7 @@ def test_exported_graph_scores_equal_torch(name: str, exported, texture_root: Pa
     description = json.loads(description_path(graph).read_text())
     assert (
         description["threshold"] == content["threshold"]
+        and description["map_threshold"] == content["map_threshold"]
         and description["input_size"] == [content["cropsize"] or content["resize"]] * 2
     )
     assert description["source_model_checksum"] == content["checksum"]
@@ -121,6 +122,7 @@ def test_predict_with_the_graph_writes_what_the_model_file_writes(name: str, exp
     assert list(pt.columns) == list(onnx.columns) and list(pt.path) == list(onnx.path)
     np.testing.assert_allclose(onnx.score, pt.score, rtol=1e-4)
     assert list(onnx.is_anomalous) == list(pt.is_anomalous) and (onnx.threshold == pt.threshold).all()
+    assert (onnx.map_threshold == pt.map_threshold).all()  # regions drawn against the same map threshold
     for folder in ("heatmaps", "overlays"):
         assert sorted(p.name for p in (tmp_path / "pt" / folder).iterdir()) == sorted(
             p.name for p in (tmp_path / "onnx" / folder).iterdir()

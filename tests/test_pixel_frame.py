@@ -17,6 +17,7 @@ from datasets.images import Batch, Geometry, Sample, evaluation_frame, frame_mas
 from tests.helpers import CPU_RUN_FLAGS
 from utils.evaluation import metrics
 from utils.evaluation.summary import MapSummary
+from utils.padim.anomaly_map import Thresholds
 
 
 def test_pixels_outside_the_crop_score_the_minimum_and_count():
@@ -38,7 +39,7 @@ def test_pixels_outside_the_crop_score_the_minimum_and_count():
     np.testing.assert_allclose(frame_map, expected, rtol=0, atol=1e-6)
     assert frame_defects is mask
 
-    summary = MapSummary(2.0, (2, 2), 0)
+    summary = MapSummary(Thresholds(2.0, 2.0), (2, 2), 0)
     samples = [Sample(Path("crack.png"), 1, "crack", Path("crack_mask.png"))]
     summary.add(samples, np.array([4.0]), amap[None].numpy(), np.zeros((1, 2, 2), bool), None, [(frame_map, mask)])
     pixels = summary.pixel_histogram()

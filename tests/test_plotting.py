@@ -15,6 +15,7 @@ from datasets.images import Sample
 from utils.evaluation import metrics
 from utils.evaluation.results import ScoredSet, evaluate
 from utils.evaluation.summary import CATEGORIES, CLOSEST_CALLS, ClassEvaluation, MapSummary, outcome
+from utils.padim.anomaly_map import Thresholds
 from utils.reporting import plotting
 
 SIZE = 64
@@ -79,14 +80,15 @@ def synthetic(with_masks: bool = True, good_only: bool = False) -> Synthetic:
 def make_result(with_masks: bool = True, good_only: bool = False, limit: int = 2) -> ClassEvaluation:
     """The synthetic set folded into a MapSummary in batches of 5, evaluated by the real `results.evaluate`."""
     data = synthetic(with_masks, good_only)
-    summary = MapSummary(data.threshold, (SIZE, SIZE), limit)
+    thresholds = Thresholds(data.threshold, data.threshold)
+    summary = MapSummary(thresholds, (SIZE, SIZE), limit)
     for start in range(0, len(data.samples), 5):
         rows = slice(start, start + 5)
         display = partial(lambda offset, i: data.images[offset + i], start)
         frames = list(zip(data.maps[rows], data.masks[rows]))  # the evaluation frame is the model input here
         summary.add(data.samples[rows], data.scores[rows], data.maps[rows], data.masks[rows], display, frames)
-    scored = ScoredSet(data.samples, data.scores, skipped=0, maps=summary)
-    return evaluate(scored, data.threshold, "synthetic", has_ground_truth=with_masks)
+    scored = ScoredSet(data.samples, data.scores, data.maps.reshape(len(data.maps), -1).max(1), skipped=0, maps=summary)
+    return evaluate(scored, thresholds, "synthetic", has_ground_truth=with_masks)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def summary_over(
     first absorbs, as the ranks of a distributed run do; threshold 4, no defect pixels, 4 x 4 maps."""
     summaries, start = [], 0
     for size in batches:
-        summary = MapSummary(4.0, (4, 4), limit)
+        summary = MapSummary(Thresholds(4.0, 4.0), (4, 4), limit)
         rows = slice(start, start + size)
         masks = np.zeros((size, 4, 4), bool)
         summary.add(samples[rows], scores[rows], maps[rows], masks, lambda i: maps[0], list(zip(maps[rows], masks)))
@@ -372,7 +374,7 @@ def test_heat_maps_share_the_class_scale(result):
     data = synthetic()
     scale = plotting.class_colour_scale(np.array([result.maps.low, result.maps.high]))
     assert (scale.vmin, scale.vmax) == (float(data.maps.min()), float(data.maps.max()))
-    drawer = plotting.ImageFigure((SIZE, SIZE), scale, result.threshold)
+    drawer = plotting.ImageFigure((SIZE, SIZE), scale, result.map_threshold)
     for index in (0, len(data.samples) - 1):
         drawer.draw(data.images[index], data.maps[index], data.masks[index], "t")
         assert drawer.heat_panel.get_clim() == (scale.vmin, scale.vmax)

@@ -19,9 +19,8 @@ from torchvision.transforms import v2
 
 import predict
 import prediction
-import run_experiment
 from datasets.images import Geometry
-from tests.helpers import PREDICT_FLAGS, ROOT, TRAIN_FLAGS, Trained
+from tests.helpers import PREDICT_FLAGS, ROOT, Trained
 from utils.padim.anomaly_map import to_original_resolution
 from utils.padim.backbones import load_backbone
 from utils.padim.model_file import content_checksum, save_model
@@ -296,6 +295,8 @@ def _broken_model(kind: str, trained: Trained, folder: Path, marker: Path) -> Pa
         _resealed({**_real_content(trained), "precision_factor": torch.zeros(196, 100, 100)}, path)
     elif kind == "threshold_nan":
         _resealed({**_real_content(trained), "threshold": float("nan")}, path)
+    elif kind == "map_threshold_zero":
+        _resealed({**_real_content(trained), "map_threshold": 0.0}, path)
     elif kind == "malicious_torch":
         torch.save({"format": "padim-suite-model", "payload": MarkerPayload(marker)}, path)
     elif kind == "malicious_pickle":
@@ -309,11 +310,12 @@ BROKEN = {
     "truncated": "truncated or damaged",
     "zero_bytes": "empty file, not a model",
     "old_format": "format version 0",
-    "before_checksums": "model format version 4, this tool reads versions 5 to 7 "
+    "before_checksums": "model format version 4, this tool reads versions 5 to 8 "
     "(earlier files carry no checksum); retrain it",
     "changed_number": "damaged (checksum mismatch)",
     "changed_threshold": "damaged (checksum mismatch)",
     "threshold_nan": "threshold nan is not a positive finite number",
+    "map_threshold_zero": "map_threshold 0.0 is not a positive finite number",
     "not_a_dict": "not a PaDiM suite model file",
     "unknown_backbone": "'vgg99' is unknown",
     "factor_blocks_wrong": "statistics shapes do not match",
@@ -476,13 +478,10 @@ def test_a_graph_description_given_as_the_model_points_to_its_graph(tmp_path, ca
     assert err.count("\n") == 1 and f"pass --model {graph}" in err
 
 
-def test_predict_reproduces_a_variant_models_scores(texture_root: Path, tmp_path: Path):
+def test_predict_reproduces_a_variant_models_scores(grid_max_model: Path, texture_root: Path, tmp_path: Path):
     """A model with the semi-orthogonal projection, the 3 x 3 neighbourhood and the grid_max score: predict.py
     gives the scores (and calls) run_experiment wrote in scores.csv within 1e-4, from the stored projection."""
-    flags = [*TRAIN_FLAGS, "--data_path", str(texture_root / "brick"), "--base_results_dir", str(tmp_path)]
-    variant = ["--projection", "semi_orthogonal", "--neighbourhood", "3", "--image_score", "grid_max"]
-    assert run_experiment.main([*flags, *variant]) == 0
-    model_dir = tmp_path / "r" / "brick"
+    model_dir = grid_max_model
     expected = pd.read_csv(model_dir / "scores.csv")
     threshold = torch.load(model_dir / "padim_model.pt", weights_only=True)["threshold"]
     out = tmp_path / "out"

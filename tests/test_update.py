@@ -123,11 +123,12 @@ def test_updates_equal_one_fit_on_all_the_images_and_rescore_the_threshold_image
     stats = reference.fit(batch.images for batch in loader)
     assert _relative_difference(updated.mean, stats.mean) < 1e-5
     assert _relative_difference(updated.factor.dense(), stats.factor.dense()) < 1e-5
-    threshold, provenance, _, _ = trainer.threshold_of(
+    thresholds, provenance, _, _ = trainer.threshold_of(
         reference, trainer.good_samples(sorted(threshold_images)), "", loaded.geometry, fit, 0, trainer.World()
     )
     assert provenance["n_images"] == len(threshold_images) == content["threshold_provenance"]["n_images"]
-    assert abs(threshold - content["threshold"]) <= 1e-5 * threshold
+    assert abs(thresholds.image - content["threshold"]) <= 1e-5 * thresholds.image
+    assert abs(thresholds.map - content["map_threshold"]) <= 1e-5 * thresholds.map
     assert load_model(tmp_path / "results" / "r" / "brick" / "padim_model.pt")["checksum"] == original["checksum"]
 
 

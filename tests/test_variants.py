@@ -260,7 +260,7 @@ def test_a_run_of_several_variants_records_each_in_its_folder_and_the_comparison
         folder = tmp_path / "mvtec_comparison" / row.configuration
         recorded = json.loads((folder / "experiment.json").read_text())
         content = torch.load(folder / "brick" / "padim_model.pt", weights_only=True)
-        assert content["format_version"] == 7
+        assert content["format_version"] == 8
         for key, default in (("projection", "random"), ("image_score", "map_max")):
             value = getattr(row, key)
             assert recorded.get(key, default) == value == content["training_config"].get(key, default)

@@ -13,6 +13,7 @@ import pandas as pd
 from datasets.images import Sample
 from utils.evaluation import metrics
 from utils.evaluation.summary import ClassEvaluation, MapSummary
+from utils.padim.anomaly_map import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ RESULT_COLUMNS = [
     "class_name",
     "roc_auc",
     "optimal_threshold",
+    "map_threshold",
     "precision",
     "recall",
     "f1_score",
@@ -54,10 +56,12 @@ RESULT_COLUMNS = [
 
 @dataclass
 class ScoredSet:
-    """Scores of the readable samples of a set, in order, and (test sets) the summary of their maps."""
+    """Scores of the readable samples of a set, in order, their maps' maxima (what a map threshold is a quantile
+    of: utils.padim.anomaly_map.map_maxima), and (test sets) the summary of their maps."""
 
     samples: list[Sample]
     scores: np.ndarray
+    map_maxima: np.ndarray
     skipped: int
     maps: MapSummary | None = None
 
@@ -71,14 +75,19 @@ class ScoredSet:
         return cls(
             samples=[sample for part in parts for sample in part.samples],
             scores=np.concatenate([part.scores for part in parts]),
+            map_maxima=np.concatenate([part.map_maxima for part in parts]),
             skipped=sum(part.skipped for part in parts),
             maps=first.maps,
         )
 
 
-def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: bool) -> ClassEvaluation:
-    """All metrics of one class; an undefined one is None and the reason is logged."""
-    result = ClassEvaluation(name, scored.samples, scored.scores, scored.maps, threshold, has_ground_truth)
+def evaluate(scored: ScoredSet, thresholds: Thresholds, name: str, has_ground_truth: bool) -> ClassEvaluation:
+    """All metrics of one class (the image ones at `thresholds.image`); an undefined one is None and the reason
+    is logged."""
+    threshold = thresholds.image
+    result = ClassEvaluation(
+        name, scored.samples, scored.scores, scored.maps, threshold, thresholds.map, has_ground_truth
+    )
     labels, scores = result.labels, result.scores
     summary = {
         "roc_auc": metrics.image_auroc(labels, scores),
@@ -96,6 +105,7 @@ def evaluate(scored: ScoredSet, threshold: float, name: str, has_ground_truth: b
     summary.update(
         {
             "optimal_threshold": threshold,
+            "map_threshold": thresholds.map,
             "precision": point.precision,
             "recall": point.recall,
             "f1_score": point.f1,

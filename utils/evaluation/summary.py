@@ -20,6 +20,7 @@ import pandas as pd
 
 from datasets.images import Sample
 from utils.evaluation import metrics
+from utils.padim.anomaly_map import Thresholds
 
 CATEGORIES = ("TN", "FP", "FN", "TP")  # row-major order of the confusion matrix [[TN, FP], [FN, TP]]
 CLOSEST_CALLS = 4  # per kind: the highest-scored good images and the lowest-scored defect images report.html shows
@@ -79,7 +80,7 @@ class KeptImages:
 class MapSummary:
     """What evaluation keeps of a test set's anomaly maps, folded in batch by batch.
 
-    - pixel histograms (metrics.PixelHistogram, on bins fixed around the threshold) of the maps in the
+    - pixel histograms (metrics.PixelHistogram, on bins fixed around the map threshold) of the maps in the
       images' evaluation frames: of the good images, of each defect type's images that have masks, and
       of defect images without one;
     - the sum of the maps per TN/FP/FN/TP, for the mean maps; the lowest and highest map value;
@@ -90,9 +91,9 @@ class MapSummary:
     Summaries of consecutive parts of a test set (ranks of a distributed run) `absorb` each other.
     """
 
-    def __init__(self, threshold: float, size: tuple[int, int], limit: int):
-        self.threshold = threshold
-        self.bins = metrics.ScoreBins.around(threshold)
+    def __init__(self, thresholds: Thresholds, size: tuple[int, int], limit: int):
+        self.threshold = thresholds.image
+        self.bins = metrics.ScoreBins.around(thresholds.map)
         self.images = 0
         self.good_pixels = metrics.PixelHistogram(self.bins)
         self.defect_pixels: dict[str, metrics.PixelHistogram] = {}
@@ -204,6 +205,7 @@ class ClassEvaluation:
     scores: np.ndarray
     maps: MapSummary
     threshold: float
+    map_threshold: float  # utils.padim.anomaly_map.Thresholds.map: the figures' line on map values
     has_ground_truth: bool
     summary: dict = field(default_factory=dict)
     pixel_curves: metrics.PixelCurves | None = None

@@ -1,5 +1,5 @@
 """Patch distances -> smoothed anomaly maps at the model input size -> image scores, and the
-regions of a map above the threshold at the image's original resolution."""
+regions of a map above the map threshold at the image's original resolution."""
 
 from __future__ import annotations
 
@@ -66,13 +66,34 @@ class MapOperator:
         return self.rows @ distances @ self.cols.T
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """A model's two thresholds, the same quantile of the same held-out good images: `image`, of their image
+    scores, decides (score > image); `map`, of their map maxima (map_maxima), is where map pixels count as
+    anomalous: regions, areas, masks, heat-map scales. A grid score is in other units than the blurred map
+    (its maximum is higher), so one number cannot serve both; for map_max the two are equal."""
+
+    image: float
+    map: float
+
+    def with_image_threshold(self, value: float, image_score: str) -> Thresholds:
+        """Another image threshold (predict.py --threshold): for map_max the same quantity as the map
+        threshold, which moves with it; for a grid score the map threshold stays the model's."""
+        return Thresholds(value, value if image_score == "map_max" else self.map)
+
+
+def map_maxima(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) maxima of (B, H, W) maps: the map_max image score, and what the map threshold is a quantile of."""
+    return maps.flatten(1).amax(dim=1)
+
+
 def image_scores(maps: torch.Tensor, distances: torch.Tensor, kind: str = "map_max") -> torch.Tensor:
     """(B,) image scores, in Mahalanobis units, from the (B, S, S) maps and the (B, h, w) distances they
     were made of: map_max, the maximum of the up-sampled, blurred map (PaDiM's); grid_max, the maximum of
     the raw grid (no blur flattens a peak one cell wide); grid_top_k_mean, the mean of its TOP_K_CELLS
     highest cells (all of them on a smaller grid)."""
     if kind == "map_max":
-        return maps.flatten(1).amax(dim=1)
+        return map_maxima(maps)
     cells = distances.flatten(1)
     if kind == "grid_max":
         return cells.amax(dim=1)
@@ -120,7 +141,7 @@ def to_original_resolution(
 
 @dataclass(frozen=True)
 class Region:
-    """A connected area of a map above the threshold: its bounding box, pixel count, peak and mean score."""
+    """A connected area of a map above the map threshold: its bounding box, pixel count, peak and mean score."""
 
     x: int
     y: int

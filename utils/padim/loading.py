@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD, Geometry
+from utils.padim.anomaly_map import Thresholds
 from utils.padim.backbone_specs import BACKBONES, hooked_layers
 from utils.padim.backbones import WeightsError, build_extractor, weights_digest
 from utils.padim.engines import EngineError, engine_extractor, engine_threads
@@ -45,12 +46,15 @@ class LoadedModel:
     `scorer` is the rebuilt Padim, or an exported graph in ONNX Runtime or OpenVINO (`pixels`: it
     takes uint8 model-input pixels instead of normalised tensors); both stream anomaly maps alike.
     `identity` names what scores (the model file's checksum or the graph's sha256, and the engine
-    that runs it): predict.py goes on from an earlier run's rows only for the same identity.
+    that runs it): predict.py goes on from an earlier run's rows only for the same identity. `thresholds`:
+    the image threshold decides, the map threshold draws regions (Thresholds); `image_score` says whether
+    the two are one quantity (map_max).
     """
 
     scorer: Padim | GraphScorer
     geometry: Geometry
-    threshold: float
+    thresholds: Thresholds
+    image_score: str
     identity: dict
 
     @property
@@ -209,7 +213,7 @@ def build(
     )
     padim.use(stats_from_content(content))
     log.info(
-        "model %s: class %s, backbone %s (%s) on %s (%s), input %dx%d, crop %d, threshold %.4f from %s",
+        "model %s: class %s, backbone %s (%s) on %s (%s), input %dx%d, crop %d, threshold %.4f (map %.4f) from %s",
         path,
         content["class_name"],
         content["backbone"],
@@ -219,10 +223,12 @@ def build(
         *geometry.input_size,
         geometry.cropsize,
         content["threshold"],
+        content["map_threshold"],
         content["threshold_provenance"].get("source", "?"),
     )
     identity = {"model_checksum": content["checksum"], "engine": backbone.engine, "precision": backbone.precision}
-    return LoadedModel(padim, geometry, float(content["threshold"]), identity)
+    thresholds = Thresholds(float(content["threshold"]), float(content["map_threshold"]))
+    return LoadedModel(padim, geometry, thresholds, variant["image_score"], identity)
 
 
 def build_graph(path: Path, description: dict, device: torch.device, engine: str, workers: int = 0) -> LoadedModel:
@@ -230,16 +236,18 @@ def build_graph(path: Path, description: dict, device: torch.device, engine: str
     (read_description)."""
     scorer = GraphScorer(path, description, device, graph_engine(path, engine), engine_threads(workers))
     log.info(
-        "graph %s: class %s, backbone %s, input %dx%d, crop %d, threshold %.4f (%s: %s)",
+        "graph %s: class %s, backbone %s, input %dx%d, crop %d, threshold %.4f (map %.4f) (%s: %s)",
         path,
         description["class_name"],
         description["backbone"],
         *description["input_size"],
         description["cropsize"],
         description["threshold"],
+        description["map_threshold"],
         scorer.engine,
         ", ".join(scorer.providers),
     )
     geometry = Geometry(description["resize"], description["cropsize"], description["resize_width"])
     identity = {"graph_sha256": description["graph_sha256"], "engine": scorer.engine}
-    return LoadedModel(scorer, geometry, float(description["threshold"]), identity)
+    thresholds = Thresholds(float(description["threshold"]), float(description["map_threshold"]))
+    return LoadedModel(scorer, geometry, thresholds, description["image_score"], identity)

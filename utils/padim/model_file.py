@@ -9,7 +9,10 @@ name a variant embedding, score or covariance (projection, neighbourhood, image_
 epsilon; absent: the defaults, as in every earlier file), a semi-orthogonal projection's matrix is
 stored (`projection_matrix`), so that scoring never depends on regenerating it, `resize_width` gives
 a height x width input (VARIANT_DEFAULTS: what files of versions 5 and 6 load with), and the sums
-include the fourth moments Ledoit-Wolf needs.
+include the fourth moments Ledoit-Wolf needs. Since version 8 it holds the map threshold beside the
+threshold (`map_threshold`: the same quantile of the held-out good images' map maxima, what regions are
+drawn against); earlier map_max files take their threshold, the same quantity, and earlier files of a grid
+image score, whose threshold is in other units than the map, are refused (load_model).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write
 
 MODEL_FORMAT = "padim-suite-model"
-MODEL_FORMAT_VERSION = 7
+MODEL_FORMAT_VERSION = 8
 UPDATABLE_SINCE = 6  # version 5 files hold no sums: they score, but cannot be updated
 VARIANTS_SINCE = 7  # earlier files load with VARIANT_DEFAULTS
-READABLE_VERSIONS = (5, 6, 7)  # files of earlier versions hold no checksum, cannot be verified and are refused
+MAP_THRESHOLD_SINCE = 8  # earlier map_max files load with their threshold as the map threshold
+READABLE_VERSIONS = (5, 6, 7, 8)  # files of earlier versions hold no checksum, cannot be verified and are refused
 MODEL_FILENAME = "padim_model.pt"
 ENTRY_TYPES = {  # what save_model writes: any other type is a hand-made or damaged file
     "backbone": str,
@@ -72,6 +76,7 @@ VARIANT_ENTRY_TYPES = {  # since version 7: the model's variant settings
     "resize_width": (int, type(None)),  # the width of a height x width input (None: square or short side)
 }
 VARIANT_DEFAULTS = {"resize_width": None}  # what a file before version 7 was fitted with
+MAP_THRESHOLD_ENTRY_TYPES = {"map_threshold": float}  # since version 8
 FOURTH_MOMENT_ENTRY_TYPES = {  # since version 7, absent from models updated from version 6 files: Ledoit-Wolf's sums
     "sums_third": torch.Tensor,
     "sums_fourth": torch.Tensor,
@@ -89,6 +94,7 @@ def entry_types(version: int) -> dict:
         ENTRY_TYPES
         | (UPDATE_ENTRY_TYPES if version >= UPDATABLE_SINCE else {})
         | (VARIANT_ENTRY_TYPES if version >= VARIANTS_SINCE else {})
+        | (MAP_THRESHOLD_ENTRY_TYPES if version >= MAP_THRESHOLD_SINCE else {})
     )
 
 
@@ -413,6 +419,24 @@ def load_model(path: Path) -> dict:
     )
     if mistyped:
         raise ModelFileError(f"{path}: malformed model file, unexpected types of {', '.join(mistyped)}")
-    if not (math.isfinite(content["threshold"]) and content["threshold"] > 0):
-        raise ModelFileError(f"{path}: threshold {content['threshold']!r} is not a positive finite number")
+    if version < MAP_THRESHOLD_SINCE:
+        content = {**content, "map_threshold": earlier_map_threshold(content, version, path)}
+    for key in ("threshold", "map_threshold"):
+        if not (math.isfinite(content[key]) and content[key] > 0):
+            raise ModelFileError(f"{path}: {key} {content[key]!r} is not a positive finite number")
     return content if version >= VARIANTS_SINCE else {**VARIANT_DEFAULTS, **content}
+
+
+def earlier_map_threshold(content: dict, version: int, path: Path) -> float:
+    """The map threshold of a file saved before version 8 held one: its threshold when its image score is
+    map_max (the map's maximum: the same quantity). A grid score's threshold is in the raw grid's units, higher
+    than the blurred map's, so regions drawn against it would miss what the score calls anomalous; the map
+    threshold needs the held-out images' maps, which the file does not hold: ModelFileError."""
+    image_score = content["training_config"].get("image_score", ModelConfig.image_score)
+    if image_score == "map_max":
+        return content["threshold"]
+    raise ModelFileError(
+        f"{path}: model format version {version} with image score {image_score!r} holds no map threshold, which "
+        "regions, masks and heat maps need (its threshold is in grid units, not the map's); refit it with "
+        "run_experiment.py --save_distribution"
+    )

@@ -6,13 +6,15 @@ to its last hooked stage, the channel choice (or projection), the centre-aligned
 the neighbourhood mean, Mahalanobis with the stored factor, the up-sampling and blur, and the
 model's image score, exactly as utils.padim.model computes them. The description
 (`<graph stem>.json`) holds what a line application needs to prepare images and decide:
-geometry, threshold, the image score, class, and the source model's checksum.
+geometry, threshold (on `score`), map threshold (on `anomaly_map`: regions), the image score, class, and
+the source model's checksum.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -34,8 +36,9 @@ from utils.padim.triangular import TriangularBlocks
 from utils.runtime.output_files import atomic_write, file_sha256
 
 ONNX_FORMAT = "padim-suite-onnx"
-ONNX_FORMAT_VERSION = 2
-READABLE_DESCRIPTION_VERSIONS = (1, 2)  # version 1: square inputs only, `input_size` one number
+ONNX_FORMAT_VERSION = 3
+READABLE_DESCRIPTION_VERSIONS = (1, 2, 3)  # version 1: square inputs only, `input_size` one number
+MAP_THRESHOLD_SINCE = 3  # earlier map_max descriptions take their threshold as the map threshold
 # protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in `<graph>.data`
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 INPUT_NAME = "images"
@@ -169,7 +172,7 @@ def write_description(
         "preprocessing": "decode to 8-bit RGB; resize the short side to `resize` (bilinear, antialiased), then "
         "centre-crop `cropsize`; cropsize 0: resize to resize x resize, or to resize x resize_width (height x "
         "width) when resize_width is set",
-        "decision": "anomalous when score > threshold",
+        "decision": "anomalous when score > threshold; regions: anomaly_map pixels > map_threshold",
         **model_variant(content),
         "backbone": content["backbone"],
         "layers": content["layers"],
@@ -179,6 +182,7 @@ def write_description(
         "resize_width": content["resize_width"],
         "input_size": list(input_size),
         "threshold": content["threshold"],
+        "map_threshold": content["map_threshold"],
         "threshold_provenance": content["threshold_provenance"],
         "class_name": content["class_name"],
         "source_model": source.name,
@@ -208,10 +212,23 @@ def read_description(graph_path: Path) -> dict:
     if version not in READABLE_DESCRIPTION_VERSIONS:
         raise OnnxModelError(
             f"{json_path}: description version {version}, this tool reads "
-            f"{' and '.join(map(str, READABLE_DESCRIPTION_VERSIONS))}; export the model again"
+            f"{', '.join(map(str, READABLE_DESCRIPTION_VERSIONS))}; export the model again"
         )
     if version == 1:  # a square input, its side one number
         description = {**description, "resize_width": None, "input_size": [description.get("input_size")] * 2}
+    if version < MAP_THRESHOLD_SINCE:
+        image_score = description.setdefault("image_score", "map_max")
+        if image_score != "map_max":
+            raise OnnxModelError(
+                f"{json_path}: description version {version} of a {image_score} model holds no map threshold, which "
+                "regions need (its threshold is in grid units, not the map's); refit the model with "
+                "run_experiment.py --save_distribution and export it again"
+            )
+        description["map_threshold"] = description.get("threshold")
+    for key in ("threshold", "map_threshold"):
+        value = description.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise OnnxModelError(f"{json_path}: {key} {value!r} is not a positive finite number")
     if description.get("graph") != graph_path.name or description.get("graph_sha256") != file_sha256(graph_path):
         raise OnnxModelError(f"{json_path}: does not describe {graph_path.name} (graph name or checksum differ)")
     data = description.get("external_data")

@@ -357,9 +357,10 @@ def pixel_distributions(result: ClassEvaluation) -> tuple[PixelDistribution, Pix
 
 
 def pixel_distribution_figure(
-    distributions: list[PixelDistribution], scale: ColourScale, threshold: float, title: str
+    distributions: list[PixelDistribution], scale: ColourScale, result: ClassEvaluation, title: str
 ) -> Figure:
-    """Density of map values on fixed bins over the class scale, so the three pixel figures line up."""
+    """Density of map values on fixed bins over the class scale, so the three pixel figures line up, with the
+    map threshold (the image threshold too where they are one quantity: map_max)."""
     figure = Figure(figsize=(8.0, 4.8), dpi=DPI)
     ax = figure.subplots()
     edges = np.linspace(scale.vmin, scale.vmax, 101)
@@ -371,12 +372,14 @@ def pixel_distribution_figure(
     if not drawn:
         _note(ax, "no pixels of this kind in the test set")
     else:
+        same = result.map_threshold == result.threshold
         ax.axvline(
-            threshold,
+            result.map_threshold,
             color="crimson",
             linestyle="--",
             linewidth=1.2,
-            label=f"image threshold {threshold:.3g} (an image is a defect when any pixel is above)",
+            label=f"map threshold {result.map_threshold:.3g} "
+            + ("= image threshold (an image is a defect when any pixel is above)" if same else "(regions)"),
         )
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
         ax.set_xlabel("pixel anomaly value (Mahalanobis distance)")
@@ -393,7 +396,7 @@ class ImageFigure:
     panel is a single nearest-neighbour RGB image: redrawing a figure costs little more than copying its pixels.
     """
 
-    def __init__(self, size: tuple[int, int], scale: ColourScale, threshold: float):
+    def __init__(self, size: tuple[int, int], scale: ColourScale, map_threshold: float):
         self.figure = Figure(figsize=IMAGE_FIGURE_SIZE, dpi=DPI)
         self.figure.subplots_adjust(left=0.01, right=0.88, top=0.82, bottom=0.02, wspace=0.05)
         axes = self.figure.subplots(1, 3)
@@ -409,8 +412,8 @@ class ImageFigure:
         for ax in axes:
             ax.axis("off")
         colour_bar = self.figure.colorbar(self.heat_panel, cax=self.figure.add_axes((0.9, 0.08, 0.015, 0.68)))
-        colour_bar.set_label(f"{scale.label}\ngreen line: threshold {threshold:.3g}", fontsize="small")
-        colour_bar.ax.axhline(threshold, color="lime", linewidth=2)
+        colour_bar.set_label(f"{scale.label}\ngreen line: map threshold {map_threshold:.3g}", fontsize="small")
+        colour_bar.ax.axhline(map_threshold, color="lime", linewidth=2)
         self.title = self.figure.suptitle("")
 
     def draw(self, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, title: str) -> Figure:
@@ -463,7 +466,7 @@ def write_visualizations(result: ClassEvaluation, scale: ColourScale, folder: Pa
         return
     for category in {category for category, _, _ in jobs}:
         (folder / category).mkdir(parents=True, exist_ok=True)
-    drawer = ImageFigure(jobs[0][1].map.shape, scale, result.threshold)
+    drawer = ImageFigure(jobs[0][1].map.shape, scale, result.map_threshold)
     for category, image, name in tqdm(jobs, desc=f"{result.name} figures", unit="fig", leave=False):
         figure = drawer.draw(image.image, image.map, image.mask, _image_title(result, image.index, category))
         write_png(figure, folder / category / name)
@@ -518,7 +521,7 @@ def plot_class_results(result: ClassEvaluation, out_dir: Path) -> None:
             ("abnormal", [abnormal], "pixel anomaly values of defect images"),
             ("comparative", [normal, abnormal], "pixel anomaly values, good vs defect"),
         ):
-            figure = pixel_distribution_figure(samples, scale, result.threshold, f"{result.name}: {title}")
+            figure = pixel_distribution_figure(samples, scale, result, f"{result.name}: {title}")
             write_png(figure, out_dir / f"patch_score_distribution_{suffix}.png")
         write_visualizations(result, scale, out_dir / "visualizations")
     log.info("%s: plots written to %s", result.name, out_dir)

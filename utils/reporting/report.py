@@ -54,6 +54,7 @@ HEADLINE = (  # (label, column, interval columns or None)
     ("false positive rate", "false_positive_rate", ("false_positive_rate_ci_low", "false_positive_rate_ci_high")),
     ("precision", "precision", ("precision_ci_low", "precision_ci_high")),
     ("threshold", "optimal_threshold", None),
+    ("map threshold (regions)", "map_threshold", None),
 )
 CONFUSION_COLUMNS = ("true_negatives", "false_positives", "false_negatives", "true_positives")
 UNSET_MEANING = {  # experiment.json settings whose null means something; any other null does not apply, left out
