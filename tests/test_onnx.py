@@ -225,8 +225,12 @@ def test_readme_snippet_scores_one_image_without_torch(exported, texture_root: P
     assert run.returncode == 0, run.stderr
     score = float(re.search(r"score ([0-9.]+)", run.stdout).group(1))
     loaded = loading.build_graph(graph, read_description(graph), torch.device("cpu"), "auto")
-    reference = float(loaded.scorer(_batch([image], True, loaded).numpy())[1][0])
+    maps, scores = loaded.scorer(_batch([image], True, loaded).numpy())
+    reference = float(scores[0])
     assert abs(score - reference) <= 0.02 * reference  # Pillow's resize rounds a little differently from torchvision's
+    pixels = int(re.search(r"(\d+) pixels above the map threshold", run.stdout).group(1))
+    expected = int((np.asarray(maps[0]) > read_description(graph)["map_threshold"]).sum())
+    assert expected > 0 and abs(pixels - expected) <= 0.02 * maps[0].size
 
 
 def test_export_prints_a_few_lines_not_the_exporters_passes(exported, tmp_path, capfd):

@@ -397,6 +397,24 @@ def test_ground_truth_outline_drawn_only_with_a_mask():
     assert drawer.panel_titles[0].get_text() == "input"
 
 
+def test_a_redrawn_image_figure_equals_the_figure_drawn_whole():
+    """Only the panels and titles are redrawn over the kept background: after another image was drawn
+    the pixels equal those of a new figure drawn in full (nothing of the earlier image left)."""
+    data = synthetic()
+    scale = plotting.class_colour_scale(data.maps)
+    with_mask = next(i for i, s in enumerate(data.samples) if s.mask_path is not None)
+    redrawn = plotting.ImageFigure((SIZE, SIZE), scale, data.threshold)
+    redrawn.draw(data.images[with_mask], data.maps[with_mask], data.masks[with_mask], "an earlier, longer title")
+    pixels = redrawn.draw(data.images[0], data.maps[0], None, "t")
+    whole = plotting.ImageFigure((SIZE, SIZE), scale, data.threshold)
+    whole.draw(data.images[0], data.maps[0], None, "t")
+    for artist in whole.changing:
+        artist.set_animated(False)
+    whole.canvas.draw()
+    assert pixels.shape == (360, 1000, 3)
+    np.testing.assert_array_equal(pixels, np.asarray(whole.canvas.buffer_rgba())[..., :3])
+
+
 def test_pixel_distributions_count_the_right_pixels(result):
     """Good images: all their pixels; defect images: the pixels inside the masks, bin by bin."""
     data = synthetic()
