@@ -45,9 +45,13 @@ def chosen_channels(feature_maps: list[torch.Tensor], local_indices: list[torch.
     """Each (B, C, H, W) map cut down to its chosen channels (split_channel_index), channels last (B, H, W, c).
 
     Only these are kept while batches wait to be scored or fitted together; a map with no
-    chosen channel stays as an empty one (its grid still counts).
+    chosen channel stays as an empty one (its grid still counts). index_select, not advanced indexing:
+    the same values, copied several times faster from either memory layout.
     """
-    return [feature_map.permute(0, 2, 3, 1)[..., local] for feature_map, local in zip(feature_maps, local_indices)]
+    return [
+        feature_map.permute(0, 2, 3, 1).index_select(3, local)
+        for feature_map, local in zip(feature_maps, local_indices)
+    ]
 
 
 def projected_channels(feature_maps: list[torch.Tensor], level_rows: list[torch.Tensor]) -> list[torch.Tensor]:
