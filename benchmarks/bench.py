@@ -38,6 +38,7 @@ from utils.cli import add_engine_flags, at_least
 from utils.config import DeviceConfig, FitConfig, RunConfig, default_workers, model_configs
 from utils.evaluation.results import evaluate
 from utils.evaluation.summary import MapSummary
+from utils.padim.anomaly_map import Thresholds
 from utils.padim.backbone_specs import BACKBONES
 from utils.padim.backbones import WeightsError, build_extractor, float32_precision
 from utils.padim.engines import EngineError, engine_extractor
@@ -206,11 +207,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit(model: Padim, split: ClassSplit, config: RunConfig) -> float:
-    """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out threshold."""
+def fit(model: Padim, split: ClassSplit, config: RunConfig) -> Thresholds:
+    """trainer.fit_or_load as users run it (no saved model): the Gaussian fit, then the held-out thresholds."""
     seed = config.models[0].seed
-    threshold, _, _ = trainer.fit_or_load(model, split, geometry_of(config), config.fit, seed, {}, Path(), World())
-    return threshold
+    thresholds, _, _ = trainer.fit_or_load(model, split, geometry_of(config), config.fit, seed, {}, Path(), World())
+    return thresholds
 
 
 def warm_file_cache(split: ClassSplit) -> None:
@@ -254,13 +255,13 @@ def timed_pipeline(extractor, split: ClassSplit, config: RunConfig, devices: dic
     geometry = geometry_of(config)
     model = trainer.build_model(extractor, config.models[0], devices)
     start = time.perf_counter()
-    threshold = fit(model, split, config)
+    thresholds = fit(model, split, config)
     fitted = time.perf_counter()
-    summary = MapSummary(threshold, geometry.input_size, config.fit.max_visualizations)
+    summary = MapSummary(thresholds, geometry.input_size, config.fit.max_visualizations)
     seed = config.models[0].seed
     scored = trainer.score_samples(model, split.test, geometry, config.fit, seed, "score", summary)
     scoring_done = time.perf_counter()
-    result = evaluate(scored, threshold, split.name, split.has_ground_truth)
+    result = evaluate(scored, thresholds, split.name, split.has_ground_truth)
     metrics_done = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="padim-bench-plots-") as out_dir:
         plots_start = time.perf_counter()

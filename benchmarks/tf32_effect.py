@@ -46,7 +46,7 @@ def emulate_tf32_convolutions(extractor: torch.nn.Module) -> None:
 def scores_and_threshold(extractor, split, config, devices) -> tuple[np.ndarray, float]:
     model_config = config.models[0]
     model = trainer.build_model(extractor, model_config, devices)
-    threshold = bench.fit(model, split, config)
+    threshold = bench.fit(model, split, config).image
     geometry = bench.geometry_of(config)
     scored = trainer.score_samples(model, split.test, geometry, config.fit, model_config.seed, "score")
     return scored.scores, threshold

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from benchmarks import bench, gaussian_steps
+from benchmarks import bench, gaussian_steps, tf32_effect
 
 pytestmark = pytest.mark.slow
 SMALL_BENCH_FLAGS = ["--backbones", "efficientnet_lite0", "--resize", "64", "--cropsize", "56", "--num_workers", "0"]
@@ -158,3 +158,12 @@ def test_gaussian_steps_prints_the_median_of_its_runs(capsys):
     assert list(row) == ["fit_s", "factor_s", "mahalanobis_s", "total_s"] and len(runs) == 3
     assert all(value >= 0 for value in row.values()) and row["total_s"] == pytest.approx(sorted(runs)[1], abs=1e-3)
     assert row["total_s"] > 0
+
+
+def test_tf32_effect_compares_scores_and_calls_at_the_image_threshold(texture_root, capsys):
+    """tf32_effect.py fits twice and compares the calls at each fit's image threshold (it compared a float
+    with the thresholds pair once the map threshold came, and stopped with a TypeError)."""
+    assert tf32_effect.main(["--data_path", str(texture_root / "brick"), "--cropsize", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "14 test images" in printed and "calls change" in printed
+    assert math.isfinite(float(printed.split("threshold change ")[1].split(";")[0]))
