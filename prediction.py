@@ -28,7 +28,7 @@ from datasets.images import (
     readable_batches,
 )
 from utils.config import PredictConfig
-from utils.padim.anomaly_map import Region, Thresholds, anomaly_regions, to_original_resolution
+from utils.padim.anomaly_map import Region, Thresholds, anomaly_regions, same_quantity, to_original_resolution
 from utils.padim.backbones import float32_precision, pick_device
 from utils.padim.loading import LoadedModel, build, build_graph, read_model
 from utils.padim.model_file import update_history
@@ -338,7 +338,7 @@ def run(config: PredictConfig, progress: Progress) -> int:
                 model.thresholds.image,
                 thresholds.map,
                 "the same quantity with the map_max score, it moves too"
-                if model.image_score == "map_max"
+                if same_quantity(model.image_score)
                 else f"the model's: its {model.image_score} score is in other units than the map",
             )
         log.info(

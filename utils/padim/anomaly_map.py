@@ -79,7 +79,13 @@ class Thresholds:
     def with_image_threshold(self, value: float, image_score: str) -> Thresholds:
         """Another image threshold (predict.py --threshold): for map_max the same quantity as the map
         threshold, which moves with it; for a grid score the map threshold stays the model's."""
-        return Thresholds(value, value if image_score == "map_max" else self.map)
+        return Thresholds(value, value if same_quantity(image_score) else self.map)
+
+
+def same_quantity(image_score: str) -> bool:
+    """Whether an image threshold on `image_score` is a map threshold too: map_max scores an image by its
+    map's maximum, in the map's units; a grid score is in other units (Thresholds)."""
+    return image_score == "map_max"
 
 
 def map_maxima(maps: torch.Tensor) -> torch.Tensor:

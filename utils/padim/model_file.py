@@ -31,6 +31,7 @@ import torch
 from datasets.images import Sample
 from utils.cli import first_line
 from utils.config import COVARIANCES, IMAGE_SCORES, NEIGHBOURHOODS, PROJECTIONS, ModelConfig
+from utils.padim.anomaly_map import same_quantity
 from utils.padim.gaussian import GaussianSums
 from utils.padim.model import GaussianStats
 from utils.padim.triangular import TriangularBlocks
@@ -433,7 +434,7 @@ def earlier_map_threshold(content: dict, version: int, path: Path) -> float:
     than the blurred map's, so regions drawn against it would miss what the score calls anomalous; the map
     threshold needs the held-out images' maps, which the file does not hold: ModelFileError."""
     image_score = content["training_config"].get("image_score", ModelConfig.image_score)
-    if image_score == "map_max":
+    if same_quantity(image_score):
         return content["threshold"]
     raise ModelFileError(
         f"{path}: model format version {version} with image score {image_score!r} holds no map threshold, which "

@@ -27,7 +27,7 @@ from torch import nn
 
 from datasets.images import IMAGENET_MEAN, IMAGENET_STD
 from utils.cli import first_line
-from utils.padim.anomaly_map import MapOperator, image_scores
+from utils.padim.anomaly_map import MapOperator, image_scores, same_quantity
 from utils.padim.embedding import chosen_channels, neighbourhood_mean, patch_embedding, projected_channels
 from utils.padim.gaussian import mahalanobis
 from utils.padim.model import Padim
@@ -218,7 +218,7 @@ def read_description(graph_path: Path) -> dict:
         description = {**description, "resize_width": None, "input_size": [description.get("input_size")] * 2}
     if version < MAP_THRESHOLD_SINCE:
         image_score = description.setdefault("image_score", "map_max")
-        if image_score != "map_max":
+        if not same_quantity(image_score):
             raise OnnxModelError(
                 f"{json_path}: description version {version} of a {image_score} model holds no map threshold, which "
                 "regions need (its threshold is in grid units, not the map's); refit the model with "
