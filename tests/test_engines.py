@@ -148,6 +148,17 @@ print(cached_trunk(extractor, weights_id, 0, (72, 72)))
 """
 
 
+def test_a_cached_trunk_is_found_without_importing_onnx(tmp_path):
+    """Importing onnx costs most of a second of every run's start; only exporting a trunk needs it."""
+    env = {**os.environ, "PADIM_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    reports_onnx = BUILD_TRUNK + "print('onnx' in sys.modules)\n"
+    runs = [subprocess.run([sys.executable, "-c", reports_onnx], env=env, capture_output=True, text=True) for _ in "ab"]
+    assert [run.returncode for run in runs] == [0, 0], runs[-1].stderr
+    (built, imported_to_build), (found, imported_to_find) = (run.stdout.split() for run in runs)
+    assert found == built and imported_to_build == "True"
+    assert imported_to_find == "False"
+
+
 @pytest.mark.slow
 def test_two_processes_building_one_entry_at_once_leave_one_sound_entry(tmp_path):
     env = {**os.environ, "PADIM_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}

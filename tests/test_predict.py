@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from torchvision.transforms import v2
 
 import predict
@@ -68,6 +69,36 @@ def test_projection_tiny_case_by_hand():
     torch.testing.assert_close(projected, expected)
     stretched = to_original_resolution(torch.full((2, 2), 7.0), 3, 5, Geometry(2, 0))
     torch.testing.assert_close(stretched, torch.full((3, 5), 7.0))
+
+
+@pytest.mark.parametrize(
+    "height, width, resize, cropsize, frame, outside",
+    [
+        (30, 50, 20, 16, None, 0.0),
+        (91, 37, 25, 17, None, -2.5),
+        (120, 200, 32, 0, (40, 66), 0.0),
+        (64, 48, 24, 20, (21, 16), 7.0),
+    ],
+)
+def test_projection_is_bilinear_sampling_at_pixel_centres(height, width, resize, cropsize, frame, outside):
+    """Against scipy's map_coordinates (order 1, edges repeated): each frame pixel's centre, carried through
+    the resize and the crop, samples the map there; a pixel the crop cut away holds `outside`."""
+    geometry = Geometry(resize, cropsize)
+    amap = torch.rand(*geometry.input_size, generator=torch.Generator().manual_seed(height))
+    projected = to_original_resolution(amap, height, width, geometry, outside, frame)
+    frame_height, frame_width = frame or (height, width)
+    new_width, new_height = geometry.resized_size(width, height)
+    top, left = geometry.crop_origin(width, height)
+    rows = (np.arange(frame_height) + 0.5) * new_height / frame_height - top
+    columns = (np.arange(frame_width) + 0.5) * new_width / frame_width - left
+    grid_rows, grid_columns = np.meshgrid(rows, columns, indexing="ij")
+    centres = [grid_rows - 0.5, grid_columns - 0.5]
+    sampled = ndimage.map_coordinates(amap.double().numpy(), centres, order=1, mode="nearest")
+    seen = np.outer((rows >= 0) & (rows < amap.shape[0]), (columns >= 0) & (columns < amap.shape[1]))
+    expected = np.where(seen, sampled, outside)
+    assert projected.shape == (frame_height, frame_width)
+    np.testing.assert_allclose(projected.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert cropsize == 0 or not seen.all()
 
 
 @pytest.mark.parametrize("height, width", [(30, 50), (50, 30), (37, 91), (91, 37), (40, 40), (3, 1000)])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from datasets.images import Geometry
-from utils.padim.grid import centred_weights, linear_weights, stride_ratio
+from utils.padim.grid import centred_weights, linear_taps, stride_ratio
 
 BLUR_SIGMA = 4.0  # the paper's
 TOP_K_CELLS = 9  # grid_top_k_mean: as many cells as a 3 x 3 neighbourhood, so a defect of a few cells still counts
@@ -108,16 +108,18 @@ def image_scores(maps: torch.Tensor, distances: torch.Tensor, kind: str = "map_m
     raise ValueError(f"unknown image score {kind!r}")
 
 
-def interpolation_matrix(length: int, scale: float, offset: int, size: int) -> torch.Tensor:
-    """(length, size) bilinear weights from `size` map pixels to the `length` original pixels of one axis.
+def interpolation_taps(length: int, scale: float, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two map pixels (length, 2) and their bilinear weights (length, 2, float64) of each of the `length`
+    original pixels of one axis.
 
     Original pixel centre c lies at c * scale - offset in map pixels (scale: resized / original
-    length, offset: crop start). Rows of pixels outside the map are zero; at the map's edges
-    the nearest pixel is repeated. One matrix per axis turns the projection into two matmuls.
+    length, offset: crop start). Pixels outside the map get zero weights; at the map's edges
+    the nearest pixel is repeated.
     """
     position = (torch.arange(length, dtype=torch.float64) + 0.5) * scale - offset
     inside = (position >= 0) & (position < size)
-    return linear_weights(position - 0.5, size) * inside.unsqueeze(1)
+    taps, weights = linear_taps(position - 0.5, size)
+    return taps, weights * inside.unsqueeze(1)
 
 
 def to_original_resolution(
@@ -132,16 +134,22 @@ def to_original_resolution(
     a (rows, columns) grid laid evenly over the whole image (a reduced evaluation frame).
 
     Bilinear between pixel centres inside the box the model saw (Geometry's resize and crop);
-    `outside` elsewhere (the centre crop cut those pixels away, so they were never scored).
+    `outside` elsewhere (the centre crop cut those pixels away, so they were never scored). Each
+    output pixel reads two map pixels per axis (interpolation_taps): the work grows with the output,
+    not with the output times the map.
     """
     new_width, new_height = geometry.resized_size(width, height)
     top, left = geometry.crop_origin(width, height)
     frame_height, frame_width = frame or (height, width)
-    rows = interpolation_matrix(frame_height, new_height / frame_height, top, amap.shape[-2]).to(amap.dtype)
-    columns = interpolation_matrix(frame_width, new_width / frame_width, left, amap.shape[-1]).to(amap.dtype)
-    projected = rows @ amap @ columns.T
+    row_taps, row_weights = interpolation_taps(frame_height, new_height / frame_height, top, amap.shape[-2])
+    column_taps, column_weights = interpolation_taps(frame_width, new_width / frame_width, left, amap.shape[-1])
+    row_weights, column_weights = row_weights.to(amap.dtype), column_weights.to(amap.dtype)
+    first, second = amap.index_select(0, row_taps[:, 0]), amap.index_select(0, row_taps[:, 1])
+    rows = torch.addcmul(first * row_weights[:, :1], second, row_weights[:, 1:])  # (height, W)
+    first, second = rows.index_select(1, column_taps[:, 0]), rows.index_select(1, column_taps[:, 1])
+    projected = torch.addcmul(first * column_weights[:, 0], second, column_weights[:, 1])
     if outside:
-        projected += outside * (1 - rows.sum(1, keepdim=True) * columns.sum(1))
+        projected += outside * (1 - row_weights.sum(1, keepdim=True) * column_weights.sum(1))
     return projected
 
 

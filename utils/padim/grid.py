@@ -9,6 +9,7 @@ evidence: docs/algorithm.md).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,24 +20,33 @@ def stride_ratio(fine: int, coarse: int) -> int:
     return 2 ** round(math.log2(fine / coarse))
 
 
-def linear_weights(positions: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, size) matrix: row i holds the linear-interpolation weights of source position positions[i].
+def linear_taps(positions: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two source samples (n, 2) and their weights (n, 2) of the linear value at each of `positions`.
 
     Positions are in source-sample units (sample k at k), clamped to [0, size - 1], so past
-    either end the border sample is repeated. One matrix per axis turns separable bilinear
-    resampling into two matmuls.
+    either end the border sample is repeated (both taps then name it).
     """
     source = positions.clamp(0, size - 1)
     low = source.floor().long().clamp(max=size - 1)
-    weight = (source - low).unsqueeze(1)
+    weight = source - low
+    taps = torch.stack([low, (low + 1).clamp(max=size - 1)], dim=1)
+    return taps, torch.stack([1 - weight, weight], dim=1)
+
+
+def linear_weights(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) matrix: row i holds the linear-interpolation weights (linear_taps) of source position
+    positions[i]. One matrix per axis turns separable bilinear resampling into two matmuls."""
+    taps, weights = linear_taps(positions, size)
     matrix = torch.zeros(len(positions), size, dtype=positions.dtype, device=positions.device)
-    matrix.scatter_add_(1, low.unsqueeze(1), 1 - weight)
-    matrix.scatter_add_(1, (low + 1).clamp(max=size - 1).unsqueeze(1), weight)
-    return matrix
+    return matrix.scatter_add_(1, taps, weights)
 
 
+@functools.lru_cache(maxsize=64)
 def centred_weights(count: int, source: int, ratio: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(count, source) weights of one axis: output index i takes the linear value at source position i / ratio."""
+    """(count, source) weights of one axis: output index i takes the linear value at source position i / ratio.
+
+    Kept for the next call with the same arguments (every batch of a run asks for the same few); callers
+    only read it."""
     positions = torch.arange(count, dtype=torch.float64, device=device) / ratio
     return linear_weights(positions, source).to(dtype)
 
