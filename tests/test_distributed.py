@@ -204,6 +204,17 @@ def test_two_processes_equal_one(distribute: str, texture_root: Path, reference:
     assert "score:" not in "".join(line for line in done.stderr.splitlines() if line.startswith("[rank 1]"))
 
 
+@pytest.mark.slow
+def test_two_processes_sharing_images_equal_one_with_a_shrunk_covariance(texture_root: Path, tmp_path: Path):
+    """Ledoit-Wolf's shrinkage reads the fourth moments: ranks must merge them, re-centred, as they merge the rest."""
+    flags = ("--covariance", "ledoit_wolf")
+    with no_class_figures():
+        reference = single_run(texture_root, tmp_path / "single", *flags)
+    done = torchrun(texture_root, tmp_path / "ranks", "--distribute", "images", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_results(tmp_path / "ranks" / "r", reference)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
