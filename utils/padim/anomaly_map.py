@@ -15,6 +15,7 @@ from utils.padim.grid import centred_weights, linear_taps, stride_ratio
 
 BLUR_SIGMA = 4.0  # the paper's
 TOP_K_CELLS = 9  # grid_top_k_mean: as many cells as a 3 x 3 neighbourhood, so a defect of a few cells still counts
+PROJECTION_ROWS = 256  # to_original_resolution: output rows computed together (bounds its temporaries)
 
 
 def blur_radius(sigma: float) -> int:
@@ -136,7 +137,8 @@ def to_original_resolution(
     Bilinear between pixel centres inside the box the model saw (Geometry's resize and crop);
     `outside` elsewhere (the centre crop cut those pixels away, so they were never scored). Each
     output pixel reads two map pixels per axis (interpolation_taps): the work grows with the output,
-    not with the output times the map.
+    not with the output times the map; PROJECTION_ROWS rows at a time, so that a huge image's
+    projection holds one copy of its output.
     """
     new_width, new_height = geometry.resized_size(width, height)
     top, left = geometry.crop_origin(width, height)
@@ -146,10 +148,13 @@ def to_original_resolution(
     row_weights, column_weights = row_weights.to(amap.dtype), column_weights.to(amap.dtype)
     first, second = amap.index_select(0, row_taps[:, 0]), amap.index_select(0, row_taps[:, 1])
     rows = torch.addcmul(first * row_weights[:, :1], second, row_weights[:, 1:])  # (height, W)
-    first, second = rows.index_select(1, column_taps[:, 0]), rows.index_select(1, column_taps[:, 1])
-    projected = torch.addcmul(first * column_weights[:, 0], second, column_weights[:, 1])
-    if outside:
-        projected += outside * (1 - row_weights.sum(1, keepdim=True) * column_weights.sum(1))
+    projected = torch.empty(frame_height, frame_width, dtype=amap.dtype)
+    for part, out in zip(rows.split(PROJECTION_ROWS), projected.split(PROJECTION_ROWS)):
+        torch.mul(part.index_select(1, column_taps[:, 0]), column_weights[:, 0], out=out)
+        out.addcmul_(part.index_select(1, column_taps[:, 1]), column_weights[:, 1])
+    if outside:  # a pixel was cut away when its row or its column lies outside the crop (zero weights)
+        projected[row_weights.sum(1) == 0] = outside
+        projected[:, column_weights.sum(1) == 0] = outside
     return projected
 
 
