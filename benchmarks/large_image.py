@@ -5,7 +5,8 @@ then decodes it in a fresh process per case: as the pipeline does (datasets.imag
 reduced as it is decoded) and, for reference, decoded in full and then resized (what the pipeline did
 before). Each process reports its peak resident memory (VmHWM, which a new program starts afresh,
 unlike getrusage's ru_maxrss) with torch imported and after the decode, so the difference is what one
-image costs.
+image costs. A last row does the same for the way back: a model-input map projected onto the whole
+image (utils.padim.anomaly_map.to_original_resolution, as predict.py writes full-size heat maps).
 
     python -m benchmarks.large_image [--width 15000 --height 10000]
 """
@@ -66,6 +67,33 @@ def measure(path: Path, how: str, resize: int, cropsize: int) -> dict:
     }
 
 
+def measure_projection(width: int, height: int, resize: int, cropsize: int) -> dict:
+    """Project a random model-input map onto a width x height image in this process (crop borders included)."""
+    import time
+
+    import torch
+
+    from datasets.images import Geometry
+    from utils.padim.anomaly_map import to_original_resolution
+
+    geometry = Geometry(resize, cropsize)
+    amap = torch.rand(geometry.input_size, generator=torch.Generator().manual_seed(0))
+    before = peak_rss_mib()
+    start = time.perf_counter()
+    projected = to_original_resolution(amap, height, width, geometry, outside=float(amap.min()))
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    return {
+        "image": f"map {width}x{height}",
+        "decoding": "projected back",
+        "seconds": round(seconds, 2),
+        "rss_before_mib": round(before),
+        "peak_rss_mib": round(peak),
+        "added_mib": round(peak - before),
+        "output_mib": round(projected.numel() * projected.element_size() / 2**20),
+    }
+
+
 def in_child(*arguments: str) -> str:
     command = [sys.executable, "-m", "benchmarks.large_image", *arguments]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -79,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cropsize", type=int, default=224)
     parser.add_argument("--make", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("PATH", "HOW"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure_projection", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.make:
         make_image(Path(args.make[0]), args.width, args.height, args.make[1])
@@ -86,13 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.resize, args.cropsize)))
         return 0
+    sizes = ["--width", str(args.width), "--height", str(args.height)]
+    sizes += ["--resize", str(args.resize), "--cropsize", str(args.cropsize)]
+    if args.measure_projection:
+        print(json.dumps(measure_projection(args.width, args.height, args.resize, args.cropsize)))
+        return 0
     with tempfile.TemporaryDirectory() as folder:
         for mode, suffix in FORMATS:
             path = Path(folder) / f"{mode.lower()}_{args.width}x{args.height}.{suffix}"
-            in_child("--make", str(path), mode, "--width", str(args.width), "--height", str(args.height))
+            in_child("--make", str(path), mode, *sizes)
             for how in ("reduced", "full"):
-                sizes = ["--resize", str(args.resize), "--cropsize", str(args.cropsize)]
                 print(in_child("--measure", str(path), how, *sizes).strip(), flush=True)
+    print(in_child("--measure_projection", *sizes).strip(), flush=True)
     return 0
 
 

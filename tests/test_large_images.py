@@ -52,6 +52,15 @@ def test_a_150_megapixel_jpeg_is_refused_by_default_and_decoded_in_bounded_memor
     assert result["added_mib"] < 100  # the whole image, decoded, is 143 MiB grey and 429 MiB as RGB
 
 
+def test_a_map_projected_onto_a_150_megapixel_image_holds_little_more_than_its_output():
+    """predict.py's full-size heat map: the projection's temporaries stay a fraction of the output (they were
+    twice it when two dense matmuls and a blended border made it)."""
+    command = [sys.executable, "-m", "benchmarks.large_image", "--measure_projection"]
+    result = json.loads(subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    assert result["output_mib"] == 572  # 15000 x 10000 float32
+    assert result["added_mib"] < 1.25 * result["output_mib"]
+
+
 def test_images_up_to_the_large_size_decode_exactly_as_in_full(tmp_path):
     path = tmp_path / "normal.png"
     smooth_image(1200, 900).save(path)
