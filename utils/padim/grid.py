@@ -9,7 +9,6 @@ evidence: docs/algorithm.md).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -41,12 +40,8 @@ def linear_weights(positions: torch.Tensor, size: int) -> torch.Tensor:
     return matrix.scatter_add_(1, taps, weights)
 
 
-@functools.lru_cache(maxsize=64)
 def centred_weights(count: int, source: int, ratio: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(count, source) weights of one axis: output index i takes the linear value at source position i / ratio.
-
-    Kept for the next call with the same arguments (every batch of a run asks for the same few); callers
-    only read it."""
+    """(count, source) weights of one axis: output index i takes the linear value at source position i / ratio."""
     positions = torch.arange(count, dtype=torch.float64, device=device) / ratio
     return linear_weights(positions, source).to(dtype)
 
