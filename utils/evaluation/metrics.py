@@ -211,9 +211,6 @@ class PixelHistogram:
         """Fold in (B, H, W) maps with their (B, H, W) boolean masks."""
         index = self.bins.index(maps)
         count = self.bins.count
-        if not masks.any():  # a good image: every pixel is outside, and there is no region to label
-            self.outside += np.bincount(index.reshape(-1), minlength=count)
-            return
         self.outside += np.bincount(index[~masks], minlength=count)
         self.inside += np.bincount(index[masks], minlength=count)
         for image_index, mask in zip(index, masks):
